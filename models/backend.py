@@ -1,0 +1,58 @@
+"""What every backend takes and gives back, and the protocol it satisfies.
+
+A `LoadedModel` owns native memory and must be closed; one `generate` call is one
+generation. These types are plain data so they cross the worker boundary as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str = "auto"  # auto | none | required | a function name
+    parallel_tool_calls: bool = True
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 40
+    seed: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
+        return cls(**data)
+
+
+@dataclass
+class Generation:
+    text: str  # everything the model wrote
+    content: str | None  # the text outside tool calls
+    tool_calls: list[dict[str, Any]]  # OpenAI shape, arguments as a JSON string
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_ms: float
+    decode_ms: float
+    constrained: bool  # an xgrammar grammar masked the output
+    grammar_dead_end: bool = False  # the grammar left no token to choose
+    logprobs: list[float] = field(default_factory=list)  # chosen tokens, after the mask
+    validation: list[dict[str, Any]] = field(default_factory=list)  # one per tool call
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoadedModel(Protocol):
+    n_ctx: int
+
+    def generate(self, request: GenerationRequest) -> Generation: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...

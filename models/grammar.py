@@ -1,0 +1,192 @@
+"""xgrammar-constrained decoding for tool calls, independent of the backend.
+
+Life cycle, as in xgrammar itself:
+
+    Vocabulary          one per loaded model: every token's exact bytes + stop tokens
+      -> GrammarCache   one per loaded model: a GrammarCompiler and an LRU of
+                        (tool set, tool_choice, parallel) -> CompiledGrammar
+      -> TokenMask      one per generation: a GrammarMatcher and a bitmask; masks
+                        logits in place with numpy and accepts sampled tokens
+
+The vocabulary is given to xgrammar as RAW bytes decoded by the backend's own
+detokenizer, so byte-level BPE vocabularies (GPT-2 style "Ġ" pieces) and
+SentencePiece byte-fallback ones ("▁" pieces, "<0x0A>") both arrive as the bytes
+they really produce; control tokens arrive empty, which xgrammar treats as special
+and never allows inside the grammar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import xgrammar as xgr
+from jsonschema import SchemaError
+from jsonschema.validators import validator_for
+
+from outpost.manifests.errors import BadRequest, InvalidSchema, UnsupportedSchema
+
+from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+ToolChoice = Literal["auto", "none", "required"] | str  # str: a function name
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    pieces: list[bytes]  # token id -> bytes it decodes to (b"" for control tokens)
+    stop_ids: list[int]
+    size: int  # the logits' width; may exceed len(pieces) when the model pads
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for piece in self.pieces:
+            h.update(len(piece).to_bytes(4, "little"))
+            h.update(piece)
+        h.update(json.dumps(self.stop_ids).encode())
+        return h.hexdigest()[:16]
+
+    def tokenizer_info(self) -> xgr.TokenizerInfo:
+        return xgr.TokenizerInfo(self.pieces, xgr.VocabType.RAW, vocab_size=self.size,
+                                 stop_token_ids=self.stop_ids)
+
+
+def check_tools(tools: list[dict[str, Any]]) -> None:
+    """Refuse a tool list that is not valid OpenAI tools with valid JSON Schemas."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", index=i)
+        name = fn.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(
+                c.isalnum() or c in "_-." for c in name):
+            raise BadRequest(f"tools[{i}].function.name must be 1-64 letters, digits, _ - or .",
+                             index=i)
+        if name in seen:
+            raise BadRequest(f"tool name {name!r} appears twice", tool=name)
+        seen.add(name)
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise InvalidSchema(name, "parameters must be a JSON object")
+        try:
+            validator_for(params).check_schema(params)
+        except SchemaError as exc:
+            raise InvalidSchema(name, exc.message) from exc
+
+
+def tool_parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+
+
+def tools_hash(tools: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(tools, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice,
+                   parallel: bool) -> dict[str, Any] | None:
+    """The xgrammar structural tag for one request, or None when nothing is constrained.
+
+    Each tool gets a tag whose begin fixes the call's name, so the arguments are
+    decoded against that tool's own schema: `<tool_call>\\n{"name": "f", "arguments": `
+    + JSON per schema + `}\\n</tool_call>`. Text outside tags is free under `auto`.
+    """
+    if not tools or tool_choice == "none":
+        return None
+    if tool_choice not in ("auto", "required"):
+        chosen = [t for t in tools if t["function"]["name"] == tool_choice]
+        if not chosen:
+            raise BadRequest(f"tool_choice names {tool_choice!r}, which is not in tools",
+                             tool_choice=tool_choice)
+        tools = chosen
+    tags = [{
+        "type": "tag",
+        "begin": f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
+        # Unbounded JSON whitespace lets a weak model loop on "\r\r\r..." until
+        # max_tokens without ever closing the call; one character is all JSON needs.
+        "content": {"type": "json_schema", "json_schema": tool_parameters(t),
+                    "max_whitespace_cnt": 1},
+        "end": f"}}\n{TOOL_CALL_CLOSE}",
+    } for t in tools]
+    calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n",
+             "at_least_one": True, "stop_after_first": not parallel}
+    if tool_choice == "auto":
+        # Either calls and nothing else, or a plain text answer that never opens a call.
+        fmt = {"type": "or", "elements": [calls, {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}]}
+    else:
+        fmt = calls
+    return {"type": "structural_tag", "format": fmt}
+
+
+class GrammarCache:
+    """Compiles tool grammars for one vocabulary and keeps the recent ones."""
+
+    def __init__(self, vocab: Vocabulary, capacity: int = 64, threads: int = 2) -> None:
+        self.vocab = vocab
+        self._info = vocab.tokenizer_info()
+        self._compiler = xgr.GrammarCompiler(self._info, max_threads=threads)
+        self._lru: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()  # key -> compiled
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+
+    def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice,
+                 parallel: bool) -> xgr.CompiledGrammar | None:
+        tag = structural_tag(tools, tool_choice, parallel)
+        if tag is None:
+            return None
+        key = f"{tools_hash(tools)}:{tool_choice}:{int(parallel)}"
+        if key in self._lru:
+            self.hits += 1
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        self.misses += 1
+        try:
+            compiled = self._compiler.compile_structural_tag(json.dumps(tag))
+        except (RuntimeError, ValueError) as exc:
+            # xgrammar rejects schema features it cannot turn into a grammar.
+            names = ",".join(t["function"]["name"] for t in tools)
+            raise UnsupportedSchema(names, str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
+        self._lru[key] = compiled
+        if len(self._lru) > self.capacity:
+            self._lru.popitem(last=False)
+        return compiled
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._lru)}
+
+
+class TokenMask:
+    """One generation's grammar state: masks logits, accepts the sampled tokens."""
+
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self._bitmask = np.full(xgr.get_bitmask_shape(1, vocab_size), -1, dtype=np.int32)
+        self._vocab_size = vocab_size
+        self.dead_end = False
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Set the logits of every token the grammar forbids to -inf, in place.
+
+        Unpacking the bitmask with numpy works on any logits array, contiguous or
+        strided (xgrammar's torch CPU kernel silently masks the wrong tokens on a
+        strided view), and costs a few microseconds per token.
+        """
+        if not self.matcher.fill_next_token_bitmask(self._bitmask):
+            return
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
+        logits[~allowed[: logits.shape[-1]].astype(bool)] = -np.inf
+
+    def accept(self, token: int) -> bool:
+        ok = self.matcher.accept_token(token)
+        if not ok:
+            self.dead_end = True
+        return ok
+
+    @property
+    def finished(self) -> bool:
+        return self.matcher.is_terminated()

@@ -1,0 +1,74 @@
+"""Reading tool calls back out of generated text, and checking them.
+
+The model writes calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+(see templates.py). Under a grammar that shape is guaranteed; without one (tool_choice
+"none" never parses, but an unconstrained caller may) anything may come out, so
+parsing is forgiving and validation says what is wrong instead of raising.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.validators import validator_for
+
+from .grammar import tool_parameters
+from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
+
+
+def parse(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split generated text into (content outside calls, calls as parsed dicts or raw text)."""
+    calls: list[dict[str, Any]] = []
+    for match in _BLOCK.finditer(text):
+        raw = match.group(1).strip()
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            calls.append({"raw": raw})
+            continue
+        calls.append(obj if isinstance(obj, dict) else {"raw": raw})
+    content = _BLOCK.sub("", text).strip()
+    return (content or None), calls
+
+
+def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]]
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Parsed calls -> (OpenAI tool_calls, one validation record per call)."""
+    by_name = {t["function"]["name"]: t for t in tools}
+    out, report = [], []
+    seen: set[str] = set()
+    for call in calls:
+        key = json.dumps(call, sort_keys=True)
+        if key in seen:  # an exact repeat (a decoding loop), not a second call
+            continue
+        seen.add(key)
+        name = call.get("name")
+        args = call.get("arguments", {})
+        errors: list[str] = []
+        if "raw" in call:
+            errors.append("not a JSON object")
+        elif name not in by_name:
+            errors.append(f"unknown tool {name!r}")
+        elif not isinstance(args, dict):
+            errors.append("arguments is not a JSON object")
+        else:
+            schema = tool_parameters(by_name[name])
+            cls = validator_for(schema, default=Draft202012Validator)
+            errors = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                      for e in cls(schema).iter_errors(args)]
+        out.append({
+            "id": f"call_{secrets.token_hex(12)}",
+            "type": "function",
+            "function": {
+                "name": name if isinstance(name, str) else "",
+                "arguments": json.dumps(args, ensure_ascii=False) if "raw" not in call else call["raw"],
+            },
+        })
+        report.append({"name": name, "valid": not errors, "errors": errors})
+    return out, report

@@ -1,0 +1,162 @@
+"""The interaction log: every request and every attempt at answering it, in SQLite.
+
+Storage design. `requests` holds what the agent asked (messages, tool set by hash,
+parameters) and the outcome it saw; `attempts` holds each try at answering it (today
+one local attempt; the cloud attempt of an escalated request joins it later), with
+the model and version, raw output, parsed calls, validation, timings and tokens;
+`tools` stores each distinct tool set once, keyed by the sha256 of its canonical
+JSON. This is training data: a row keeps everything a fine-tuning run needs.
+
+One thread owns the connection (WAL, busy timeout) and performs every write in an
+explicit transaction; the daemon awaits the commit before replying, so a `log_id`
+in a reply always names a row on disk. Migrations are plain functions applied in
+order and recorded in `_migrations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["tools"].create({"hash": str, "tools": str, "created_at": float}, pk="hash")
+    db["requests"].create({
+        "id": int, "created_at": float, "method": str, "model_requested": str,
+        "model": str, "model_version": str, "messages": str, "tools_hash": str,
+        "tool_choice": str, "params": str, "content": str, "tool_calls": str,
+        "finish_reason": str, "error_code": str, "error_message": str,
+        "timings": str, "prompt_tokens": int, "completion_tokens": int,
+    }, pk="id", foreign_keys=[("tools_hash", "tools", "hash")])
+    db["attempts"].create({
+        "id": int, "request_id": int, "kind": str, "model": str, "model_version": str,
+        "output": str, "tool_calls": str, "finish_reason": str, "constrained": int,
+        "grammar_dead_end": int, "validation": str, "mean_logprob": float,
+        "min_logprob": float, "prompt_tokens": int, "completion_tokens": int,
+        "prefill_ms": float, "decode_ms": float, "error_code": str, "created_at": float,
+    }, pk="id", foreign_keys=[("request_id", "requests", "id")])
+    db["requests"].create_index(["created_at"])
+    db["requests"].create_index(["model", "created_at"])
+    db["attempts"].create_index(["request_id"])
+
+
+def migrate(db: sqlite_utils.Database) -> list[str]:
+    """Apply the migrations not yet recorded; returns the names applied."""
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.conn:  # a migration and its record commit together
+            db.conn.execute("BEGIN IMMEDIATE")
+            fn(db)
+            db["_migrations"].insert({"name": fn.__name__, "applied_at": time.time()})
+        applied.append(fn.__name__)
+    return applied
+
+
+def open_db(path: Path, busy_timeout_s: float = 5.0) -> sqlite_utils.Database:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False,
+                           isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives a daemon crash; only an OS crash or power
+    # loss may take the last transactions, never the database's integrity.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    migrate(db)
+    return db
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+class LogStore:
+    """Async front of the log: all SQLite work runs on one dedicated thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logstore")
+        self._db: sqlite_utils.Database = self._pool.submit(open_db, path).result()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def record(self, request: dict[str, Any], attempts: list[dict[str, Any]]) -> int:
+        return await self._run(self._record, request, attempts)
+
+    def _record(self, request: dict[str, Any], attempts: list[dict[str, Any]]) -> int:
+        db = self._db
+        tools = request.pop("tools", None)
+        now = time.time()
+        with db.conn:  # one transaction: the request and its attempts, or nothing
+            db.conn.execute("BEGIN IMMEDIATE")
+            if tools:
+                blob = json.dumps(tools, sort_keys=True, separators=(",", ":"))
+                request["tools_hash"] = _tools_hash(blob)
+                db["tools"].insert({"hash": request["tools_hash"], "tools": blob, "created_at": now},
+                                   ignore=True)
+            row = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in request.items()}
+            row["created_at"] = now
+            request_id = db["requests"].insert(row).last_pk
+            for attempt in attempts:
+                arow = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in attempt.items()}
+                arow.update(request_id=request_id, created_at=now)
+                db["attempts"].insert(arow)
+        return int(request_id)
+
+    def close(self) -> None:
+        self._pool.submit(self._db.conn.close).result()
+        self._pool.shutdown()
+
+
+def _tools_hash(blob: str) -> str:
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- reading (CLI side, synchronous) ----------------------------------------------------
+def list_requests(db: sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
+    return list(db.query(
+        "select id, created_at, model, model_version, finish_reason, error_code, content, "
+        "tool_calls, timings from requests order by id desc limit ?", [limit]))
+
+
+def get_request(db: sqlite_utils.Database, request_id: int) -> dict[str, Any] | None:
+    rows = list(db.query("select * from requests where id = ?", [request_id]))
+    if not rows:
+        return None
+    row = rows[0]
+    if row.get("tools_hash"):
+        tools = list(db.query("select tools from tools where hash = ?", [row["tools_hash"]]))
+        row["tools"] = json.loads(tools[0]["tools"]) if tools else None
+    row["attempts"] = list(db.query("select * from attempts where request_id = ? order by id",
+                                    [request_id]))
+    for key in ("messages", "params", "tool_calls", "timings"):
+        if isinstance(row.get(key), str):
+            row[key] = json.loads(row[key])
+    for attempt in row["attempts"]:
+        for key in ("tool_calls", "validation"):
+            if isinstance(attempt.get(key), str):
+                attempt[key] = json.loads(attempt[key])
+    return row

@@ -1,0 +1,120 @@
+"""The wire protocol: parsing and checking what agents send, shaping what they get.
+
+One UTF-8 JSON frame per message. Requests are `{"v": 1, "id", "method", "params"}`;
+replies carry either `result` or `error` (`{code, message, data}`). Everything an
+agent sends is checked here with pydantic before anything else sees it, and every
+failure becomes a typed `BadRequest` with the field that was wrong. See
+docs/protocol.md for the agent-facing description.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from outpost.manifests.errors import BadRequest, OutpostError, RequestTooLarge
+
+VERSION = 1
+METHODS = ("ping", "status", "models.list", "chat")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Envelope(_Strict):
+    v: Literal[1]
+    id: Annotated[str, Field(min_length=1, max_length=128)]
+    method: Annotated[str, Field(min_length=1, max_length=64)]
+    params: dict[str, Any] = {}
+
+
+class FunctionRef(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class Message(BaseModel):
+    # Unknown message fields (e.g. `refusal`) are kept out of prompts but tolerated:
+    # agents replay assistant messages they got from other OpenAI-compatible servers.
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatParams(_Strict):
+    model: str | None = None
+    task: str | None = None  # Outpost extension: route by task when no model is named
+    messages: Annotated[list[Message], Field(min_length=1)]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    seed: int | None = None
+    stream: Literal[False] = False
+    user: str | None = None
+
+    def choice_name(self) -> str:
+        """tool_choice as one string: auto | none | required | a function name."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice
+
+
+def decode_frame(frame: bytes, limit: int) -> tuple[dict[str, Any] | None, Envelope]:
+    """bytes -> (raw object, envelope). Raises BadRequest; the raw object (if it got
+    that far) lets an error reply still echo the request's id."""
+    if len(frame) > limit:
+        raise RequestTooLarge(len(frame), limit)
+    try:
+        text = frame.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"frame is not UTF-8 (byte {exc.start})") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"frame is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(raw, dict):
+        raise BadRequest("a request must be a JSON object")
+    try:
+        return raw, Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise bad_fields(exc) from exc
+
+
+def bad_fields(exc: ValidationError) -> BadRequest:
+    errors = [{"field": ".".join(str(p) for p in e["loc"]), "problem": e["msg"]}
+              for e in exc.errors(include_url=False)]
+    summary = "; ".join(f"{e['field'] or '<root>'}: {e['problem']}" for e in errors[:5])
+    return BadRequest(f"invalid request: {summary}", errors=errors)
+
+
+def parse_chat(params: dict[str, Any]) -> ChatParams:
+    try:
+        return ChatParams.model_validate(params)
+    except ValidationError as exc:
+        raise bad_fields(exc) from exc
+
+
+def reply_ok(request_id: str | None, result: dict[str, Any]) -> bytes:
+    return json.dumps({"v": VERSION, "id": request_id, "result": result},
+                      ensure_ascii=False).encode("utf-8")
+
+
+def reply_error(request_id: str | None, error: OutpostError) -> bytes:
+    return json.dumps({"v": VERSION, "id": request_id, "error": error.to_wire()},
+                      ensure_ascii=False, default=str).encode("utf-8")

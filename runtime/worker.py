@@ -1,0 +1,109 @@
+"""One model worker process: load one model, answer generate requests, exit.
+
+It runs in a child forked from a forkserver that already imported this module (and
+with it llama_cpp and xgrammar), so a new worker costs a fork plus an mmap. It talks
+to the broker over a private DEALER socket with one JSON frame per message:
+
+    worker -> broker   {"type": "ready", "pid", "load_ms", "info"}
+                       {"type": "failed", "error": {code, message, data}}
+    broker -> worker   {"type": "generate", "id", "request": GenerationRequest}
+    worker -> broker   {"type": "result", "id", "generation": Generation}
+                       {"type": "error", "id", "error": {...}}
+    broker -> worker   {"type": "info", "id"} / {"type": "shutdown"}
+
+A crash in native code kills only this process; the broker sees the exit and fails
+the in-flight request with `worker_crashed`. The worker exits by itself if the
+daemon that started it disappears.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from outpost.manifests.errors import InternalError, OutpostError
+from outpost.manifests.schema import Manifest
+from outpost.manifests.store import check_file
+from outpost.models.backend import GenerationRequest
+from outpost.models.llama import LlamaModel
+
+log = logging.getLogger("outpost.worker")
+PARENT_CHECK_MS = 1000
+
+
+def serve_model(endpoint: str, manifest_toml: str, weights: str, daemon_pid: int,
+                llama_options: dict[str, Any]) -> None:
+    """Entry point of the worker process."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 1000
+    sock.connect(endpoint)
+    try:
+        _serve(sock, manifest_toml, weights, daemon_pid, llama_options)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _serve(sock: zmq.Socket, manifest_toml: str, weights: str, daemon_pid: int,
+           llama_options: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    try:
+        manifest = Manifest.from_toml(manifest_toml)
+        # Verify before native code parses the file: a corrupt model is refused, not run.
+        check_file(Path(weights), manifest.weights)
+        model = LlamaModel(manifest, Path(weights), **llama_options)
+    except OutpostError as exc:
+        sock.send_json({"type": "failed", "error": exc.to_wire()})
+        return
+    except Exception as exc:  # anything else is a bug, reported rather than hidden
+        sock.send_json({"type": "failed", "error": InternalError(
+            f"worker failed to start: {exc!r}", traceback=traceback.format_exc()).to_wire()})
+        return
+    sock.send_json({"type": "ready", "pid": os.getpid(),
+                    "load_ms": (time.perf_counter() - t0) * 1e3, "info": model.info()})
+    try:
+        while True:
+            if not sock.poll(PARENT_CHECK_MS):
+                if not _alive(daemon_pid):
+                    return
+                continue
+            msg = sock.recv_json()
+            kind = msg.get("type")
+            if kind == "shutdown":
+                return
+            if kind == "info":
+                sock.send_json({"type": "result", "id": msg.get("id"), "info": model.info()})
+            elif kind == "generate":
+                sock.send_json(_generate(model, msg))
+    finally:
+        model.close()
+
+
+def _generate(model: LlamaModel, msg: dict[str, Any]) -> dict[str, Any]:
+    try:
+        generation = model.generate(GenerationRequest.from_dict(msg["request"]))
+    except OutpostError as exc:
+        return {"type": "error", "id": msg.get("id"), "error": exc.to_wire()}
+    except Exception as exc:
+        log.exception("generation failed")
+        return {"type": "error", "id": msg.get("id"),
+                "error": InternalError(f"generation failed: {exc!r}").to_wire()}
+    return {"type": "result", "id": msg.get("id"), "generation": generation.to_dict(),
+            "grammar_cache": model.grammars.stats()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
