@@ -118,3 +118,7 @@ def reply_ok(request_id: str | None, result: dict[str, Any]) -> bytes:
 def reply_error(request_id: str | None, error: OutpostError) -> bytes:
     return json.dumps({"v": VERSION, "id": request_id, "error": error.to_wire()},
                       ensure_ascii=False, default=str).encode("utf-8")
+
+
+def ping_frame() -> bytes:
+    return json.dumps({"v": VERSION, "id": "probe", "method": "ping"}).encode("utf-8")

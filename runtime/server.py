@@ -23,8 +23,8 @@ import zmq
 import zmq.asyncio
 
 from outpost.manifests.catalog import Catalog, model_row
-from outpost.manifests.errors import (BadRequest, InternalError, OutpostError, UnknownMethod,
-                                      UnknownModel)
+from outpost.manifests.errors import (BadRequest, ConfigError, InternalError, OutpostError,
+                                      UnknownMethod, UnknownModel)
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
@@ -61,24 +61,38 @@ class Daemon:
             path = Path(endpoint[len("ipc://"):])
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if path.exists():
+                if _answers(endpoint):
+                    raise ConfigError(f"another daemon is already serving on {endpoint}",
+                                      endpoint=endpoint)
                 path.unlink()  # a socket file left by a daemon that died
         elif endpoint.startswith("tcp://"):
             host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
             if host not in ("127.0.0.1", "localhost", "[::1]"):
-                raise BadRequest(f"refusing to bind {endpoint}: TCP is loopback-only until "
-                                 "CURVE keys are configured", endpoint=endpoint)
+                raise ConfigError(f"refusing to bind {endpoint}: TCP is loopback-only until "
+                                  "CURVE keys are configured", endpoint=endpoint)
         else:
-            raise BadRequest(f"endpoint must be ipc:// or tcp://, not {endpoint!r}")
+            raise ConfigError(f"endpoint must be ipc://PATH or tcp://127.0.0.1:PORT, not {endpoint!r}",
+                              endpoint=endpoint)
         sock = self.zmq.socket(zmq.ROUTER)
         sock.linger = 0
         # Hard cap far above the per-request limit: a peer sending more is cut off
         # before we buffer it; anything between gets a request_too_large reply.
         sock.setsockopt(zmq.MAXMSGSIZE, max(self.settings.server.max_request_bytes * 16, 1 << 24))
-        sock.bind(endpoint)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"cannot bind {endpoint}: {exc.strerror}", endpoint=endpoint) from exc
         return sock
 
     async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
-        sock = self.bind()
+        try:
+            sock = self.bind()
+        except OutpostError:
+            await self.pool.close()
+            self.logs.close()
+            self.zmq.term()
+            raise
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -239,3 +253,18 @@ class Daemon:
         except Exception:
             log.exception("could not write the log row")
             return None
+
+
+
+def _answers(endpoint: str, timeout_ms: int = 500) -> bool:
+    """Is a daemon listening there? (A leftover socket file from a crash does not answer.)"""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        sock.send(protocol.ping_frame())
+        return bool(sock.poll(timeout_ms))
+    finally:
+        sock.close()
+        ctx.term()

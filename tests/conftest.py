@@ -24,6 +24,7 @@ from outpost.tools.tiny_gguf import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = "smollm2-135m-instruct"
+GEMMA = "gemma-3-270m"
 TINY = "tiny-random"
 
 
@@ -55,15 +56,23 @@ path = "{path}"
 '''
 
 
-@pytest.fixture(scope="session")
-def model_cache() -> ModelStore:
-    """A store shared by every test run on this machine, holding SmolLM2."""
+def cached_store(model_id: str) -> ModelStore:
+    """The store shared by every test run on this machine, with `model_id` pulled."""
     store = ModelStore(REPO / ".cache" / "store")
-    catalog = Catalog.load(store, [], SMOLLM2)
-    entry = catalog.entry(SMOLLM2)
+    entry = Catalog.load(store, [], SMOLLM2).entry(model_id)
     if not store.is_pulled(entry.manifest):
         store.pull(entry.manifest, entry.text)
     return store
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> ModelStore:
+    return cached_store(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def gemma_cache() -> ModelStore:
+    return cached_store(GEMMA)
 
 
 def make_data_dir(root: Path, tiny: Path | None = None, cache: ModelStore | None = None) -> Path:

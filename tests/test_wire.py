@@ -10,8 +10,11 @@ import sqlite3
 import pytest
 import zmq
 
-from outpost.manifests.errors import ContextOverflow, InvalidSchema, UnknownModel
+from outpost.manifests.errors import ConfigError, ContextOverflow, InvalidSchema, UnknownModel
+from outpost.runtime.config import Settings
 from outpost.runtime.logstore import get_request, open_db
+
+from .conftest import TINY, RunningDaemon, make_data_dir
 
 # Bounded arguments (enums only), so even random weights must finish a call.
 TOOLS = [
@@ -200,3 +203,28 @@ def test_status_and_models_list(client):
     models = {m["id"]: m for m in client.models()}
     assert models["tiny-random"]["pulled"] and models["tiny-random"]["loaded"]
     assert not models["gemma-3-270m"]["pulled"]
+
+
+def test_tcp_loopback_is_served_and_other_hosts_refused(tmp_path, tiny_gguf):
+    data = make_data_dir(tmp_path, tiny_gguf)
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    ctx.term()
+    base = dict(data_dir=data, default_model=TINY, manifest_dirs=[data / "manifests"])
+    running = RunningDaemon(Settings.load(None, endpoint=f"tcp://127.0.0.1:{port}", **base))
+    try:
+        with running.client() as c:
+            assert c.ping()["pong"]
+    finally:
+        running.stop()
+    with pytest.raises(ConfigError):
+        RunningDaemon(Settings.load(None, endpoint="tcp://0.0.0.0:5555", **base))
+
+
+def test_a_second_daemon_does_not_steal_a_live_endpoint(tiny_daemon, client):
+    with pytest.raises(ConfigError) as info:
+        RunningDaemon(tiny_daemon.settings)
+    assert "already serving" in info.value.message
+    ok(client)
