@@ -19,6 +19,9 @@ parse a message to learn what went wrong.
     ├── FetchError                    fetch_failed
     ├── ModelLoadFailed               model_load_failed
     ├── WorkerCrashed                 worker_crashed
+    ├── BudgetExceeded                budget_exceeded
+    ├── Overloaded                    overloaded
+    ├── Timeout                       timeout
     ├── ConfigError                   config_error
     ├── DaemonUnreachable             daemon_unreachable
     └── InternalError                 internal
@@ -137,6 +140,36 @@ class WorkerCrashed(OutpostError):
         super().__init__(f"the worker for {model!r} exited (code {exitcode})",
                          model=model, exitcode=exitcode)
         self.model, self.exitcode = model, exitcode
+
+
+class BudgetExceeded(OutpostError):
+    """The model cannot fit the memory budget even with everything evictable gone."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, model: str, needed: int, available: int) -> None:
+        super().__init__(f"{model} needs {needed / 2**20:.0f} MiB; the budget leaves at most "
+                         f"{available / 2**20:.0f} MiB for it", model=model, needed=needed,
+                         available=available)
+        self.model, self.needed, self.available = model, needed, available
+
+
+class Overloaded(OutpostError):
+    code = "overloaded"
+
+    def __init__(self, model: str, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} requests already wait for {model} (limit {limit})",
+                         model=model, queued=queued, limit=limit)
+        self.model, self.queued, self.limit = model, queued, limit
+
+
+class Timeout(OutpostError):
+    code = "timeout"
+
+    def __init__(self, model: str, waited_s: float, stage: str) -> None:
+        super().__init__(f"gave up on {model} after {waited_s:.1f} s waiting for {stage}",
+                         model=model, waited_s=waited_s, stage=stage)
+        self.model, self.waited_s, self.stage = model, waited_s, stage
 
 
 class ConfigError(OutpostError):

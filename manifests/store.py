@@ -4,17 +4,25 @@ Layout under `<data dir>/models/`:
 
     blobs/sha256-<hex>      one file per distinct content, read-only once in place
     manifests/<id>.toml     the manifest each pulled model was pulled with
+    verified/<hex>.json     the stat of a blob when its sha256 last matched
+    cache/                  derived data keyed by sha256 (e.g. vocabularies)
     tmp/                    downloads in progress; never read as a model
 
 A file becomes a blob only after its size and sha256 match the manifest: it is
 written under tmp/, fsynced, checked, then renamed into blobs/ (atomic on one
 filesystem), so an interrupted or corrupt download never becomes a model. Blobs are
 shared between manifests that name the same content and removed with the last one.
+
+Every load checks the file first. Hashing a few hundred MB costs about as much as
+loading it, so a match is remembered with the file's inode, size, mtime and ctime:
+any write or chmod changes the ctime, which no user can set back, and the next load
+hashes again. `models verify` always hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,8 @@ class ModelStore:
         self.blobs = root / "blobs"
         self.manifests = root / "manifests"
         self.tmp = root / "tmp"
+        self.stamps = root / "verified"
+        self.cache = root / "cache"
 
     # -- queries -------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -104,6 +114,7 @@ class ModelStore:
                 partial.chmod(0o444)
                 os.replace(partial, target)
                 fsync_dir(self.blobs)
+                self._stamp(target, mf)
                 return target
         finally:
             remove_scratch(scratch)
@@ -111,6 +122,25 @@ class ModelStore:
                          file=mf.name, attempts=errors)
 
     # -- verify / remove -----------------------------------------------------------
+    def ensure_verified(self, mf: ModelFile) -> Path:
+        """The blob's path, after checking it (by its stamp when the file is unchanged)."""
+        path = self.blob_path(mf.sha256)
+        stamp = self.stamps / f"{mf.sha256}.json"
+        try:
+            if json.loads(stamp.read_text()) == _stat_key(path):
+                return path
+        except (OSError, ValueError):
+            pass
+        check_file(path, mf)
+        self._stamp(path, mf)
+        return path
+
+    def _stamp(self, path: Path, mf: ModelFile) -> None:
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        tmp = self.stamps / f".{mf.sha256}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(_stat_key(path)))
+        os.replace(tmp, self.stamps / f"{mf.sha256}.json")
+
     def verify(self, manifest: Manifest) -> list[FileStatus]:
         out = []
         for f in manifest.files:
@@ -120,6 +150,7 @@ class ModelStore:
                 continue
             try:
                 check_file(path, f)
+                self._stamp(path, f)
                 out.append(FileStatus(f.name, f.sha256, present=True, ok=True))
             except ModelFileError as exc:
                 out.append(FileStatus(f.name, f.sha256, present=True, ok=False, detail=exc.message))
@@ -139,7 +170,14 @@ class ModelStore:
             if f.sha256 not in still_used and path.exists():
                 path.unlink()
                 removed.append(path)
+                for derived in [self.stamps / f"{f.sha256}.json", *self.cache.glob(f"*{f.sha256}*")]:
+                    derived.unlink(missing_ok=True)
         return removed
+
+
+def _stat_key(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def check_file(path: Path, mf: ModelFile) -> None:

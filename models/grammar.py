@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -49,6 +52,36 @@ class Vocabulary:
             h.update(piece)
         h.update(json.dumps(self.stop_ids).encode())
         return h.hexdigest()[:16]
+
+    def save(self, path: Path) -> None:
+        """Binary file: a JSON header line, then (u32 length, bytes) per token."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            header = {"format": 1, "size": self.size, "stop_ids": self.stop_ids, "n": len(self.pieces)}
+            out.write(json.dumps(header).encode() + b"\n")
+            for piece in self.pieces:
+                out.write(struct.pack("<I", len(piece)))
+                out.write(piece)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, size: int) -> Vocabulary | None:
+        """The saved vocabulary, or None if the file is unreadable or for another model."""
+        try:
+            data = path.read_bytes()
+            end = data.index(b"\n")
+            header = json.loads(data[:end])
+            pieces, at = [], end + 1
+            for _ in range(header["n"]):
+                (n,) = struct.unpack_from("<I", data, at)
+                pieces.append(data[at + 4: at + 4 + n])
+                at += 4 + n
+        except (OSError, ValueError, KeyError, struct.error):
+            return None
+        if header.get("format") != 1 or header["size"] != size or at != len(data):
+            return None
+        return cls(pieces=pieces, stop_ids=header["stop_ids"], size=size)
 
     def tokenizer_info(self) -> xgr.TokenizerInfo:
         return xgr.TokenizerInfo(self.pieces, xgr.VocabType.RAW, vocab_size=self.size,

@@ -7,6 +7,10 @@ of every chosen token, and makes `seed` mean the same thing on every backend.
 
 The KV cache keeps the last prompt; a new prompt that shares its prefix (the same
 system block and tools, say) only evaluates the rest.
+
+The vocabulary xgrammar needs (every token's bytes) takes longer to read than a small
+model takes to load, so it is built on the first constrained request, not at load,
+and kept on disk beside the model (keyed by the file's sha256) for the next load.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class LlamaModel:
     """A GGUF model in memory. Not thread-safe: one generation at a time."""
 
     def __init__(self, manifest: Manifest, path: Path, *, n_threads: int | None = None,
-                 n_batch: int = 512, n_gpu_layers: int | str = "auto") -> None:
+                 n_batch: int = 512, n_gpu_layers: int | str = "auto",
+                 vocab_cache: Path | None = None) -> None:
         if n_gpu_layers == "auto":
             n_gpu_layers = -1 if gpu_offload_available() else 0
         self.manifest = manifest
@@ -52,11 +57,29 @@ class LlamaModel:
             raise ModelLoadFailed(f"llama.cpp could not load {manifest.id}: {exc}",
                                   model=manifest.id) from exc
         self.n_ctx = self._llama.n_ctx()
+        self.n_vocab = self._llama.n_vocab()
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self._llama.model)
-        self.vocab = self._read_vocabulary()
+        self._vocab_cache = vocab_cache
+        self._grammars: GrammarCache | None = None
         self.template = ChatTemplate.from_manifest(
             manifest.chat_template, self._llama.metadata.get("tokenizer.chat_template"))
-        self.grammars = GrammarCache(self.vocab)
+
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            vocab = None
+            if self._vocab_cache is not None and self._vocab_cache.exists():
+                vocab = Vocabulary.load(self._vocab_cache, self.n_vocab)
+            if vocab is None:
+                vocab = self._read_vocabulary()
+                if self._vocab_cache is not None:
+                    vocab.save(self._vocab_cache)
+            self._grammars = GrammarCache(vocab)
+        return self._grammars
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.grammars.vocab
 
     # -- construction ----------------------------------------------------------------
     def _read_vocabulary(self) -> Vocabulary:
@@ -75,11 +98,14 @@ class LlamaModel:
                 pieces.append(big.raw[:size])
             else:
                 pieces.append(buf.raw[:size])
-        return Vocabulary(pieces=pieces, stop_ids=stops, size=self._llama.n_vocab())
+        return Vocabulary(pieces=pieces, stop_ids=stops, size=self.n_vocab)
 
     def info(self) -> dict[str, Any]:
-        return {"n_ctx": self.n_ctx, "n_vocab": self.vocab.size, "n_gpu_layers": self.n_gpu_layers,
-                "vocab_fingerprint": self.vocab.fingerprint, "grammar_cache": self.grammars.stats()}
+        info = {"n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "n_gpu_layers": self.n_gpu_layers,
+                "n_layer": llama_cpp.llama_model_n_layer(self._llama.model)}
+        if self._grammars is not None:
+            info["grammar_cache"] = self._grammars.stats()
+        return info
 
     def close(self) -> None:
         llama = getattr(self, "_llama", None)
@@ -104,7 +130,7 @@ class LlamaModel:
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
         budget = min(request.max_tokens, self.n_ctx - len(prompt))
-        mask = TokenMask(compiled, self.vocab.size) if compiled is not None else None
+        mask = TokenMask(compiled, self.n_vocab) if compiled is not None else None
         rng = np.random.default_rng(request.seed)
 
         t0 = time.perf_counter()
@@ -117,7 +143,7 @@ class LlamaModel:
         written = bytearray()  # exact bytes so far, to spot a repeated call cheaply
         for _ in range(budget):
             logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.vocab.size,))
+                llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
             if mask is not None:
                 mask.apply(logits)
             tok = _sample(logits, request, rng)
@@ -134,7 +160,8 @@ class LlamaModel:
                 finish = "stop"
                 break
             out.append(tok)
-            written += self.vocab.pieces[tok]
+            if mask is not None:
+                written += self.vocab.pieces[tok]
             if mask is not None and _repeats_a_call(written):
                 # Small models loop on the same call under greedy decoding; the
                 # repeat carries no information, so stop instead of burning max_tokens.

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common, client, as_json], help="what the daemon is running")
     p.set_defaults(run=cmd_status)
 
+    p = sub.add_parser("ps", parents=[common, client, as_json],
+                       help="loaded models: memory, budget share, state, idle time, requests",
+                       description="Models loaded in the daemon, with their measured memory "
+                       "and share of the budget.")
+    p.set_defaults(run=cmd_ps)
+
     models = sub.add_parser("models", help="list, pull, verify and remove models").add_subparsers(
         metavar="ACTION")
     p = models.add_parser("list", parents=[common, as_json], help="every model in the catalog")
@@ -162,8 +168,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     store, catalog = _store_and_catalog(settings)
     catalog.get_default()  # an unknown default model is a config error, found now
-    if not settings.preload and store.is_pulled(catalog.get_default()):
-        settings = settings.model_copy(update={"preload": [catalog.default]})
+    if settings.preload is None:
+        pulled = store.is_pulled(catalog.get_default())
+        settings = settings.model_copy(update={"preload": [catalog.default] if pulled else []})
     daemon = Daemon(settings, catalog, store)
 
     def ready(endpoint: str) -> None:
@@ -215,15 +222,40 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(status)
         return 0
+    b = status["budget"]
     print(f"outpost {status['version']} (pid {status['pid']}) on {status['endpoint']}, "
           f"up {status['uptime_s']:.0f} s, {status['requests']} requests")
-    if not status["loaded"]:
-        print("no models loaded")
-    for w in status["loaded"]:
-        mem = _mib(w["uss_bytes"]) if "uss_bytes" in w else "?"
-        print(f"  {w['model']:<28} {w['state']:<8} pid {w['pid']}  {mem:>8}  "
-              f"load {w['load_ms']:.0f} ms  served {w['served']}  idle {w['idle_s']:.0f} s")
+    print(f"memory {_mib(b['used_bytes'])} of {_mib(b['ram_bytes'])} budget, "
+          f"{b['evictions']} evictions; default model {status['default_model']}")
+    _print_workers(status["loaded"])
     return 0
+
+
+def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
+    with OutpostClient(settings.endpoint, timeout_s=min(args.timeout, 10.0)) as client:
+        status = client.status()
+    if args.json:
+        _print_json({"budget": status["budget"], "models": status["loaded"]})
+        return 0
+    b = status["budget"]
+    print(f"budget {_mib(b['ram_bytes'])}, in use {_mib(b['used_bytes'])} "
+          f"(daemon, forkserver and workers, PSS)")
+    _print_workers(status["loaded"])
+    return 0
+
+
+def _print_workers(workers: list[dict[str, Any]]) -> None:
+    if not workers:
+        print("no models loaded")
+        return
+    print(f"{'MODEL':<26} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
+          f"{'SERVED':>6} {'LOAD':>8}")
+    for w in workers:
+        pin = "*" if w.get("pinned") else ""
+        share = f"{w['budget_share'] * 100:.0f}%" if w.get("budget_share") is not None else "-"
+        print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
+              f"{_mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
+              f"{w['load_ms']:>6.0f}ms")
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:

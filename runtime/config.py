@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -45,6 +45,33 @@ class ServerSettings(_Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class BudgetSettings(_Section):
+    """How much of the machine Outpost may use: the daemon, the forkserver and every worker."""
+
+    # None: `ram_share` of the memory available when the daemon starts.
+    ram: ByteSize | None = None
+    ram_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    # Per GPU; None: `vram_share` of each GPU's free memory at start.
+    vram: ByteSize | None = None
+    vram_share: Annotated[float, Field(gt=0, le=1)] = 0.8
+    # Kept free under the budget for the daemon's own growth and measurement lag.
+    margin: ByteSize = ByteSize(32 << 20)
+
+
+class PoolSettings(_Section):
+    # Requests waiting for one model beyond this get `overloaded` at once.
+    max_queue: Annotated[int, Field(ge=1)] = 32
+    # A request that waited this long for its model (load + queue) gets `timeout`.
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # Unload a model idle this long (None: never); per model in [models.<id>].
+    idle_ttl_s: Annotated[float, Field(gt=0)] | None = 900.0
+
+
+class ModelPolicy(_Section):
+    pin: bool = False  # never evicted, never unloaded for idleness
+    idle_ttl_s: Annotated[float, Field(gt=0)] | None = None  # overrides [pool] idle_ttl_s
+
+
 class LlamaSettings(_Section):
     n_threads: Annotated[int, Field(gt=0)] | None = None  # None: physical cores
     n_batch: Annotated[int, Field(gt=0)] = 512
@@ -62,9 +89,14 @@ class Settings(BaseSettings):
     # Extra folders of manifest TOML files, on top of the shipped catalog.
     manifest_dirs: list[Path] = []
     # Models to load when the daemon starts, so the first call does not wait.
-    preload: list[str] = []
+    # None: the default model, if it is pulled; []: nothing.
+    preload: list[str] | None = None
     server: ServerSettings = ServerSettings()
+    budget: BudgetSettings = BudgetSettings()
+    pool: PoolSettings = PoolSettings()
     llama: LlamaSettings = LlamaSettings()
+    # Per-model policy, by manifest id: [models."smollm2-135m-instruct"] pin = true
+    models: dict[str, ModelPolicy] = {}
 
     @property
     def store_dir(self) -> Path:

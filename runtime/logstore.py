@@ -57,6 +57,19 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db["attempts"].create_index(["request_id"])
 
 
+@migration
+def m002_footprints_and_pool_events(db: sqlite_utils.Database) -> None:
+    # The measured memory of each model version: the next load's estimate.
+    db["footprints"].create({
+        "model": str, "version": str, "ram_bytes": int, "vram_bytes": int, "load_ms": float,
+        "n_layer": int, "samples": int, "updated_at": float}, pk=("model", "version"))
+    # Loads, evictions, idle unloads and crashes, with their reason.
+    db["pool_events"].create({
+        "id": int, "created_at": float, "kind": str, "model": str, "version": str,
+        "reason": str, "ram_bytes": int, "load_ms": float}, pk="id")
+    db["pool_events"].create_index(["created_at"])
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied."""
     if "_migrations" not in db.table_names():
@@ -125,6 +138,33 @@ class LogStore:
                 arow.update(request_id=request_id, created_at=now)
                 db["attempts"].insert(arow)
         return int(request_id)
+
+    # -- the pool's memory records ----------------------------------------------------
+    def footprints(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """(model, version) -> its stored footprint; read once at start."""
+        rows = self._pool.submit(lambda: list(self._db["footprints"].rows)).result()
+        return {(r["model"], r["version"]): r for r in rows}
+
+    async def record_footprint(self, model: str, version: str, row: dict[str, Any]) -> None:
+        await self._run(self._upsert_footprint, model, version, row)
+
+    def _upsert_footprint(self, model: str, version: str, row: dict[str, Any]) -> None:
+        with self._db.conn:
+            self._db.conn.execute("BEGIN IMMEDIATE")
+            self._db.conn.execute(
+                "insert into footprints (model, version, ram_bytes, vram_bytes, load_ms, n_layer, "
+                "samples, updated_at) values (?, ?, ?, ?, ?, ?, 1, ?) on conflict (model, version) "
+                "do update set ram_bytes = excluded.ram_bytes, vram_bytes = excluded.vram_bytes, "
+                "load_ms = excluded.load_ms, n_layer = excluded.n_layer, samples = samples + 1, "
+                "updated_at = excluded.updated_at",
+                [model, version, row["ram_bytes"], row["vram_bytes"], row["load_ms"],
+                 row.get("n_layer"), time.time()])
+
+    async def record_event(self, kind: str, model: str, version: str, reason: str,
+                           ram_bytes: int | None = None, load_ms: float | None = None) -> None:
+        row = {"created_at": time.time(), "kind": kind, "model": model, "version": version,
+               "reason": reason, "ram_bytes": ram_bytes, "load_ms": load_ms}
+        await self._run(lambda: self._db["pool_events"].insert(row))
 
     def close(self) -> None:
         self._pool.submit(self._db.conn.close).result()

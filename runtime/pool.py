@@ -1,17 +1,34 @@
-"""The pool of loaded models: one worker process per model, loaded on demand.
+"""The pool of loaded models under one memory budget: one worker process per model.
 
-`acquire(manifest)` returns a ready worker, starting one if needed; concurrent
-requests for a model that is still loading wait for that one load instead of
-starting a second. Requests to one worker are serialised by its lock (a worker
-generates one answer at a time); requests to different workers run side by side.
+    lease(manifest)  ->  acquire (load on demand, deduplicated)  ->  queue on the
+    worker's lock  ->  generate  ->  release
 
-What this module must not do: route requests (server.py) or touch the log.
-Memory budgeting and eviction build on `Worker.pid` and `ModelPool.workers`.
+Budget. The budget covers all of Outpost: the daemon, the forkserver and every
+worker, counted in PSS (see memory.py). Before a load the pool charges the model's
+footprint: the one measured on its last load (kept in SQLite per model version),
+else the manifest's estimate plus a worker's own overhead. After the load it
+measures the worker (USS, and NVML VRAM where a GPU exists) and charges the larger
+of what it sees and what it expected, so memory a worker has yet to touch stays
+reserved. A load that does not fit evicts idle models; one larger than everything
+that could ever be freed is refused with `budget_exceeded`.
+
+Eviction. Only a ready worker with no lease, not pinned, is a candidate. The pool
+evicts the one with the highest (1 + idle seconds) x bytes / (reload ms + 100):
+idle for long, large, and cheap to bring back. A model that is serving or has
+requests queued holds a lease and is never evicted; a load that needs its memory
+waits for the lease to end.
+
+Queueing. Requests to one worker run one at a time, in arrival order (asyncio
+locks are fair); beyond `max_queue` waiting requests a new one gets `overloaded`,
+and a request that waits longer than `queue_timeout_s` gets `timeout`.
+
+What this module must not do: route requests (server.py) or write request logs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -19,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +46,23 @@ import zmq
 import zmq.asyncio
 
 from outpost.manifests.catalog import Catalog
-from outpost.manifests.errors import ModelLoadFailed, OutpostError, WorkerCrashed, from_wire
+from outpost.manifests.errors import (BudgetExceeded, ModelLoadFailed, OutpostError, Overloaded,
+                                      Timeout, WorkerCrashed, from_wire)
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
+from outpost.models.llama import gpu_offload_available
 
-from .config import Settings
+from . import memory
 from . import worker as worker_module
+from .config import Settings
+from .logstore import LogStore
 
 log = logging.getLogger("outpost.pool")
 POLL_MS = 100  # how often a waiting request checks that its worker is still alive
+REAP_S = 1.0  # how often idle and dead workers are looked for
+# A worker's own private memory beyond its model (Python heap touched after the fork,
+# llama.cpp and xgrammar state); only used until the model's footprint is measured.
+WORKER_OVERHEAD = 96 << 20
 
 
 @dataclass
@@ -45,15 +71,21 @@ class Worker:
     process: multiprocessing.process.BaseProcess
     socket: zmq.asyncio.Socket
     endpoint: str
+    reserve: int  # bytes charged to the budget for this worker
+    pinned: bool = False
+    idle_ttl_s: float | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    state: str = "loading"  # loading | ready | busy | dead
+    state: str = "loading"  # loading | ready | busy | stopping | dead
     pid: int | None = None
     load_ms: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     served: int = 0
+    leases: int = 0  # requests holding this worker (queued or generating)
+    vram: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _ids: itertools.count = field(default_factory=itertools.count)
 
+    # -- talking to the process ---------------------------------------------------
     async def _recv(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -93,22 +125,8 @@ class Worker:
             self.info["grammar_cache"] = reply["grammar_cache"]
         return reply["generation"]
 
-    def memory(self) -> dict[str, int]:
-        if self.pid is None:
-            return {}
-        try:
-            mem = psutil.Process(self.pid).memory_full_info()
-            return {"rss_bytes": mem.rss, "uss_bytes": mem.uss}
-        except (psutil.Error, OSError):
-            return {}
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self.manifest.id, "version": self.manifest.version, "state": self.state,
-                "pid": self.pid, "load_ms": round(self.load_ms, 1), "served": self.served,
-                "idle_s": round(time.monotonic() - self.last_used, 1), **self.memory(),
-                **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
-
     async def stop(self, grace_s: float = 5.0) -> None:
+        self.state = "stopping"
         if self.process.is_alive():
             try:
                 await self.socket.send_json({"type": "shutdown"})
@@ -116,94 +134,311 @@ class Worker:
                 pass
             deadline = time.monotonic() + grace_s
             while self.process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
             if self.process.is_alive():
                 self.process.kill()
-        self.process.join(timeout=1)
+        await asyncio.to_thread(self.process.join, 5)
         self.socket.close(linger=0)
         self.state = "dead"
+
+    # -- memory ---------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("dead",) and self.process.is_alive()
+
+    def uss(self) -> int:
+        mem = memory.process_memory(self.process.pid) if self.process.pid else None
+        return mem.uss if mem else 0
+
+    def charge(self) -> int:
+        """What this worker costs the budget now: its private memory or its reserve."""
+        return max(self.uss(), self.reserve)
+
+    def describe(self, budget: int) -> dict[str, Any]:
+        charge = self.charge()
+        return {"model": self.manifest.id, "version": self.manifest.version, "state": self.state,
+                "pid": self.pid, "ram_bytes": charge, "vram_bytes": self.vram,
+                "budget_share": round(charge / budget, 3) if budget else None,
+                "pinned": self.pinned, "leases": self.leases,
+                "load_ms": round(self.load_ms, 1), "served": self.served,
+                "idle_s": round(time.monotonic() - self.last_used, 1),
+                **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
 
 
 class ModelPool:
     def __init__(self, settings: Settings, catalog: Catalog, store: ModelStore,
-                 zmq_ctx: zmq.asyncio.Context) -> None:
+                 zmq_ctx: zmq.asyncio.Context, logs: LogStore) -> None:
         self.settings = settings
         self.catalog = catalog
         self.store = store
+        self.logs = logs
         self._zmq = zmq_ctx
         self.workers: dict[str, Worker] = {}
-        self._loading: dict[str, asyncio.Future[Worker]] = {}
+        self._loading: dict[str, asyncio.Task[Worker]] = {}
+        self._queued: dict[str, int] = {}
         self._sockdir = Path(tempfile.mkdtemp(prefix="outpost-w-"))
         self._seq = itertools.count()
+        self._admit = asyncio.Lock()  # one admission decision (and its evictions) at a time
+        self._released = asyncio.Condition()  # a lease ended or a worker went away
+        self._reaper: asyncio.Task[None] | None = None
+        self.footprints = logs.footprints()  # (model, version) -> stored row
+        self.gpus = memory.Gpus()
+        self.ram_budget = int(settings.budget.ram or memory.available_ram() * settings.budget.ram_share)
+        self.vram_budget = ([int(settings.budget.vram)] * self.gpus.count if settings.budget.vram
+                            else [int(f * settings.budget.vram_share) for f in self.gpus.free()])
+        self.evictions = 0
         # Workers fork from a server that has llama_cpp and xgrammar imported already.
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload([worker_module.__name__])
 
-    async def acquire(self, manifest: Manifest) -> Worker:
-        current = self.workers.get(manifest.id)
-        if current is not None and current.state != "dead" and current.process.is_alive():
-            return current
-        if current is not None:
-            await self._forget(current)
-        pending = self._loading.get(manifest.id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Worker] = asyncio.get_running_loop().create_future()
-        self._loading[manifest.id] = future
-        try:
-            worker = await self._start(manifest)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters get it, nobody else must
-            raise
-        else:
-            future.set_result(worker)
-            self.workers[manifest.id] = worker
-            return worker
-        finally:
-            del self._loading[manifest.id]
+    async def start(self) -> None:
+        # Start the forkserver now: its start-up (the preload) is part of Outpost's
+        # base memory and must not be paid by the first request. A trivial child is
+        # the only way to wait until the preload has finished.
+        probe = self._mp.Process(target=os.getpid, name="outpost-forkserver-probe")
+        await asyncio.to_thread(lambda: (probe.start(), probe.join()))
+        used = self.used()
+        log.info("memory budget %.0f MiB (Outpost itself uses %.0f MiB now)%s",
+                 self.ram_budget / 2**20, used / 2**20,
+                 f"; VRAM {[f'{v / 2**20:.0f} MiB' for v in self.vram_budget]}" if self.vram_budget else "")
+        if used + self.settings.budget.margin > self.ram_budget:
+            log.warning("the budget leaves no room for any model: raise [budget] ram")
+        self._reaper = asyncio.create_task(self._reap())
 
-    async def _start(self, manifest: Manifest) -> Worker:
+    # -- accounting -------------------------------------------------------------------
+    def policy(self, manifest: Manifest) -> tuple[bool, float | None]:
+        p = self.settings.models.get(manifest.id)
+        ttl = p.idle_ttl_s if p and p.idle_ttl_s is not None else self.settings.pool.idle_ttl_s
+        return bool(p and p.pin), ttl
+
+    def estimate(self, manifest: Manifest) -> int:
+        stored = self.footprints.get((manifest.id, manifest.version))
+        if stored:
+            return int(stored["ram_bytes"])
+        return int(manifest.memory_estimate) + WORKER_OVERHEAD
+
+    def used(self) -> int:
+        """PSS of the daemon and every process under it, plus reserved-but-untouched memory."""
+        total = 0
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            mem = memory.process_memory(proc.pid)
+            total += mem.pss if mem else 0
+        for w in self.workers.values():
+            if w.state != "dead":
+                total += max(0, w.reserve - w.uss())
+        return total
+
+    # -- leases -----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def lease(self, manifest: Manifest) -> AsyncIterator[tuple[Worker, dict[str, float]]]:
+        """Hold a ready worker for one request: (worker, {"load": ms, "queue": ms})."""
+        model = manifest.id
+        queued = self._queued.get(model, 0)
+        if queued >= self.settings.pool.max_queue:
+            raise Overloaded(model, queued, self.settings.pool.max_queue)
+        self._queued[model] = queued + 1
+        deadline = time.monotonic() + self.settings.pool.queue_timeout_s
+        timings = {"load": 0.0, "queue": 0.0}
+        try:
+            t0 = time.monotonic()
+            try:
+                worker = await asyncio.wait_for(self.acquire(manifest), deadline - time.monotonic())
+            except TimeoutError:
+                raise Timeout(model, time.monotonic() - t0, "the model to load") from None
+            worker.leases += 1  # no await since acquire: the worker cannot be evicted in between
+            t1 = time.monotonic()
+            timings["load"] = (t1 - t0) * 1e3
+            try:
+                await asyncio.wait_for(worker.lock.acquire(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                await self._release(worker)
+                raise Timeout(model, time.monotonic() - t0, "earlier requests to finish") from None
+            timings["queue"] = (time.monotonic() - t1) * 1e3
+        finally:
+            self._queued[model] -= 1
+        try:
+            yield worker, timings
+        finally:
+            worker.lock.release()
+            await self._release(worker)
+            if worker.alive:
+                self._remeasure(worker)
+
+    async def _release(self, worker: Worker) -> None:
+        worker.leases -= 1
+        worker.last_used = time.monotonic()
+        async with self._released:
+            self._released.notify_all()
+
+    async def acquire(self, manifest: Manifest, reason: str = "request") -> Worker:
+        """A ready worker for `manifest`, loading it (once, however many ask) if needed."""
+        current = self.workers.get(manifest.id)
+        if current is not None and current.state in ("ready", "busy") and current.process.is_alive():
+            return current
+        if current is not None and current.state not in ("loading",):
+            await self._forget(current, "crash", f"exit code {current.process.exitcode}")
+        task = self._loading.get(manifest.id)
+        if task is None:
+            task = asyncio.create_task(self._load(manifest, reason))
+            self._loading[manifest.id] = task
+            task.add_done_callback(lambda t, m=manifest.id: self._loading.pop(m, None))
+        # shield: a waiter that times out must not cancel a load others wait for
+        return await asyncio.shield(task)
+
+    # -- loading and evicting ----------------------------------------------------------
+    async def _load(self, manifest: Manifest, reason: str) -> Worker:
         weights = self.store.weights_path(manifest)  # raises ModelNotPulled
-        text = self.catalog.entry(manifest.id).text
+        pinned, ttl = self.policy(manifest)
+        need = self.estimate(manifest)
+        async with self._admit:
+            await self._make_room(manifest, need)
+            worker = self._spawn(manifest, weights, need, pinned, ttl)
+            self.workers[manifest.id] = worker
+        try:
+            await worker.wait_ready(self.settings.server.load_timeout_s)
+        except BaseException as exc:
+            self.workers.pop(manifest.id, None)
+            await worker.stop(grace_s=0 if isinstance(exc, WorkerCrashed) else 1)
+            async with self._released:
+                self._released.notify_all()
+            if isinstance(exc, WorkerCrashed):
+                raise ModelLoadFailed(f"the worker for {manifest.id} died while loading "
+                                      f"(exit code {exc.exitcode})", model=manifest.id) from exc
+            raise
+        self._remeasure(worker, initial=True)
+        log.info("loaded %s %s in %.0f ms (%s; charged %.0f MiB, budget used %.0f of %.0f MiB)",
+                 manifest.id, manifest.version, worker.load_ms, reason, worker.reserve / 2**20,
+                 self.used() / 2**20, self.ram_budget / 2**20)
+        await self.logs.record_event("load", manifest.id, manifest.version, reason,
+                                     worker.reserve, worker.load_ms)
+        return worker
+
+    def _spawn(self, manifest: Manifest, weights: Path, need: int, pinned: bool,
+               ttl: float | None) -> Worker:
         endpoint = f"ipc://{self._sockdir / f'w{next(self._seq)}.sock'}"
         sock = self._zmq.socket(zmq.DEALER)
         sock.linger = 0
         sock.bind(endpoint)
         llama = self.settings.llama
         options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
-                   "n_gpu_layers": llama.n_gpu_layers}
+                   "n_gpu_layers": self.gpu_layers(manifest)}
         process = self._mp.Process(
             target=worker_module.serve_model, name=f"outpost-worker-{manifest.id}",
-            args=(endpoint, text, str(weights), os.getpid(), options), daemon=True)
-        t0 = time.perf_counter()
+            args=(endpoint, self.catalog.entry(manifest.id).text, str(self.store.root),
+                  os.getpid(), options), daemon=True)
         process.start()
-        worker = Worker(manifest=manifest, process=process, socket=sock, endpoint=endpoint)
-        try:
-            await worker.wait_ready(self.settings.server.load_timeout_s)
-        except WorkerCrashed as exc:
-            await worker.stop(grace_s=0)
-            raise ModelLoadFailed(f"the worker for {manifest.id} died while loading "
-                                  f"(exit code {exc.exitcode})", model=manifest.id) from exc
-        except OutpostError:
-            await worker.stop(grace_s=1)
-            raise
-        log.info("loaded %s %s in %.0f ms (pid %s, process start included %.0f ms)",
-                 manifest.id, manifest.version, worker.load_ms, worker.pid,
-                 (time.perf_counter() - t0) * 1e3)
-        return worker
+        return Worker(manifest=manifest, process=process, socket=sock, endpoint=endpoint,
+                      reserve=need, pinned=pinned, idle_ttl_s=ttl)
 
-    async def _forget(self, worker: Worker) -> None:
-        log.warning("worker for %s (pid %s) is gone (exit code %s); it will be reloaded",
-                    worker.manifest.id, worker.pid, worker.process.exitcode)
+    def gpu_layers(self, manifest: Manifest) -> int | str:
+        """Layers to offload: the configured number, or as many as fit the VRAM budget."""
+        configured = self.settings.llama.n_gpu_layers
+        if configured != "auto":
+            return configured
+        if not self.vram_budget or not gpu_offload_available():
+            return 0
+        mine = self.gpus.used_by({w.pid for w in self.workers.values() if w.pid})
+        free = self.vram_budget[0] - sum(mine.values())
+        stored = self.footprints.get((manifest.id, manifest.version)) or {}
+        weights = manifest.weights.size
+        kv = max(0, int(manifest.memory_estimate) - weights)
+        n_layer = int(stored.get("n_layer") or 32)
+        return memory.plan_gpu_layers(n_layer, weights, kv, free)
+
+    async def _make_room(self, manifest: Manifest, need: int) -> None:
+        """Evict until `need` more bytes fit the budget; the caller holds `_admit`."""
+        limit = self.ram_budget - int(self.settings.budget.margin)
+        deadline = time.monotonic() + self.settings.pool.queue_timeout_s
+        while True:
+            used = self.used()
+            if used + need <= limit:
+                return
+            never = [w for w in self.workers.values() if w.pinned or w.state == "loading"]
+            floor = used - sum(w.charge() for w in self.workers.values()
+                               if w.state != "dead" and w not in never)
+            if floor + need > limit:
+                raise BudgetExceeded(manifest.id, need, max(0, limit - floor))
+            idle = [w for w in self.workers.values()
+                    if w.state == "ready" and w.leases == 0 and not w.pinned]
+            if idle:
+                victim = max(idle, key=self._eviction_score)
+                await self.evict(victim, f"make room for {manifest.id} "
+                                         f"({need / 2**20:.0f} MiB, {used / 2**20:.0f} MiB in use)")
+                continue
+            # Everything evictable is serving: wait for a lease to end, not forever.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Timeout(manifest.id, self.settings.pool.queue_timeout_s, "memory to free up")
+            async with self._released:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), min(remaining, 1.0))
+
+    @staticmethod
+    def _eviction_score(w: Worker) -> float:
+        idle_s = time.monotonic() - w.last_used
+        return (1.0 + idle_s) * w.charge() / (w.load_ms + 100.0)
+
+    async def evict(self, worker: Worker, reason: str, kind: str = "evict") -> None:
+        freed = worker.charge()
         self.workers.pop(worker.manifest.id, None)
-        await worker.stop(grace_s=0)
+        await worker.stop()
+        self.evictions += kind == "evict"
+        log.info("%s %s: %s (freed %.0f MiB)", kind, worker.manifest.id, reason, freed / 2**20)
+        await self.logs.record_event(kind, worker.manifest.id, worker.manifest.version, reason, freed)
+        async with self._released:
+            self._released.notify_all()
 
+    async def _forget(self, worker: Worker, kind: str, reason: str) -> None:
+        log.warning("worker for %s (pid %s) is gone (%s); it will be reloaded on demand",
+                    worker.manifest.id, worker.pid, reason)
+        await self.evict(worker, reason, kind=kind)
+
+    def _remeasure(self, worker: Worker, initial: bool = False) -> None:
+        """Charge the larger of expected and seen; remember a new high for next time."""
+        seen = worker.uss()
+        if worker.pid is not None and self.gpus.count:
+            worker.vram = self.gpus.used_by({worker.pid}).get(worker.pid, 0)
+        key = (worker.manifest.id, worker.manifest.version)
+        stored = self.footprints.get(key)
+        measured = max(seen, int(stored["ram_bytes"]) if stored else 0)
+        # The first load of a model charges what it measures, not the (coarse) estimate.
+        worker.reserve = measured if (initial and stored is None) else max(worker.reserve, seen)
+        if stored is None or seen > int(stored["ram_bytes"]) + (1 << 20):
+            row = {"ram_bytes": measured, "vram_bytes": worker.vram, "load_ms": worker.load_ms,
+                   "n_layer": worker.info.get("n_layer")}
+            self.footprints[key] = row
+            asyncio.get_running_loop().create_task(self.logs.record_footprint(key[0], key[1], row))
+
+    async def _reap(self) -> None:
+        """Unload models idle past their TTL; notice workers that died between requests."""
+        while True:
+            await asyncio.sleep(REAP_S)
+            for w in list(self.workers.values()):
+                try:
+                    if w.state in ("ready",) and not w.process.is_alive():
+                        await self._forget(w, "crash", f"exit code {w.process.exitcode}")
+                    elif (w.state == "ready" and w.leases == 0 and not w.pinned
+                          and w.idle_ttl_s is not None
+                          and time.monotonic() - w.last_used > w.idle_ttl_s):
+                        await self.evict(w, f"idle for more than {w.idle_ttl_s:g} s", kind="unload")
+                except OutpostError:
+                    log.exception("reaper could not unload %s", w.manifest.id)
+
+    # -- views and shutdown ------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
-        return [w.describe() for w in self.workers.values()]
+        return [w.describe(self.ram_budget) for w in self.workers.values()]
+
+    def budget(self) -> dict[str, Any]:
+        return {"ram_bytes": self.ram_budget, "used_bytes": self.used(),
+                "margin_bytes": int(self.settings.budget.margin), "vram_bytes": self.vram_budget,
+                "unified_memory": memory.unified_memory(), "evictions": self.evictions}
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self._loading.values()):
+            task.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
         self.workers.clear()
         shutil.rmtree(self._sockdir, ignore_errors=True)
-

@@ -43,8 +43,8 @@ class Daemon:
         self.catalog = catalog
         self.store = store
         self.zmq = zmq.asyncio.Context()
-        self.pool = ModelPool(settings, catalog, store, self.zmq)
         self.logs = LogStore(settings.log_path)
+        self.pool = ModelPool(settings, catalog, store, self.zmq, self.logs)
         self.started = time.time()
         self.requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,8 +100,9 @@ class Daemon:
             except (NotImplementedError, RuntimeError):
                 pass
         try:
-            for model_id in self.settings.preload:
-                await self.pool.acquire(self.catalog.get(model_id))
+            await self.pool.start()
+            for model_id in self.settings.preload or []:
+                await self.pool.acquire(self.catalog.get(model_id), reason="preload")
             if on_ready:
                 on_ready(self.settings.endpoint)
             stop = asyncio.ensure_future(self._stop.wait())
@@ -160,7 +161,8 @@ class Daemon:
         return {"version": VERSION, "pid": os.getpid(), "endpoint": self.settings.endpoint,
                 "data_dir": str(self.settings.data_dir),
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
-                "default_model": self.catalog.default, "loaded": self.pool.describe()}
+                "default_model": self.catalog.default, "budget": self.pool.budget(),
+                "loaded": self.pool.describe()}
 
     async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}
@@ -198,12 +200,8 @@ class Daemon:
                        if v is not None}}
         timings = {"queue": 0.0, "load": 0.0, "prefill": 0.0, "decode": 0.0, "total": 0.0}
         try:
-            t_load = time.perf_counter()
-            worker = await self.pool.acquire(manifest)
-            timings["load"] = (time.perf_counter() - t_load) * 1e3
-            t_queue = time.perf_counter()
-            async with worker.lock:
-                timings["queue"] = (time.perf_counter() - t_queue) * 1e3
+            async with self.pool.lease(manifest) as (worker, waited):
+                timings.update(waited)
                 gen = await worker.generate(asdict(request), self.settings.server.request_timeout_s)
         except OutpostError as exc:
             timings["total"] = (time.perf_counter() - t0) * 1e3

@@ -29,7 +29,7 @@ import zmq
 
 from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
-from outpost.manifests.store import check_file
+from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
 from outpost.models.llama import LlamaModel
 
@@ -37,7 +37,7 @@ log = logging.getLogger("outpost.worker")
 PARENT_CHECK_MS = 1000
 
 
-def serve_model(endpoint: str, manifest_toml: str, weights: str, daemon_pid: int,
+def serve_model(endpoint: str, manifest_toml: str, store_root: str, daemon_pid: int,
                 llama_options: dict[str, Any]) -> None:
     """Entry point of the worker process."""
     ctx = zmq.Context()
@@ -45,20 +45,21 @@ def serve_model(endpoint: str, manifest_toml: str, weights: str, daemon_pid: int
     sock.linger = 1000
     sock.connect(endpoint)
     try:
-        _serve(sock, manifest_toml, weights, daemon_pid, llama_options)
+        _serve(sock, manifest_toml, ModelStore(Path(store_root)), daemon_pid, llama_options)
     finally:
         sock.close()
         ctx.term()
 
 
-def _serve(sock: zmq.Socket, manifest_toml: str, weights: str, daemon_pid: int,
+def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: int,
            llama_options: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     try:
         manifest = Manifest.from_toml(manifest_toml)
         # Verify before native code parses the file: a corrupt model is refused, not run.
-        check_file(Path(weights), manifest.weights)
-        model = LlamaModel(manifest, Path(weights), **llama_options)
+        weights = store.ensure_verified(manifest.weights)
+        vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
+        model = LlamaModel(manifest, weights, vocab_cache=vocab, **llama_options)
     except OutpostError as exc:
         sock.send_json({"type": "failed", "error": exc.to_wire()})
         return

@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -33,17 +37,18 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
 
 
-def tiny_manifest_toml(path: Path, context_length: int = 2048) -> str:
+def tiny_manifest_toml(path: Path, context_length: int = 2048, model_id: str = TINY,
+                       memory_estimate: str = "16MiB") -> str:
     data = path.read_bytes()
     return f'''
-id = "{TINY}"
+id = "{model_id}"
 version = "1"
 description = "random weights, for plumbing tests"
 tasks = ["plumbing"]
 backend = "gguf"
 chat_template = "chatml"
 context_length = {context_length}
-memory_estimate = "16MiB"
+memory_estimate = "{memory_estimate}"
 
 [[files]]
 name = "tiny.gguf"
@@ -94,6 +99,16 @@ def make_data_dir(root: Path, tiny: Path | None = None, cache: ModelStore | None
         (store.manifests / f"{SMOLLM2}.toml").write_text(
             (cache.manifests / f"{SMOLLM2}.toml").read_text())
     return data
+
+
+def add_tiny(data: Path, model_id: str, seed: int, memory_estimate: str = "16MiB",
+             context_length: int = 2048) -> None:
+    """Another tiny random model (its own weights, so its own blob) in `data`'s store."""
+    gguf = write_tiny_gguf(data / f"{model_id}.gguf", seed=seed)
+    text = tiny_manifest_toml(gguf, context_length, model_id, memory_estimate)
+    (data / "manifests" / f"{model_id}.toml").write_text(text)
+    store = ModelStore(data / "models")
+    store.pull(Catalog.load(store, [data / "manifests"], TINY).get(model_id), text)
 
 
 class RunningDaemon:
@@ -152,3 +167,46 @@ def tiny_daemon(tmp_path_factory, tiny_gguf):
 def client(tiny_daemon):
     with tiny_daemon.client() as c:
         yield c
+
+
+class ServeProcess:
+    """`outpost serve` as its own process, so its memory is the daemon's alone."""
+
+    def __init__(self, data: Path, config: str = "", name: str = "serve") -> None:
+        self.data = data
+        self.endpoint = f"ipc://{data}/{name}.sock"
+        self.config = data / f"{name}.toml"
+        self.config.write_text(config)
+        env = {**os.environ, "OUTPOST_DATA_DIR": str(data), "OUTPOST_ENDPOINT": self.endpoint}
+        env.pop("OUTPOST_CONFIG", None)
+        exe = str(Path(sys.executable).with_name("outpost"))
+        self.log = open(data / f"{name}.log", "w")
+        self.proc = subprocess.Popen([exe, "serve", "--config", str(self.config),
+                                      "--log-level", "INFO"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while "outpost call" not in (data / f"{name}.log").read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("serve did not start:\n" + (data / f"{name}.log").read_text())
+            time.sleep(0.1)
+        self.pid = self.proc.pid
+
+    def client(self, timeout_s: float = 120.0) -> OutpostClient:
+        return OutpostClient(self.endpoint, timeout_s=timeout_s)
+
+    def output(self) -> str:
+        return (self.data / self.log.name.rsplit("/", 1)[-1]).read_text()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.log.close()
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.stop()
