@@ -73,7 +73,9 @@ class ModelPolicy(_Section):
 
 
 class LlamaSettings(_Section):
-    n_threads: Annotated[int, Field(gt=0)] | None = None  # None: physical cores
+    # None: half the physical cores (at least 1), so two models can decode at once
+    # without llama.cpp's spinning threads fighting over the cores.
+    n_threads: Annotated[int, Field(gt=0)] | None = None
     n_batch: Annotated[int, Field(gt=0)] = 512
     # "auto": offload every layer when llama.cpp was built with a GPU backend, else 0.
     n_gpu_layers: int | Literal["auto"] = "auto"

@@ -81,6 +81,7 @@ class Worker:
     info: dict[str, Any] = field(default_factory=dict)
     served: int = 0
     leases: int = 0  # requests holding this worker (queued or generating)
+    draining: bool = False  # chosen for eviction: no new leases, current ones finish
     vram: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _ids: itertools.count = field(default_factory=itertools.count)
@@ -127,7 +128,9 @@ class Worker:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.state = "stopping"
-        if self.process.is_alive():
+        if self.process.is_alive() and grace_s <= 0:
+            self.process.kill()
+        elif self.process.is_alive():
             try:
                 await self.socket.send_json({"type": "shutdown"})
             except zmq.ZMQError:
@@ -159,7 +162,7 @@ class Worker:
         return {"model": self.manifest.id, "version": self.manifest.version, "state": self.state,
                 "pid": self.pid, "ram_bytes": charge, "vram_bytes": self.vram,
                 "budget_share": round(charge / budget, 3) if budget else None,
-                "pinned": self.pinned, "leases": self.leases,
+                "pinned": self.pinned, "leases": self.leases, "draining": self.draining,
                 "load_ms": round(self.load_ms, 1), "served": self.served,
                 "idle_s": round(time.monotonic() - self.last_used, 1),
                 **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
@@ -181,6 +184,7 @@ class ModelPool:
         self._admit = asyncio.Lock()  # one admission decision (and its evictions) at a time
         self._released = asyncio.Condition()  # a lease ended or a worker went away
         self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # event writes in flight
         self.footprints = logs.footprints()  # (model, version) -> stored row
         self.gpus = memory.Gpus()
         self.ram_budget = int(settings.budget.ram or memory.available_ram() * settings.budget.ram_share)
@@ -188,8 +192,10 @@ class ModelPool:
                             else [int(f * settings.budget.vram_share) for f in self.gpus.free()])
         self.evictions = 0
         # Workers fork from a server that has llama_cpp and xgrammar imported already.
+        # The CLI module too: each child re-runs the `outpost` script as __mp_main__,
+        # and its imports (sqlite-utils, tqdm, ...) would otherwise cost every swap.
         self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload([worker_module.__name__])
+        self._mp.set_forkserver_preload([worker_module.__name__, "outpost.runtime.cli"])
 
     async def start(self) -> None:
         # Start the forkserver now: its start-up (the preload) is part of Outpost's
@@ -218,15 +224,18 @@ class ModelPool:
         return int(manifest.memory_estimate) + WORKER_OVERHEAD
 
     def used(self) -> int:
-        """PSS of the daemon and every process under it, plus reserved-but-untouched memory."""
-        total = 0
+        """PSS of the daemon and every process under it, plus reserved-but-untouched memory.
+
+        One snapshot per process: a loading worker grows by hundreds of MB a second, so
+        its PSS and USS must come from the same read, or the sum undercounts it.
+        """
         me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            mem = memory.process_memory(proc.pid)
-            total += mem.pss if mem else 0
+        snapshot = {p.pid: memory.process_memory(p.pid) for p in [me, *me.children(recursive=True)]}
+        total = sum(m.pss for m in snapshot.values() if m)
         for w in self.workers.values():
             if w.state != "dead":
-                total += max(0, w.reserve - w.uss())
+                mem = snapshot.get(w.process.pid)
+                total += max(0, w.reserve - (mem.uss if mem else 0))
         return total
 
     # -- leases -----------------------------------------------------------------------
@@ -242,11 +251,21 @@ class ModelPool:
         timings = {"load": 0.0, "queue": 0.0}
         try:
             t0 = time.monotonic()
-            try:
-                worker = await asyncio.wait_for(self.acquire(manifest), deadline - time.monotonic())
-            except TimeoutError:
-                raise Timeout(model, time.monotonic() - t0, "the model to load") from None
-            worker.leases += 1  # no await since acquire: the worker cannot be evicted in between
+            while True:
+                try:
+                    worker = await asyncio.wait_for(self.acquire(manifest),
+                                                    deadline - time.monotonic())
+                except TimeoutError:
+                    raise Timeout(model, time.monotonic() - t0, "the model to load") from None
+                # acquire() resumes us on a later loop turn; check and lease in one step,
+                # so no eviction can fall between them.
+                if (self.workers.get(model) is worker and worker.state in ("ready", "busy")
+                        and not worker.draining):
+                    worker.leases += 1
+                    break
+                # It is being evicted to make room: wait for that, then load it again.
+                if not await self._wait_released(deadline):
+                    raise Timeout(model, time.monotonic() - t0, "the model to be reloaded")
             t1 = time.monotonic()
             timings["load"] = (t1 - t0) * 1e3
             try:
@@ -264,6 +283,16 @@ class ModelPool:
             await self._release(worker)
             if worker.alive:
                 self._remeasure(worker)
+
+    async def _wait_released(self, deadline: float) -> bool:
+        """Wait (at most a second, and not past `deadline`) for a lease or worker to go."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        async with self._released:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), min(remaining, 1.0))
+        return True
 
     async def _release(self, worker: Worker) -> None:
         worker.leases -= 1
@@ -307,12 +336,19 @@ class ModelPool:
                                       f"(exit code {exc.exitcode})", model=manifest.id) from exc
             raise
         self._remeasure(worker, initial=True)
-        log.info("loaded %s %s in %.0f ms (%s; charged %.0f MiB, budget used %.0f of %.0f MiB)",
+        log.info("loaded %s %s in %.0f ms (%s; charged %.0f MiB of a %.0f MiB budget)",
                  manifest.id, manifest.version, worker.load_ms, reason, worker.reserve / 2**20,
-                 self.used() / 2**20, self.ram_budget / 2**20)
-        await self.logs.record_event("load", manifest.id, manifest.version, reason,
-                                     worker.reserve, worker.load_ms)
+                 self.ram_budget / 2**20)
+        self._note("load", manifest, reason, worker.reserve, worker.load_ms)
         return worker
+
+    def _note(self, kind: str, manifest: Manifest, reason: str, ram: int | None = None,
+              load_ms: float | None = None) -> None:
+        """Record a pool event without making the request that caused it wait for SQLite."""
+        task = asyncio.get_running_loop().create_task(
+            self.logs.record_event(kind, manifest.id, manifest.version, reason, ram, load_ms))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _spawn(self, manifest: Manifest, weights: Path, need: int, pinned: bool,
                ttl: float | None) -> Worker:
@@ -354,25 +390,36 @@ class ModelPool:
             used = self.used()
             if used + need <= limit:
                 return
-            never = [w for w in self.workers.values() if w.pinned or w.state == "loading"]
+            # Refuse only what could never fit: everything but pinned models may go
+            # eventually (a loading one once it is ready and idle).
             floor = used - sum(w.charge() for w in self.workers.values()
-                               if w.state != "dead" and w not in never)
+                               if w.state != "dead" and not w.pinned)
             if floor + need > limit:
                 raise BudgetExceeded(manifest.id, need, max(0, limit - floor))
+            # Idle: nothing leased and nobody waiting for it. A model that has just
+            # loaded for waiting requests is not idle, or it could be evicted again
+            # before they get their turn, forever.
             idle = [w for w in self.workers.values()
-                    if w.state == "ready" and w.leases == 0 and not w.pinned]
+                    if w.state == "ready" and w.leases == 0 and not w.pinned
+                    and (w.draining or not self._queued.get(w.manifest.id))]
             if idle:
-                victim = max(idle, key=self._eviction_score)
+                # A drained worker goes first: requests are already waiting on its exit.
+                victim = max(idle, key=lambda w: (w.draining, self._eviction_score(w)))
                 await self.evict(victim, f"make room for {manifest.id} "
                                          f"({need / 2**20:.0f} MiB, {used / 2**20:.0f} MiB in use)")
                 continue
-            # Everything evictable is serving: wait for a lease to end, not forever.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # Everything evictable is serving. Drain the best victim (it takes no new
+            # leases, its current requests finish), then wait; without draining, a busy
+            # model would be leased again and again while this load starves.
+            busy = [w for w in self.workers.values()
+                    if w.state in ("ready", "busy") and not w.pinned
+                    and (w.leases > 0 or not self._queued.get(w.manifest.id))]
+            if busy and not any(w.draining for w in busy):
+                victim = max(busy, key=self._eviction_score)
+                victim.draining = True
+                log.info("draining %s to make room for %s", victim.manifest.id, manifest.id)
+            if not await self._wait_released(deadline):
                 raise Timeout(manifest.id, self.settings.pool.queue_timeout_s, "memory to free up")
-            async with self._released:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._released.wait(), min(remaining, 1.0))
 
     @staticmethod
     def _eviction_score(w: Worker) -> float:
@@ -382,10 +429,12 @@ class ModelPool:
     async def evict(self, worker: Worker, reason: str, kind: str = "evict") -> None:
         freed = worker.charge()
         self.workers.pop(worker.manifest.id, None)
-        await worker.stop()
+        # An idle worker holds nothing worth a goodbye: killing it frees its memory at
+        # once, where a polite shutdown costs the waiting load a few hundred ms.
+        await worker.stop(grace_s=0)
         self.evictions += kind == "evict"
         log.info("%s %s: %s (freed %.0f MiB)", kind, worker.manifest.id, reason, freed / 2**20)
-        await self.logs.record_event(kind, worker.manifest.id, worker.manifest.version, reason, freed)
+        self._note(kind, worker.manifest, reason, freed)
         async with self._released:
             self._released.notify_all()
 
@@ -432,13 +481,16 @@ class ModelPool:
     def budget(self) -> dict[str, Any]:
         return {"ram_bytes": self.ram_budget, "used_bytes": self.used(),
                 "margin_bytes": int(self.settings.budget.margin), "vram_bytes": self.vram_budget,
-                "unified_memory": memory.unified_memory(), "evictions": self.evictions}
+                "unified_memory": memory.unified_memory(), "evictions": self.evictions,
+                "loading": sorted(self._loading), "admitting": self._admit.locked(),
+                "queued": {m: n for m, n in self._queued.items() if n}}
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
         for task in list(self._loading.values()):
             task.cancel()
-        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+        await asyncio.gather(*(w.stop() for w in self.workers.values()), *self._background,
+                             return_exceptions=True)
         self.workers.clear()
         shutil.rmtree(self._sockdir, ignore_errors=True)

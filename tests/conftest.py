@@ -10,11 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +20,7 @@ from outpost.manifests.store import ModelStore
 from outpost.runtime.client import OutpostClient
 from outpost.runtime.config import Settings
 from outpost.runtime.server import Daemon
+from outpost.tools.serve_process import ServeProcess as _ServeProcess
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,14 +88,22 @@ def make_data_dir(root: Path, tiny: Path | None = None, cache: ModelStore | None
         catalog = Catalog.load(store, [data / "manifests"], TINY)
         store.pull(catalog.get(TINY), text)
     if cache is not None:
-        manifest = Catalog.load(cache, [], SMOLLM2).get(SMOLLM2)
-        store.blobs.mkdir(parents=True, exist_ok=True)
-        store.manifests.mkdir(parents=True, exist_ok=True)
-        for f in manifest.files:
-            os.link(cache.blob_path(f.sha256), store.blob_path(f.sha256))
-        (store.manifests / f"{SMOLLM2}.toml").write_text(
-            (cache.manifests / f"{SMOLLM2}.toml").read_text())
+        link_models(data, cache, [SMOLLM2])
     return data
+
+
+def link_models(data: Path, cache: ModelStore, model_ids: list[str]) -> None:
+    """Make pulled models of the shared cache pulled in `data` too (hard links: instant)."""
+    store = ModelStore(data / "models")
+    store.blobs.mkdir(parents=True, exist_ok=True)
+    store.manifests.mkdir(parents=True, exist_ok=True)
+    for model_id in model_ids:
+        manifest = Catalog.load(cache, [], SMOLLM2).get(model_id)
+        for f in manifest.files:
+            if not store.blob_path(f.sha256).exists():
+                os.link(cache.blob_path(f.sha256), store.blob_path(f.sha256))
+        (store.manifests / f"{model_id}.toml").write_text(
+            (cache.manifests / f"{model_id}.toml").read_text())
 
 
 def add_tiny(data: Path, model_id: str, seed: int, memory_estimate: str = "16MiB",
@@ -169,44 +174,6 @@ def client(tiny_daemon):
         yield c
 
 
-class ServeProcess:
-    """`outpost serve` as its own process, so its memory is the daemon's alone."""
-
-    def __init__(self, data: Path, config: str = "", name: str = "serve") -> None:
-        self.data = data
-        self.endpoint = f"ipc://{data}/{name}.sock"
-        self.config = data / f"{name}.toml"
-        self.config.write_text(config)
-        env = {**os.environ, "OUTPOST_DATA_DIR": str(data), "OUTPOST_ENDPOINT": self.endpoint}
-        env.pop("OUTPOST_CONFIG", None)
-        exe = str(Path(sys.executable).with_name("outpost"))
-        self.log = open(data / f"{name}.log", "w")
-        self.proc = subprocess.Popen([exe, "serve", "--config", str(self.config),
-                                      "--log-level", "INFO"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 120
-        while "outpost call" not in (data / f"{name}.log").read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("serve did not start:\n" + (data / f"{name}.log").read_text())
-            time.sleep(0.1)
-        self.pid = self.proc.pid
-
-    def client(self, timeout_s: float = 120.0) -> OutpostClient:
-        return OutpostClient(self.endpoint, timeout_s=timeout_s)
-
-    def output(self) -> str:
-        return (self.data / self.log.name.rsplit("/", 1)[-1]).read_text()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            self.log.close()
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.stop()
+def ServeProcess(data: Path, config: str = "", name: str = "serve") -> _ServeProcess:  # noqa: N802
+    """`outpost serve` in its own process, run from the repository (examples/ resolve)."""
+    return _ServeProcess(data, config, name, cwd=REPO)

@@ -1,0 +1,108 @@
+"""Acceptance: three real models, a budget that holds two, 200 mixed requests from four
+concurrent clients. Every request succeeds, and the summed PSS of the daemon and all its
+processes, sampled from outside at 20 Hz or more, never exceeds the budget."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from outpost.manifests.catalog import Catalog
+from outpost.manifests.store import ModelStore
+
+from .conftest import GEMMA, REPO, SMOLLM2, ServeProcess, link_models, make_data_dir
+
+pytestmark = pytest.mark.slow
+SMOL_8K = "smollm2-135m-8k"
+MODELS = [SMOLLM2, GEMMA, SMOL_8K]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+class Sampler:
+    """tests/helpers/pss_sampler.py in its own process: no GIL shared with the clients."""
+
+    def __init__(self, pid: int, out: Path, hz: float = 25.0) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.pss_sampler",
+                                      str(pid), str(hz), str(out)], cwd=REPO)
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        return json.loads(self.out.read_text())
+
+
+def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model_cache, gemma_cache):
+    data = make_data_dir(tmp_path)
+    link_models(data, model_cache, [SMOLLM2])
+    link_models(data, gemma_cache, [GEMMA])
+    # The third manifest: the same SmolLM2 file with a 4x longer context (4x the KV cache).
+    text = (model_cache.manifests / f"{SMOLLM2}.toml").read_text()
+    text = text.replace(f'id = "{SMOLLM2}"', f'id = "{SMOL_8K}"').replace(
+        "context_length = 2048", "context_length = 8192")
+    (data / "manifests" / f"{SMOL_8K}.toml").write_text(text)
+    store = ModelStore(data / "models")  # same content: the pull only records the manifest
+    store.pull(Catalog.load(store, [data / "manifests"], SMOLLM2).get(SMOL_8K), text)
+
+    # Measure: the daemon alone, then each model's footprint (stored for the next daemon).
+    dirs = f'manifest_dirs = ["{data / "manifests"}"]\npreload = []\n'
+    with ServeProcess(data, dirs + '[budget]\nram = "8GiB"\n', "calib") as d, d.client() as c:
+        base = c.status()["budget"]["used_bytes"]
+        for model in MODELS:
+            c.chat([{"role": "user", "content": "hi"}], model=model, max_tokens=4)
+        fp = {w["model"]: w["ram_bytes"] for w in c.status()["loaded"]}
+    sizes = sorted(fp.values())
+    budget = base + sizes[-1] + sizes[-2] + sizes[0] // 2 + (32 << 20)
+    assert budget < base + sum(sizes)  # two fit, never three
+
+    cfg = dirs + f'[budget]\nram = {budget}\n[pool]\nidle_ttl_s = 600\n'
+    with ServeProcess(data, cfg, "run") as d:
+        sampler = Sampler(d.pid, tmp_path / "pss.json")
+        failures: list[BaseException] = []
+        answered: dict[str, int] = {m: 0 for m in MODELS}
+        lock = threading.Lock()
+
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            with d.client(timeout_s=300) as c:
+                for i in range(50):
+                    model = rng.choice(MODELS)
+                    kwargs = {"tools": TOOLS, "tool_choice": "required"} if i % 3 == 0 else {}
+                    try:
+                        reply = c.chat([{"role": "user", "content": f"Weather in city number {i}?"}],
+                                       model=model, max_tokens=12, **kwargs)
+                        assert reply["outpost"]["model"] == model
+                        with lock:
+                            answered[model] += 1
+                    except BaseException as exc:  # collected, asserted below
+                        failures.append(exc)
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sampled = sampler.stop()
+        with d.client() as c:
+            evictions = c.status()["budget"]["evictions"]
+    assert not failures, failures[:3]
+    assert sum(answered.values()) == 200 and all(answered.values())
+    assert sampled["rate_hz"] >= 20, sampled
+    peak = sampled["peak"]
+    print(f"\nbudget {budget / 2**20:.0f} MiB, peak PSS {peak / 2**20:.0f} MiB over "
+          f"{sampled['samples']} samples at {sampled['rate_hz']:.1f} Hz, {evictions} evictions, "
+          f"footprints {[(m, round(v / 2**20)) for m, v in fp.items()]} MiB, base {base / 2**20:.0f} MiB")
+    assert peak <= budget, f"peak {peak} > budget {budget}"
+    assert evictions > 10  # the budget really forced swaps
+    conn = sqlite3.connect(data / "logs.db")
+    assert conn.execute("select count(*) from requests where error_code is null").fetchone()[0] >= 200
+    conn.close()
