@@ -100,6 +100,15 @@ class Worker:
                 self.process.kill()
                 raise WorkerCrashed(self.manifest.id, None)
 
+    async def _send(self, msg: dict[str, Any]) -> None:
+        # A DEALER with no connected peer blocks on send, forever: a worker that has
+        # exited must show up as an error, not a hang.
+        try:
+            await self.socket.send_json(msg, flags=zmq.DONTWAIT)
+        except zmq.Again:
+            self.state = "dead"
+            raise WorkerCrashed(self.manifest.id, self.process.exitcode) from None
+
     async def wait_ready(self, timeout_s: float) -> None:
         msg = await self._recv(timeout_s)
         if msg.get("type") == "failed":
@@ -113,7 +122,7 @@ class Worker:
         self.state = "busy"
         msg_id = next(self._ids)
         try:
-            await self.socket.send_json({"type": "generate", "id": msg_id, "request": request})
+            await self._send({"type": "generate", "id": msg_id, "request": request})
             reply = await self._recv(timeout_s)
         finally:
             if self.state == "busy":
@@ -132,9 +141,9 @@ class Worker:
             self.process.kill()
         elif self.process.is_alive():
             try:
-                await self.socket.send_json({"type": "shutdown"})
-            except zmq.ZMQError:
-                pass
+                await self._send({"type": "shutdown"})
+            except (WorkerCrashed, zmq.ZMQError):
+                pass  # already gone or going: the wait below settles it
             deadline = time.monotonic() + grace_s
             while self.process.is_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)

@@ -5,12 +5,15 @@ Every bad input gets an error reply with its code, and the daemon keeps serving.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 
 import pytest
 import zmq
 
-from outpost.manifests.errors import ConfigError, ContextOverflow, InvalidSchema, UnknownModel
+from outpost.manifests.errors import (ConfigError, ContextOverflow, InvalidSchema, UnknownModel,
+                                      WorkerCrashed)
 from outpost.runtime.config import Settings
 from outpost.runtime.logstore import get_request, open_db
 
@@ -228,3 +231,16 @@ def test_a_second_daemon_does_not_steal_a_live_endpoint(tiny_daemon, client):
         RunningDaemon(tiny_daemon.settings)
     assert "already serving" in info.value.message
     ok(client)
+
+
+def test_a_request_to_a_just_killed_worker_is_answered_not_hung(tiny_daemon):
+    with tiny_daemon.client(timeout_s=20) as c:  # a hang would surface as DaemonUnreachable
+        c.chat(USER, max_tokens=2)
+        pid = next(w["pid"] for w in c.status()["loaded"] if w["model"] == TINY)
+        os.kill(pid, signal.SIGKILL)
+        try:
+            reply = c.chat(USER, max_tokens=2)
+            assert reply["outpost"]["model"] == TINY  # the pool noticed first and reloaded
+        except WorkerCrashed as exc:
+            assert exc.code == "worker_crashed"
+        assert c.chat(USER, max_tokens=2)["outpost"]["model"] == TINY
