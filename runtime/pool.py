@@ -393,6 +393,20 @@ class ModelPool:
 
     async def _make_room(self, manifest: Manifest, need: int) -> None:
         """Evict until `need` more bytes fit the budget; the caller holds `_admit`."""
+        try:
+            await self._evict_until_fits(manifest, need)
+        finally:
+            # A drain belongs to this admission. If room came another way (an idle
+            # model went instead) or the load gave up, the drained model serves again:
+            # left draining, its waiting requests would wait for an eviction nobody does.
+            undrained = [w for w in self.workers.values() if w.draining]
+            for w in undrained:
+                w.draining = False
+            if undrained:
+                async with self._released:
+                    self._released.notify_all()
+
+    async def _evict_until_fits(self, manifest: Manifest, need: int) -> None:
         limit = self.ram_budget - int(self.settings.budget.margin)
         deadline = time.monotonic() + self.settings.pool.queue_timeout_s
         while True:
