@@ -44,15 +44,6 @@ class Vocabulary:
     stop_ids: list[int]
     size: int  # the logits' width; may exceed len(pieces) when the model pads
 
-    @property
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for piece in self.pieces:
-            h.update(len(piece).to_bytes(4, "little"))
-            h.update(piece)
-        h.update(json.dumps(self.stop_ids).encode())
-        return h.hexdigest()[:16]
-
     def save(self, path: Path) -> None:
         """Binary file: a JSON header line, then (u32 length, bytes) per token."""
         path.parent.mkdir(parents=True, exist_ok=True)

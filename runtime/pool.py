@@ -70,7 +70,6 @@ class Worker:
     manifest: Manifest
     process: multiprocessing.process.BaseProcess
     socket: zmq.asyncio.Socket
-    endpoint: str
     reserve: int  # bytes charged to the budget for this worker
     pinned: bool = False
     idle_ttl_s: float | None = None
@@ -290,8 +289,6 @@ class ModelPool:
         finally:
             worker.lock.release()
             await self._release(worker)
-            if worker.alive:
-                self._remeasure(worker)
 
     async def _wait_released(self, deadline: float) -> bool:
         """Wait (at most a second, and not past `deadline`) for a lease or worker to go."""
@@ -373,8 +370,7 @@ class ModelPool:
             args=(endpoint, self.catalog.entry(manifest.id).text, str(self.store.root),
                   os.getpid(), options), daemon=True)
         process.start()
-        return Worker(manifest=manifest, process=process, socket=sock, endpoint=endpoint,
-                      reserve=need, pinned=pinned, idle_ttl_s=ttl)
+        return Worker(manifest=manifest, process=process, socket=sock, reserve=need, pinned=pinned, idle_ttl_s=ttl)
 
     def gpu_layers(self, manifest: Manifest) -> int | str:
         """Layers to offload: the configured number, or as many as fit the VRAM budget."""
@@ -483,11 +479,14 @@ class ModelPool:
             asyncio.get_running_loop().create_task(self.logs.record_footprint(key[0], key[1], row))
 
     async def _reap(self) -> None:
-        """Unload models idle past their TTL; notice workers that died between requests."""
+        """Unload models idle past their TTL; notice workers that died between requests;
+        re-measure the live ones (here, once a second, not on each request's path)."""
         while True:
             await asyncio.sleep(REAP_S)
             for w in list(self.workers.values()):
                 try:
+                    if w.state in ("ready", "busy") and w.process.is_alive():
+                        self._remeasure(w)
                     if w.state in ("ready",) and not w.process.is_alive():
                         await self._forget(w, "crash", f"exit code {w.process.exitcode}")
                     elif (w.state == "ready" and w.leases == 0 and not w.pinned

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from outpost.manifests.errors import BadRequest, OutpostError, RequestTooLarge
 
 VERSION = 1
-METHODS = ("ping", "status", "models.list", "chat")
 
 
 class _Strict(BaseModel):
