@@ -289,6 +289,10 @@ class ModelPool:
         finally:
             worker.lock.release()
             await self._release(worker)
+            if worker.served == 1 and worker.alive:
+                # The first generation touches the compute buffers: measure it now, so
+                # the stored footprint includes them; after that the reaper samples.
+                self._remeasure(worker)
 
     async def _wait_released(self, deadline: float) -> bool:
         """Wait (at most a second, and not past `deadline`) for a lease or worker to go."""
