@@ -45,9 +45,10 @@ class LlamaModel:
                  n_batch: int = 512, n_gpu_layers: int | str = "auto",
                  vocab_cache: Path | None = None) -> None:
         if n_gpu_layers == "auto":
-            n_gpu_layers = -1 if gpu_offload_available() else 0
+            n_gpu_layers = -1
         self.manifest = manifest
-        self.n_gpu_layers = int(n_gpu_layers)
+        # What is really offloaded: a CPU-only build of llama.cpp runs everything on CPU.
+        self.n_gpu_layers = int(n_gpu_layers) if gpu_offload_available() else 0
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(path), n_ctx=manifest.context_length, n_batch=n_batch,

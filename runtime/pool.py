@@ -50,14 +50,13 @@ from outpost.manifests.errors import (BudgetExceeded, ModelLoadFailed, OutpostEr
                                       Timeout, WorkerCrashed, from_wire)
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.llama import gpu_offload_available
 
 from . import memory
-from . import worker as worker_module
 from .config import Settings
 from .logstore import LogStore
 
 log = logging.getLogger("outpost.pool")
+Snapshot = dict[int, "memory.ProcessMemory | None"]  # pid -> one read of its memory
 POLL_MS = 100  # how often a waiting request checks that its worker is still alive
 REAP_S = 1.0  # how often idle and dead workers are looked for
 # A worker's own private memory beyond its model (Python heap touched after the fork,
@@ -83,6 +82,7 @@ class Worker:
     draining: bool = False  # chosen for eviction: no new leases, current ones finish
     vram: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    _joined: asyncio.Future[None] | None = None
     _ids: itertools.count = field(default_factory=itertools.count)
 
     # -- talking to the process ---------------------------------------------------
@@ -148,25 +148,55 @@ class Worker:
                 await asyncio.sleep(0.01)
             if self.process.is_alive():
                 self.process.kill()
-        await asyncio.to_thread(self.process.join, 5)
+        await self._exited(5.0)
         self.socket.close(linger=0)
         self.state = "dead"
+
+    async def _exited(self, timeout_s: float) -> None:
+        """Wait until the process has exited, and so given its memory back.
+
+        A pidfd turns readable when the process exits, after the kernel has torn down
+        its address space; that is sooner than a join, which waits for the forkserver
+        to reap it and pass the exit status on (that part goes on in a thread).
+        """
+        pid = self.process.pid
+        try:
+            fd = os.pidfd_open(pid) if pid else None
+        except OSError:  # already reaped, or a kernel without pidfds
+            fd = None
+        if fd is None:
+            await asyncio.to_thread(self.process.join, timeout_s)
+            return
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await asyncio.wait_for(gone, timeout_s)
+        except TimeoutError:
+            log.warning("worker %s (pid %s) did not exit in %.0f s", self.manifest.id, pid, timeout_s)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._joined = asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout_s)
 
     # -- memory ---------------------------------------------------------------------
     @property
     def alive(self) -> bool:
         return self.state not in ("dead",) and self.process.is_alive()
 
-    def uss(self) -> int:
-        mem = memory.process_memory(self.process.pid) if self.process.pid else None
+    def uss(self, snapshot: Snapshot | None = None) -> int:
+        if snapshot is not None:
+            mem = snapshot.get(self.process.pid)
+        else:
+            mem = memory.process_memory(self.process.pid) if self.process.pid else None
         return mem.uss if mem else 0
 
-    def charge(self) -> int:
-        """What this worker costs the budget now: its private memory or its reserve."""
-        return max(self.uss(), self.reserve)
+    def charge(self, snapshot: Snapshot | None = None) -> int:
+        """What this worker costs the budget: its private memory or its reserve."""
+        return max(self.uss(snapshot), self.reserve)
 
-    def describe(self, budget: int) -> dict[str, Any]:
-        charge = self.charge()
+    def describe(self, budget: int, snapshot: Snapshot | None = None) -> dict[str, Any]:
+        charge = self.charge(snapshot)
         return {"model": self.manifest.id, "version": self.manifest.version, "state": self.state,
                 "pid": self.pid, "ram_bytes": charge, "vram_bytes": self.vram,
                 "budget_share": round(charge / budget, 3) if budget else None,
@@ -199,11 +229,12 @@ class ModelPool:
         self.vram_budget = ([int(settings.budget.vram)] * self.gpus.count if settings.budget.vram
                             else [int(f * settings.budget.vram_share) for f in self.gpus.free()])
         self.evictions = 0
-        # Workers fork from a server that has llama_cpp and xgrammar imported already.
-        # The CLI module too: each child re-runs the `outpost` script as __mp_main__,
-        # and its imports (sqlite-utils, tqdm, ...) would otherwise cost every swap.
+        # Workers fork from a server that has llama_cpp and xgrammar imported already;
+        # the daemon itself never imports them (they would double Outpost's base
+        # memory). The CLI module too: each child re-runs the `outpost` script as
+        # __mp_main__, and its imports would otherwise cost every swap.
         self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload([worker_module.__name__, "outpost.runtime.cli"])
+        self._mp.set_forkserver_preload(["outpost.runtime.worker", __name__, "outpost.runtime.cli"])
 
     async def start(self) -> None:
         # Start the forkserver now: its start-up (the preload) is part of Outpost's
@@ -232,19 +263,24 @@ class ModelPool:
         return int(manifest.memory_estimate) + WORKER_OVERHEAD
 
     def used(self) -> int:
-        """PSS of the daemon and every process under it, plus reserved-but-untouched memory.
+        return self.measure()[0]
 
-        One snapshot per process: a loading worker grows by hundreds of MB a second, so
-        its PSS and USS must come from the same read, or the sum undercounts it.
+    def measure(self) -> tuple[int, Snapshot]:
+        """PSS of the daemon and every process under it, plus reserved-but-untouched
+        memory; and the snapshot it was summed from.
+
+        One read per process: a loading worker grows by hundreds of MB a second, so its
+        PSS and USS must come from the same read, or the sum undercounts it. A read
+        walks the process's page tables (milliseconds for a loaded model), so a swap
+        takes one snapshot and works from it.
         """
         me = psutil.Process()
-        snapshot = {p.pid: memory.process_memory(p.pid) for p in [me, *me.children(recursive=True)]}
+        snapshot = memory.processes_memory([me.pid, *(p.pid for p in me.children(recursive=True))])
         total = sum(m.pss for m in snapshot.values() if m)
         for w in self.workers.values():
             if w.state != "dead":
-                mem = snapshot.get(w.process.pid)
-                total += max(0, w.reserve - (mem.uss if mem else 0))
-        return total
+                total += max(0, w.reserve - w.uss(snapshot))
+        return total, snapshot
 
     # -- leases -----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -330,8 +366,11 @@ class ModelPool:
         weights = self.store.weights_path(manifest)  # raises ModelNotPulled
         pinned, ttl = self.policy(manifest)
         need = self.estimate(manifest)
+        t0 = time.perf_counter()
         async with self._admit:
+            t1 = time.perf_counter()
             await self._make_room(manifest, need)
+            t2 = time.perf_counter()
             worker = self._spawn(manifest, weights, need, pinned, ttl)
             self.workers[manifest.id] = worker
         try:
@@ -345,10 +384,17 @@ class ModelPool:
                 raise ModelLoadFailed(f"the worker for {manifest.id} died while loading "
                                       f"(exit code {exc.exitcode})", model=manifest.id) from exc
             raise
-        self._remeasure(worker, initial=True)
-        log.info("loaded %s %s in %.0f ms (%s; charged %.0f MiB of a %.0f MiB budget)",
-                 manifest.id, manifest.version, worker.load_ms, reason, worker.reserve / 2**20,
-                 self.ram_budget / 2**20)
+        if (manifest.id, manifest.version) not in self.footprints:
+            # Charge what the first load measures, not the coarse estimate. A model
+            # loaded before is charged its stored high-water mark already; the
+            # reaper re-measures it within a second, off this request's path.
+            self._remeasure(worker, initial=True)
+        t3 = time.perf_counter()
+        log.info("loaded %s %s in %.0f ms (%s; waited %.0f ms to admit, %.0f ms to make room, "
+                 "%.0f ms to start the worker, %.0f ms in llama.cpp; charged %.0f MiB of a "
+                 "%.0f MiB budget)", manifest.id, manifest.version, (t3 - t0) * 1e3, reason,
+                 (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3 - worker.load_ms,
+                 worker.load_ms, worker.reserve / 2**20, self.ram_budget / 2**20)
         self._note("load", manifest, reason, worker.reserve, worker.load_ms)
         return worker
 
@@ -370,7 +416,7 @@ class ModelPool:
         options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
                    "n_gpu_layers": self.gpu_layers(manifest)}
         process = self._mp.Process(
-            target=worker_module.serve_model, name=f"outpost-worker-{manifest.id}",
+            target=_worker_main, name=f"outpost-worker-{manifest.id}",
             args=(endpoint, self.catalog.entry(manifest.id).text, str(self.store.root),
                   os.getpid(), options), daemon=True)
         process.start()
@@ -381,8 +427,8 @@ class ModelPool:
         configured = self.settings.llama.n_gpu_layers
         if configured != "auto":
             return configured
-        if not self.vram_budget or not gpu_offload_available():
-            return 0
+        if not self.vram_budget or not self.gpus.count:
+            return 0  # a CPU-only llama.cpp build ignores the number anyway
         mine = self.gpus.used_by({w.pid for w in self.workers.values() if w.pid})
         free = self.vram_budget[0] - sum(mine.values())
         stored = self.footprints.get((manifest.id, manifest.version)) or {}
@@ -409,13 +455,13 @@ class ModelPool:
     async def _evict_until_fits(self, manifest: Manifest, need: int) -> None:
         limit = self.ram_budget - int(self.settings.budget.margin)
         deadline = time.monotonic() + self.settings.pool.queue_timeout_s
+        used, snapshot = self.measure()
         while True:
-            used = self.used()
             if used + need <= limit:
                 return
             # Refuse only what could never fit: everything but pinned models may go
             # eventually (a loading one once it is ready and idle).
-            floor = used - sum(w.charge() for w in self.workers.values()
+            floor = used - sum(w.charge(snapshot) for w in self.workers.values()
                                if w.state != "dead" and not w.pinned)
             if floor + need > limit:
                 raise BudgetExceeded(manifest.id, need, max(0, limit - floor))
@@ -427,9 +473,15 @@ class ModelPool:
                     and (w.draining or not self._queued.get(w.manifest.id))]
             if idle:
                 # A drained worker goes first: requests are already waiting on its exit.
-                victim = max(idle, key=lambda w: (w.draining, self._eviction_score(w)))
+                victim = max(idle, key=lambda w: (w.draining, self._eviction_score(w, snapshot)))
+                freed = victim.charge(snapshot)
                 await self.evict(victim, f"make room for {manifest.id} "
-                                         f"({need / 2**20:.0f} MiB, {used / 2**20:.0f} MiB in use)")
+                                         f"({need / 2**20:.0f} MiB, {used / 2**20:.0f} MiB in use)",
+                                 freed=freed)
+                # No need to measure again: an exited process takes at least its
+                # private memory and its untouched reserve with it, so the sum can
+                # only have fallen by more than this.
+                used -= freed
                 continue
             # Everything evictable is serving. Drain the best victim (it takes no new
             # leases, its current requests finish), then wait; without draining, a busy
@@ -438,25 +490,29 @@ class ModelPool:
                     if w.state in ("ready", "busy") and not w.pinned
                     and (w.leases > 0 or not self._queued.get(w.manifest.id))]
             if busy and not any(w.draining for w in busy):
-                victim = max(busy, key=self._eviction_score)
+                victim = max(busy, key=lambda w: self._eviction_score(w, snapshot))
                 victim.draining = True
                 log.info("draining %s to make room for %s", victim.manifest.id, manifest.id)
             if not await self._wait_released(deadline):
                 raise Timeout(manifest.id, self.settings.pool.queue_timeout_s, "memory to free up")
+            used, snapshot = self.measure()
 
     @staticmethod
-    def _eviction_score(w: Worker) -> float:
+    def _eviction_score(w: Worker, snapshot: Snapshot) -> float:
         idle_s = time.monotonic() - w.last_used
-        return (1.0 + idle_s) * w.charge() / (w.load_ms + 100.0)
+        return (1.0 + idle_s) * w.charge(snapshot) / (w.load_ms + 100.0)
 
-    async def evict(self, worker: Worker, reason: str, kind: str = "evict") -> None:
-        freed = worker.charge()
+    async def evict(self, worker: Worker, reason: str, kind: str = "evict",
+                    freed: int | None = None) -> None:
+        freed = worker.charge() if freed is None else freed
         self.workers.pop(worker.manifest.id, None)
         # An idle worker holds nothing worth a goodbye: killing it frees its memory at
         # once, where a polite shutdown costs the waiting load a few hundred ms.
+        t0 = time.perf_counter()
         await worker.stop(grace_s=0)
         self.evictions += kind == "evict"
-        log.info("%s %s: %s (freed %.0f MiB)", kind, worker.manifest.id, reason, freed / 2**20)
+        log.info("%s %s: %s (freed %.0f MiB in %.0f ms)", kind, worker.manifest.id, reason,
+                 freed / 2**20, (time.perf_counter() - t0) * 1e3)
         self._note(kind, worker.manifest, reason, freed)
         async with self._released:
             self._released.notify_all()
@@ -501,11 +557,11 @@ class ModelPool:
                     log.exception("reaper could not unload %s", w.manifest.id)
 
     # -- views and shutdown ------------------------------------------------------------
-    def describe(self) -> list[dict[str, Any]]:
-        return [w.describe(self.ram_budget) for w in self.workers.values()]
+    def describe(self, snapshot: Snapshot | None = None) -> list[dict[str, Any]]:
+        return [w.describe(self.ram_budget, snapshot) for w in self.workers.values()]
 
-    def budget(self) -> dict[str, Any]:
-        return {"ram_bytes": self.ram_budget, "used_bytes": self.used(),
+    def budget(self, used: int | None = None) -> dict[str, Any]:
+        return {"ram_bytes": self.ram_budget, "used_bytes": self.used() if used is None else used,
                 "margin_bytes": int(self.settings.budget.margin), "vram_bytes": self.vram_budget,
                 "unified_memory": memory.unified_memory(), "evictions": self.evictions,
                 "loading": sorted(self._loading), "admitting": self._admit.locked(),
@@ -520,3 +576,10 @@ class ModelPool:
                              return_exceptions=True)
         self.workers.clear()
         shutil.rmtree(self._sockdir, ignore_errors=True)
+
+
+def _worker_main(*args: Any) -> None:
+    """A worker's entry point, importable without loading llama.cpp into the daemon."""
+    from . import worker  # preloaded in the forkserver: free in the child
+
+    worker.serve_model(*args)

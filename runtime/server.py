@@ -158,11 +158,12 @@ class Daemon:
         return {"pong": True, "version": VERSION, "pid": os.getpid()}
 
     async def status(self, params: dict[str, Any]) -> dict[str, Any]:
+        used, snapshot = self.pool.measure()  # one read: the budget and the rows agree
         return {"version": VERSION, "pid": os.getpid(), "endpoint": self.settings.endpoint,
                 "data_dir": str(self.settings.data_dir),
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
-                "default_model": self.catalog.default, "budget": self.pool.budget(),
-                "loaded": self.pool.describe()}
+                "default_model": self.catalog.default, "budget": self.pool.budget(used),
+                "loaded": self.pool.describe(snapshot)}
 
     async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}

@@ -2,9 +2,13 @@
 
     python -m outpost.tools.bench_swap [--models A B] [--rounds N]
 
-1. Baseline: for each model, a fresh Python process imports llama_cpp and constructs
-   `llama_cpp.Llama` on the file; the constructor's time is the direct load (the whole
-   process, interpreter start and import included, is printed beside it).
+1. Baselines, for each model, in fresh Python processes:
+   - direct load: import llama_cpp and construct `llama_cpp.Llama` on the file; the
+     constructor's time (the whole process, interpreter start and import included,
+     is printed beside it);
+   - direct swap: a process holding the other model (after one generation) closes it
+     and constructs `llama_cpp.Llama` on this one; the time of both, which is the
+     same work as a swap (free one model, load another) minus the process boundary.
 2. Outpost: an `outpost serve` process whose budget holds one of the models at a time.
    Alternating requests (A, B, A, B, ...) each need a swap: evict one, load the other.
    Then repeated requests to one model hit it warm.
@@ -43,6 +47,20 @@ print(t1 - t0, t2 - t1)
 """
 
 
+DIRECT_SWAP = """
+import gc, sys, time
+import llama_cpp
+old = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=int(sys.argv[2]), verbose=False)
+old.eval(old.tokenize(b"Say hi."))
+t0 = time.perf_counter()
+old.close()
+del old
+gc.collect()
+llama_cpp.Llama(model_path=sys.argv[3], n_ctx=int(sys.argv[4]), verbose=False)
+print(time.perf_counter() - t0)
+"""
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -59,6 +77,14 @@ def direct_load(path: Path, n_ctx: int, rounds: int) -> dict[str, float]:
     return {"load_ms": statistics.median(loads) * 1e3, "process_ms": statistics.median(wall) * 1e3}
 
 
+def direct_swap(old: Path, old_ctx: int, new: Path, new_ctx: int, rounds: int) -> float:
+    times = [float(subprocess.run([sys.executable, "-c", DIRECT_SWAP, str(old), str(old_ctx),
+                                   str(new), str(new_ctx)],
+                                  capture_output=True, text=True, check=True).stdout)
+             for _ in range(rounds)]
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs=2, default=["smollm2-135m-instruct", "gemma-3-270m"])
@@ -68,8 +94,11 @@ def main() -> None:
     store = ModelStore(settings.store_dir)
     catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
     manifests = [catalog.get(m) for m in args.models]
-    baseline = {m.id: direct_load(store.weights_path(m), m.context_length, max(3, args.rounds // 2))
-                for m in manifests}
+    rounds = max(3, args.rounds // 2)
+    baseline = {m.id: direct_load(store.weights_path(m), m.context_length, rounds) for m in manifests}
+    for m, other in zip(manifests, reversed(manifests)):
+        baseline[m.id]["swap_ms"] = direct_swap(store.weights_path(other), other.context_length,
+                                                store.weights_path(m), m.context_length, rounds)
 
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmp:
         data = Path(tmp)
@@ -118,7 +147,9 @@ def main() -> None:
         result["models"][m.id] = {
             "swap_ms_p50": round(swap_ms, 1), "direct_load_ms": round(base_ms["load_ms"], 1),
             "direct_process_ms": round(base_ms["process_ms"], 1),
+            "direct_swap_ms": round(base_ms["swap_ms"], 1),
             "swap_over_direct_load": round(swap_ms / base_ms["load_ms"], 2),
+            "swap_over_direct_swap": round(swap_ms / base_ms["swap_ms"], 2),
             "swap_over_direct_process": round(swap_ms / base_ms["process_ms"], 2)}
     print(json.dumps(result, indent=2))
 
