@@ -9,6 +9,9 @@ OUTPOST_CUDA ?= auto
 LLAMA_CPP_VERSION ?= 0.3.36
 # xgrammar needs torch; without this pin pip would pull the newest CUDA build (GBs).
 TORCH_SPEC ?= torch==2.13.0
+# BFCL's data and AST checker, for the benchmark harness and its test. Installed
+# without its dependencies: it would pull dozens of model-client SDKs and pin numpy.
+BFCL_SPEC ?= bfcl-eval==2026.3.23
 PYTEST_ARGS ?=
 
 .PHONY: run test install clean
@@ -33,6 +36,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "$$want-$(LLAMA_CPP_VERSION)" > $(VENV)/.llama-backend; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps "$(BFCL_SPEC)"
 	@touch $@
 
 run: install

@@ -18,6 +18,7 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str = "auto"  # auto | none | required | a function name
     parallel_tool_calls: bool = True
+    constrained: bool = True  # false: tools are offered but decoding is free
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -43,6 +44,7 @@ class Generation:
     grammar_dead_end: bool = False  # the grammar left no token to choose
     logprobs: list[float] = field(default_factory=list)  # chosen tokens, after the mask
     validation: list[dict[str, Any]] = field(default_factory=list)  # one per tool call
+    repaired: int = 0  # repetition loops cut short inside calls (see llama.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,11 +28,10 @@ from typing import Any, Literal
 
 import numpy as np
 import xgrammar as xgr
-from jsonschema import SchemaError
-from jsonschema.validators import validator_for
 
-from outpost.manifests.errors import BadRequest, InvalidSchema, UnsupportedSchema
+from outpost.manifests.errors import BadRequest, UnsupportedSchema
 
+from .schemas import for_grammar, tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 ToolChoice = Literal["auto", "none", "required"] | str  # str: a function name
@@ -79,34 +78,6 @@ class Vocabulary:
                                  stop_token_ids=self.stop_ids)
 
 
-def check_tools(tools: list[dict[str, Any]]) -> None:
-    """Refuse a tool list that is not valid OpenAI tools with valid JSON Schemas."""
-    seen: set[str] = set()
-    for i, tool in enumerate(tools):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", index=i)
-        name = fn.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(
-                c.isalnum() or c in "_-." for c in name):
-            raise BadRequest(f"tools[{i}].function.name must be 1-64 letters, digits, _ - or .",
-                             index=i)
-        if name in seen:
-            raise BadRequest(f"tool name {name!r} appears twice", tool=name)
-        seen.add(name)
-        params = fn.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise InvalidSchema(name, "parameters must be a JSON object")
-        try:
-            validator_for(params).check_schema(params)
-        except SchemaError as exc:
-            raise InvalidSchema(name, exc.message) from exc
-
-
-def tool_parameters(tool: dict[str, Any]) -> dict[str, Any]:
-    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
-
-
 def tools_hash(tools: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(tools, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -132,7 +103,7 @@ def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice,
         "begin": f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(t["function"]["name"])}, "arguments": ',
         # Unbounded JSON whitespace lets a weak model loop on "\r\r\r..." until
         # max_tokens without ever closing the call; one character is all JSON needs.
-        "content": {"type": "json_schema", "json_schema": tool_parameters(t),
+        "content": {"type": "json_schema", "json_schema": for_grammar(tool_parameters(t)),
                     "max_whitespace_cnt": 1},
         "end": f"}}\n{TOOL_CALL_CLOSE}",
     } for t in tools]
@@ -154,6 +125,7 @@ class GrammarCache:
         self._info = vocab.tokenizer_info()
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=threads)
         self._lru: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()  # key -> compiled
+        self._closers: dict[bool, np.ndarray] = {}
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
@@ -179,6 +151,22 @@ class GrammarCache:
         if len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
         return compiled
+
+    def closers(self, in_string: bool) -> np.ndarray:
+        """Token ids that end the innermost open JSON value and open nothing new:
+        inside a string, those that close it (then at most close arrays/objects);
+        outside, those that start by closing an array or an object."""
+        if in_string not in self._closers:
+            # An odd number of quotes leaves the string; an even one (none) stays out.
+            quotes = [p.count(b'"') - p.count(b'\\"') for p in self.vocab.pieces]
+            if in_string:
+                ids = [i for i, (p, q) in enumerate(zip(self.vocab.pieces, quotes))
+                       if q == 1 and not p[p.rindex(b'"') + 1:].strip(b" \t\n]}")]
+            else:
+                ids = [i for i, (p, q) in enumerate(zip(self.vocab.pieces, quotes))
+                       if q == 0 and p.lstrip()[:1] in (b"]", b"}")]
+            self._closers[in_string] = np.array(ids, dtype=np.int64)
+        return self._closers[in_string]
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._lru)}

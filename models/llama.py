@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ from outpost.manifests.errors import ContextOverflow, ModelLoadFailed
 from outpost.manifests.schema import Manifest
 
 from .backend import Generation, GenerationRequest
-from .grammar import GrammarCache, TokenMask, Vocabulary, check_tools
+from .grammar import GrammarCache, TokenMask, Vocabulary
+from .schemas import check_tools
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatTemplate
 from . import toolcalls
 
@@ -61,6 +64,10 @@ class LlamaModel:
         self.n_vocab = self._llama.n_vocab()
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self._llama.model)
         self._vocab_cache = vocab_cache
+        # What closing an open call can cost at most in tokens, beyond the values:
+        # a string, an array and two objects, then the closing tag.
+        self._close_cost = len(self._llama.tokenize(
+            b'"]}}\n' + TOOL_CALL_CLOSE.encode(), add_bos=False, special=False))
         self._grammars: GrammarCache | None = None
         self.template = ChatTemplate.from_manifest(
             manifest.chat_template, self._llama.metadata.get("tokenizer.chat_template"))
@@ -124,7 +131,7 @@ class LlamaModel:
         if request.tools:
             check_tools(request.tools)
         compiled = None
-        if request.tools:
+        if request.tools and request.constrained:
             compiled = self.grammars.compiled(request.tools, request.tool_choice,
                                               request.parallel_tool_calls)
         prompt = self.tokenize_prompt(request)
@@ -137,53 +144,136 @@ class LlamaModel:
         t0 = time.perf_counter()
         self._eval_prompt(prompt)
         t1 = time.perf_counter()
-        out: list[int] = []
-        logprobs: list[float] = []
-        finish = "length"
-        dead_end = False
-        written = bytearray()  # exact bytes so far, to spot a repeated call cheaply
-        for _ in range(budget):
-            logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
-            if mask is not None:
-                mask.apply(logits)
-            tok = _sample(logits, request, rng)
-            if not np.isfinite(logits[tok]):
-                dead_end = True  # the grammar allowed nothing
-                finish = "stop"
-                break
-            logprobs.append(float(logits[tok] - _logsumexp(logits)))
-            if mask is not None and not mask.accept(tok):
-                dead_end = True
-                finish = "stop"
-                break
-            if llama_cpp.llama_vocab_is_eog(self._vocab_ptr, tok):
-                finish = "stop"
-                break
-            out.append(tok)
-            if mask is not None:
-                written += self.vocab.pieces[tok]
-            if mask is not None and _repeats_a_call(written):
-                # Small models loop on the same call under greedy decoding; the
-                # repeat carries no information, so stop instead of burning max_tokens.
-                finish = "stop"
-                break
-            self._llama.eval([tok])
+        run = _Run(budget=budget, prompt_len=len(prompt))
+        self._decode(run, mask, request, rng)
         t2 = time.perf_counter()
 
-        text = self._llama.detokenize(out).decode("utf-8", errors="replace")
+        text = run.written.decode("utf-8", errors="replace")
         content, tool_calls, validation = text, [], []
+        finish = run.finish
         if request.tools and request.tool_choice != "none":
-            content, parsed = toolcalls.parse(text)
-            tool_calls, validation = toolcalls.to_openai(parsed, request.tools)
+            content, parsed = toolcalls.parse(text, loose=mask is None)
+            stats = (_call_stats(bytes(run.written), run.offsets, run.logprobs, run.repairs)
+                     if mask is not None else None)
+            tool_calls, validation = toolcalls.to_openai(parsed, request.tools, stats)
             if tool_calls and finish == "stop":
                 finish = "tool_calls"
         return Generation(
             text=text, content=content, tool_calls=tool_calls, finish_reason=finish,
-            prompt_tokens=len(prompt), completion_tokens=len(logprobs),
+            prompt_tokens=len(prompt), completion_tokens=len(run.out),
             prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
-            constrained=mask is not None, grammar_dead_end=dead_end, logprobs=logprobs,
-            validation=validation)
+            constrained=mask is not None, grammar_dead_end=run.dead_end, logprobs=run.logprobs,
+            validation=validation, repaired=len(run.repairs))
+
+    def _decode(self, run: _Run, mask: TokenMask | None, request: GenerationRequest,
+                rng: np.random.Generator) -> None:
+        """Generate into `run`, one token per forward pass, until a stop token, the
+        grammar's end or max_tokens.
+
+        Under a grammar, a call must not end unclosed. Two things would leave it so:
+        a degenerate loop (cut back to one copy of what repeats) and max_tokens
+        arriving mid-call (the last `reserve` tokens are kept for closing). Either
+        way the call is then steered to its end: the tokens that close the open
+        string, array or object are preferred, and text the grammar forces (keys,
+        `}`, the closing tag) is evaluated in one batch rather than token by token.
+        """
+        # Enough to close a string and a couple of containers, plus the closing tag.
+        reserve = min(LOOP_CLOSE_TOKENS, max(12, run.budget // 8)) + self._close_cost
+        closing_left = -1  # >= 0 while steering a cut call to its end
+        for _ in range(2 * run.budget):  # rollbacks give tokens back; this bounds the passes
+            if len(run.out) >= run.budget:
+                return
+            if closing_left >= 0:
+                if (forced := mask.matcher.find_jump_forward_string()) and self._jump(run, mask, forced):
+                    if not run.in_call:
+                        closing_left = -1
+                    continue
+                closing_left -= 1
+                if closing_left < 0:
+                    return  # could not close it: reported as a truncated, invalid call
+            logits = np.ctypeslib.as_array(
+                llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
+            if mask is not None:
+                mask.apply(logits)
+            tok = (self._closing_token(logits, _in_json_string(run.written)) if closing_left >= 0
+                   else _sample(logits, request, rng))
+            if not np.isfinite(logits[tok]) or (mask is not None and not mask.accept(tok)):
+                run.finish, run.dead_end = "stop", True  # the grammar allowed nothing
+                return
+            if llama_cpp.llama_vocab_is_eog(self._vocab_ptr, tok):
+                run.finish = "stop"
+                return
+            run.add(tok, self._piece(tok), float(logits[tok] - _logsumexp(logits)))
+            if mask is not None:
+                if closing_left >= 0 and not run.in_call:
+                    closing_left = -1
+                if closing_left < 0 and run.in_call:
+                    if run.budget - len(run.out) <= reserve:
+                        # A long list or a counting sequence: close it now rather than
+                        # have max_tokens cut it off invalid.
+                        run.repairs.append((len(run.written), "length"))
+                        closing_left = reserve
+                    elif loop := _degenerate_loop(run.out):
+                        tok = self._cut_loop(run, mask, *loop)
+                        closing_left = LOOP_CLOSE_TOKENS
+                elif _repeats_a_call(run.written):
+                    # Greedy decoding also loops on whole calls; a repeat carries no
+                    # information, so stop instead of burning max_tokens.
+                    run.finish = "stop"
+                    return
+            self._llama.eval([tok])
+
+    def _cut_loop(self, run: _Run, mask: TokenMask, cut: int, period: int) -> int:
+        """Drop a loop's repeats (keeping one copy) from the output, the grammar state
+        and the KV cache; returns the token to evaluate next."""
+        # Of the copy's phases, cut where the rest closes cleanly:
+        # `["a", "a", ...` -> `["a", "a` + `"]`, not `["a", "` + `"]`.
+        cut += min((k for k in range(period) if cut + k < len(run.out)),
+                   key=lambda k: _cut_quality(run.written, run.offsets[-(cut + k)]))
+        mask.matcher.rollback(cut)
+        run.truncate(len(run.out) - cut)
+        run.repairs.append((len(run.written), "loop"))
+        self._forget_tail(run.prompt_len + len(run.out) - 1)
+        return run.out[-1]
+
+    def _jump(self, run: _Run, mask: TokenMask, forced: str) -> bool:
+        """Take text the grammar forces in one batch: accepted by the grammar,
+        tokenized, evaluated at once. False if it does not fit in max_tokens."""
+        data = forced.encode("utf-8")
+        tokens = self._llama.tokenize(data, add_bos=False, special=False)
+        if len(run.out) + len(tokens) > run.budget or not mask.matcher.accept_string(data):
+            return False
+        for tok in tokens:
+            run.add(tok, self._piece(tok), 0.0)  # forced: probability 1
+        self._llama.eval(tokens)
+        return True
+
+    def _piece(self, tok: int) -> bytes:
+        if self._grammars is not None:
+            return self._grammars.vocab.pieces[tok]
+        buf = ctypes.create_string_buffer(256)
+        size = llama_cpp.llama_token_to_piece(self._vocab_ptr, tok, buf, len(buf), 0, False)
+        if size < 0:
+            buf = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self._vocab_ptr, tok, buf, len(buf), 0, False)
+        return buf.raw[:size]
+
+    def _closing_token(self, logits: np.ndarray, in_string: bool) -> int:
+        """The likeliest allowed token that closes the open string, array or object,
+        else the likeliest allowed token: the call ends within a few tokens, with
+        whatever the model had written before the loop."""
+        closers = self.grammars.closers(in_string)
+        allowed = np.isfinite(logits[closers])
+        if allowed.any():
+            candidates = closers[allowed]
+            return int(candidates[np.argmax(logits[candidates])])
+        return int(np.argmax(logits))
+
+    def _forget_tail(self, keep: int) -> None:
+        """Drop every cached position from `keep` on (the caller evaluates the next)."""
+        mem = llama_cpp.llama_get_memory(self._llama.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, -1, keep, -1)
+        self._llama.n_tokens = keep
 
     def _eval_prompt(self, prompt: list[int]) -> None:
         """Evaluate `prompt`, reusing the KV cache for the prefix it shares with the last one."""
@@ -204,12 +294,111 @@ class LlamaModel:
         llama.eval(prompt[keep:])
 
 
+@dataclass
+class _Run:
+    """One generation's output as it grows: tokens, their bytes and log-probabilities."""
+
+    budget: int  # max_tokens, or what the context has left
+    prompt_len: int
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # chosen tokens, after the mask
+    offsets: list[int] = field(default_factory=list)  # each token's byte offset in `written`
+    written: bytearray = field(default_factory=bytearray)  # the exact bytes generated
+    repairs: list[tuple[int, str]] = field(default_factory=list)  # (byte offset, why) a call was cut
+    finish: str = "length"
+    dead_end: bool = False
+
+    def add(self, tok: int, piece: bytes, logprob: float) -> None:
+        self.out.append(tok)
+        self.offsets.append(len(self.written))
+        self.written += piece
+        self.logprobs.append(logprob)
+
+    def truncate(self, n: int) -> None:
+        del self.written[self.offsets[n]:]
+        del self.out[n:], self.offsets[n:], self.logprobs[n:]
+
+    @property
+    def in_call(self) -> bool:
+        return self.written.count(TOOL_CALL_OPEN_B) > self.written.count(TOOL_CALL_CLOSE_B)
+
+
+TOOL_CALL_OPEN_B = TOOL_CALL_OPEN.encode()
+TOOL_CALL_CLOSE_B = TOOL_CALL_CLOSE.encode()
+# A loop is a run of tokens repeated back to back at least LOOP_MIN_REPEATS times and
+# over at least LOOP_MIN_TOKENS tokens, with a period of at most LOOP_MAX_PERIOD. Real
+# arguments rarely do that ("1000000000000" is 4 x "000" but only 4 tokens).
+LOOP_MIN_REPEATS = 4
+LOOP_MIN_TOKENS = 16
+LOOP_MAX_PERIOD = 24
+# Tokens kept for steering a cut call to its end; also how close to max_tokens an open
+# call is closed early.
+LOOP_CLOSE_TOKENS = 32
+
+
+def _degenerate_loop(tokens: list[int]) -> tuple[int, int] | None:
+    """(tokens to drop to leave one copy, the loop's period), or None if no loop."""
+    n = len(tokens)
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        need = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // period))
+        if n < period * need:
+            break
+        unit = tokens[n - period:]
+        reps = 1
+        while reps * period + period <= n and tokens[n - (reps + 1) * period: n - reps * period] == unit:
+            reps += 1
+        if reps >= need:
+            return (reps - 1) * period, period
+    return None
+
+
+def _in_json_string(written: bytearray) -> bool:
+    """Is the open tool call's JSON inside a string right now?"""
+    start = written.rfind(TOOL_CALL_OPEN_B)
+    in_string = escaped = False
+    for byte in written[start + len(TOOL_CALL_OPEN_B):] if start >= 0 else b"":
+        if escaped:
+            escaped = False
+        elif byte == 0x5C and in_string:  # backslash
+            escaped = True
+        elif byte == 0x22:  # quote
+            in_string = not in_string
+    return in_string
+
+
+def _cut_quality(written: bytearray, at: int) -> int:
+    """How cleanly a call cut at byte `at` can be closed: 0 best."""
+    kept, rest = written[:at], written[at:]
+    if _in_json_string(kept):
+        return 1 if rest.startswith(b'"') else 2  # `"abc` + `"...`: the string was whole
+    return 0 if kept.rstrip()[-1:] not in (b",", b":", b"[", b"{") else 3
+
+
 def _repeats_a_call(written: bytearray) -> bool:
-    close = TOOL_CALL_CLOSE.encode()
-    if not written.endswith(close):
+    if not written.endswith(TOOL_CALL_CLOSE_B):
         return False
-    blocks = [b.strip() for b in bytes(written).split(TOOL_CALL_OPEN.encode())[1:]]
+    blocks = [b.strip() for b in bytes(written).split(TOOL_CALL_OPEN_B)[1:]]
     return blocks[-1] in blocks[:-1]
+
+
+_BLOCK_B = re.compile(re.escape(TOOL_CALL_OPEN_B) + rb".*?(?:" + re.escape(TOOL_CALL_CLOSE_B) + rb"|$)", re.S)
+
+
+def _call_stats(written: bytes, offsets: list[int], logprobs: list[float],
+                repairs: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Per tool-call block, in order: its tokens' log-probabilities (mean, min, count)
+    and, if it was cut short and closed, why ("loop" or "length"; else None)."""
+    stats = []
+    starts = np.asarray(offsets)
+    lp = np.asarray(logprobs[: len(offsets)])
+    for match in _BLOCK_B.finditer(written):
+        inside = (starts >= match.start()) & (starts < match.end())
+        mine = lp[inside]
+        stats.append({
+            "logprob": {"mean": float(mine.mean()) if mine.size else None,
+                        "min": float(mine.min()) if mine.size else None, "tokens": int(mine.size)},
+            "repaired": next((why for at, why in repairs if match.start() <= at <= match.end()), None)})
+    return stats
 
 
 def _sample(logits: np.ndarray, request: GenerationRequest, rng: np.random.Generator) -> int:

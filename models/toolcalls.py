@@ -16,14 +16,21 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 
-from .grammar import tool_parameters
+from .schemas import tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 _BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)", re.S)
 
 
-def parse(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """Split generated text into (content outside calls, calls as parsed dicts or raw text)."""
+def parse(text: str, loose: bool = False) -> tuple[str | None, list[dict[str, Any]]]:
+    """Split generated text into (content outside calls, calls as parsed dicts or raw text).
+
+    `loose` (for unconstrained decoding only) also takes bare JSON objects with a
+    "name" as calls when the model left out the tags; under a grammar, a text answer
+    that merely contains JSON must stay text.
+    """
+    if loose and TOOL_CALL_OPEN not in text:
+        return _parse_bare(text)
     calls: list[dict[str, Any]] = []
     for match in _BLOCK.finditer(text):
         raw = match.group(1).strip()
@@ -37,13 +44,37 @@ def parse(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return (content or None), calls
 
 
-def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]]
+def _parse_bare(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    decoder = json.JSONDecoder()
+    calls, spans, at = [], [], 0
+    while (start := text.find("{", at)) >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            at = start + 1
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            calls.append(obj)
+            spans.append((start, end))
+        at = end
+    content = text
+    for start, end in reversed(spans):
+        content = content[:start] + content[end:]
+    return (content.strip() or None), calls
+
+
+def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]],
+              stats: list[dict[str, Any]] | None = None
               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Parsed calls -> (OpenAI tool_calls, one validation record per call)."""
+    """Parsed calls -> (OpenAI tool_calls, one validation record per call).
+
+    `stats`, one per parsed call in the same order, is merged into its record (the
+    backend's per-call log-probabilities and repair flag).
+    """
     by_name = {t["function"]["name"]: t for t in tools}
     out, report = [], []
     seen: set[str] = set()
-    for call in calls:
+    for i, call in enumerate(calls):
         key = json.dumps(call, sort_keys=True)
         if key in seen:  # an exact repeat (a decoding loop), not a second call
             continue
@@ -60,8 +91,9 @@ def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]]
         else:
             schema = tool_parameters(by_name[name])
             cls = validator_for(schema, default=Draft202012Validator)
+            # Formats are checked too: the grammar enforces them, so must the validator.
             errors = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-                      for e in cls(schema).iter_errors(args)]
+                      for e in cls(schema, format_checker=cls.FORMAT_CHECKER).iter_errors(args)]
         out.append({
             "id": f"call_{secrets.token_hex(12)}",
             "type": "function",
@@ -70,5 +102,6 @@ def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]]
                 "arguments": json.dumps(args, ensure_ascii=False) if "raw" not in call else call["raw"],
             },
         })
-        report.append({"name": name, "valid": not errors, "errors": errors})
+        extra = stats[i] if stats is not None and i < len(stats) else {}
+        report.append({"name": name, "valid": not errors, "errors": errors, **extra})
     return out, report

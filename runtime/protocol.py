@@ -57,6 +57,9 @@ class ChatParams(_Strict):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # Outpost extension: false decodes freely and only parses and validates calls
+    # afterwards (for measuring what the grammar buys; agents should leave it on).
+    constrained: bool = True
     max_tokens: Annotated[int, Field(gt=0)] | None = None
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None

@@ -28,6 +28,7 @@ from outpost.manifests.errors import (BadRequest, ConfigError, InternalError, Ou
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
+from outpost.models.schemas import check_tools
 
 from . import VERSION, protocol
 from .config import Settings
@@ -182,13 +183,15 @@ class Daemon:
     async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         chat = protocol.parse_chat(params)
+        if chat.tools:
+            check_tools(chat.tools)  # refused here, before any model is chosen or loaded
         manifest = self.route(chat.model, chat.task)
         sampling = manifest.sampling
         request = GenerationRequest(
             messages=[m.model_dump(exclude_none=True) for m in chat.messages],
             tools=chat.tools or None,
             tool_choice=chat.choice_name(),
-            parallel_tool_calls=chat.parallel_tool_calls,
+            parallel_tool_calls=chat.parallel_tool_calls, constrained=chat.constrained,
             max_tokens=chat.max_completion_tokens or chat.max_tokens or sampling.max_tokens,
             temperature=sampling.temperature if chat.temperature is None else chat.temperature,
             top_p=sampling.top_p if chat.top_p is None else chat.top_p,
@@ -240,7 +243,7 @@ class Daemon:
                 "model": manifest.id, "model_version": manifest.version, "timings_ms": timings,
                 "log_id": log_id, "log_failed": log_id is None,
                 "constrained": gen["constrained"], "validation": gen["validation"],
-                "grammar_dead_end": gen["grammar_dead_end"],
+                "grammar_dead_end": gen["grammar_dead_end"], "repaired": gen["repaired"],
                 "logprob": {"mean": attempt["mean_logprob"], "min": attempt["min_logprob"]},
             },
         }

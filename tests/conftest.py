@@ -7,19 +7,16 @@ hard-linked into each test's own data dir. The tiny random GGUF is written fresh
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import threading
 from pathlib import Path
 
 import pytest
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
-from outpost.runtime.client import OutpostClient
 from outpost.runtime.config import Settings
-from outpost.runtime.server import Daemon
+from outpost.runtime.embedded import EmbeddedDaemon
 from outpost.tools.serve_process import ServeProcess as _ServeProcess
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
@@ -116,42 +113,7 @@ def add_tiny(data: Path, model_id: str, seed: int, memory_estimate: str = "16MiB
     store.pull(Catalog.load(store, [data / "manifests"], TINY).get(model_id), text)
 
 
-class RunningDaemon:
-    """A real Daemon serving on a real ipc socket from a background thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        store = ModelStore(settings.store_dir)
-        self.catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
-        self.daemon = Daemon(settings, self.catalog, store)
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(120):
-            raise RuntimeError(f"daemon did not start: {self.error!r}")
-        if self.error:
-            raise self.error
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            await self.daemon.serve(on_ready=lambda _: self._ready.set())
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # surfaced to the test that started it
-            self.error = exc
-            self._ready.set()
-
-    def client(self, timeout_s: float = 120.0) -> OutpostClient:
-        return OutpostClient(self.settings.endpoint, timeout_s=timeout_s)
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.daemon.stop)
-        self._thread.join(30)
+RunningDaemon = EmbeddedDaemon  # the name the tests use
 
 
 def start_daemon(data: Path, default: str, **overrides) -> RunningDaemon:

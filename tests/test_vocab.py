@@ -75,4 +75,10 @@ def test_constrained_call_is_schema_valid_on_both_vocabularies(which, request):
     [call] = gen.tool_calls
     assert call["function"]["name"] == "get_weather"
     assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
-    assert gen.validation == [{"name": "get_weather", "valid": True, "errors": []}]
+    [report] = gen.validation
+    assert {k: report[k] for k in ("name", "valid", "errors", "repaired")} == {
+        "name": "get_weather", "valid": True, "errors": [], "repaired": None}
+    # The call's own tokens: every one after the mask, so each log-probability is <= 0.
+    stats = report["logprob"]
+    assert 0 < stats["tokens"] <= gen.completion_tokens
+    assert stats["min"] <= stats["mean"] <= 0

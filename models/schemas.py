@@ -1,0 +1,225 @@
+"""What a tool's JSON Schema may say, and what Outpost makes of it.
+
+Every tool schema is walked at request time, in the daemon, before a model is chosen
+or loaded. A keyword the grammar enforces passes; an annotation passes (it never
+constrains a value); anything else is refused with `unsupported_schema` naming the
+keyword and where it sits. Nothing is dropped silently: a keyword the grammar would
+ignore is a constraint the agent believes in and the model would not honour.
+
+The table in docs/json-schema.md is generated from ENFORCED and UNSUPPORTED below,
+and tests/test_schemas.py walks it: each enforced keyword against xgrammar (an
+instance that breaks it is refused by the grammar), each unsupported keyword against
+the daemon (the request is refused and the keyword named).
+
+`for_grammar` rewrites a checked schema into the subset xgrammar compiles, without
+changing what it accepts: `allOf` with one member is merged into its parent, and an
+object without `properties` says `additionalProperties: true` explicitly (the
+grammar is compiled strictly, so an object that lists properties gets no others).
+Generated calls are still validated against the schema the agent sent.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from jsonschema import Draft202012Validator, SchemaError
+from jsonschema.validators import validator_for
+
+from outpost.manifests.errors import BadRequest, InvalidSchema, UnsupportedSchema
+
+# keyword -> how the grammar enforces it
+ENFORCED: dict[str, str] = {
+    "type": "each JSON type, and lists of types",
+    "enum": "only the listed values",
+    "const": "only that value",
+    "properties": "each property's own schema",
+    "required": "required properties are always written",
+    "additionalProperties": "false (none), or a schema for the extra values; absent: "
+                            "no undeclared properties are generated (they would validate)",
+    "items": "every item (a schema; the tuple form is `prefixItems`)",
+    "prefixItems": "the item at each position",
+    "minItems": "at least that many items",
+    "maxItems": "at most that many items",
+    "minLength": "at least that many characters",
+    "maxLength": "at most that many characters",
+    "pattern": "the regular expression (xgrammar's regex dialect; one it cannot "
+               "compile is refused)",
+    "format": "date, time, date-time, duration, email, hostname, ipv4, ipv6, uri, "
+              "uri-reference, uuid",
+    "minimum": "integers and numbers",
+    "maximum": "integers and numbers",
+    "exclusiveMinimum": "integers and numbers",
+    "exclusiveMaximum": "integers and numbers",
+    "multipleOf": "integers",
+    "anyOf": "one of the alternatives",
+    "oneOf": "one of the alternatives; that exactly one matches is checked by the "
+             "validator, not the grammar",
+    "allOf": "with exactly one member, merged into the schema that holds it",
+    "$ref": "local references (`#/...`), recursion included",
+    "$defs": "definitions for `$ref`",
+    "definitions": "definitions for `$ref` (draft 7 spelling)",
+}
+
+# keyword -> why it is refused
+UNSUPPORTED: dict[str, str] = {
+    "allOf": "with more than one member: an intersection of schemas has no grammar",
+    "not": "a negation has no grammar",
+    "if": "conditional schemas have no grammar",
+    "then": "conditional schemas have no grammar",
+    "else": "conditional schemas have no grammar",
+    "uniqueItems": "xgrammar does not enforce it",
+    "contains": "xgrammar does not enforce it",
+    "minContains": "xgrammar does not enforce it",
+    "maxContains": "xgrammar does not enforce it",
+    "patternProperties": "xgrammar does not enforce it",
+    "propertyNames": "xgrammar does not enforce it",
+    "minProperties": "xgrammar does not enforce it",
+    "maxProperties": "xgrammar does not enforce it",
+    "dependentRequired": "xgrammar does not enforce it",
+    "dependentSchemas": "xgrammar does not enforce it",
+    "dependencies": "xgrammar does not enforce it",
+    "unevaluatedProperties": "xgrammar does not enforce it",
+    "unevaluatedItems": "xgrammar does not enforce it",
+    "additionalItems": "the draft 7 tuple form; use prefixItems and items",
+    "$dynamicRef": "dynamic references are not resolved",
+    "$dynamicAnchor": "dynamic references are not resolved",
+    "$recursiveRef": "dynamic references are not resolved",
+    "$recursiveAnchor": "dynamic references are not resolved",
+    "contentEncoding": "encoded content is not checked",
+    "contentMediaType": "encoded content is not checked",
+    "contentSchema": "encoded content is not checked",
+}
+
+# Annotations describe, they never constrain: always allowed. Names starting with
+# "x-" are vendor extensions and annotations too.
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated",
+                         "readOnly", "writeOnly", "$schema", "$id", "$anchor"})
+
+FORMATS = frozenset({"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6",
+                     "uri", "uri-reference", "uuid"})
+
+# Keywords whose value is a schema, a list of schemas, or a map of name -> schema.
+_ONE = ("additionalProperties", "items")
+_LIST = ("prefixItems", "anyOf", "oneOf", "allOf")
+_MAP = ("properties", "$defs", "definitions")
+
+
+def check_tools(tools: list[dict[str, Any]]) -> None:
+    """Refuse tools that are not OpenAI tools with valid, enforceable JSON Schemas."""
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", index=i)
+        name = fn.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(
+                c.isalnum() or c in "_-." for c in name):
+            raise BadRequest(f"tools[{i}].function.name must be 1-64 letters, digits, _ - or .",
+                             index=i)
+        if name in seen:
+            raise BadRequest(f"tool name {name!r} appears twice", tool=name)
+        seen.add(name)
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise InvalidSchema(name, "parameters must be a JSON object")
+        try:
+            validator_for(params, default=Draft202012Validator).check_schema(params)
+        except SchemaError as exc:
+            raise InvalidSchema(name, exc.message) from exc
+        if params.get("type", "object") != "object":
+            raise InvalidSchema(name, "parameters must describe an object (type: object)")
+        _walk(name, params, "parameters")
+
+
+def _walk(tool: str, schema: Any, where: str) -> None:
+    if isinstance(schema, bool):
+        return
+    for key, value in schema.items():
+        at = f"{where}.{key}"
+        if key in ANNOTATIONS or key.startswith("x-"):
+            continue
+        if key == "allOf" and isinstance(value, list) and len(value) == 1:
+            member = value[0] if isinstance(value[0], dict) else {}
+            clash = [k for k in member if k in schema and k not in ANNOTATIONS and member[k] != schema[k]]
+            if clash:
+                raise _refuse(tool, "allOf", at, f"its member and its parent both set {clash[0]!r}")
+        elif key in UNSUPPORTED:
+            raise _refuse(tool, key, at, UNSUPPORTED[key])
+        elif key not in ENFORCED:
+            raise _refuse(tool, key, at, "not a JSON Schema keyword Outpost knows; a "
+                                         "misspelt constraint would be silently ignored")
+        if key == "format" and value not in FORMATS:
+            raise _refuse(tool, f"format: {value}", at, "the grammar cannot enforce this format "
+                                                        f"(enforced: {', '.join(sorted(FORMATS))})")
+        if key == "$ref" and not str(value).startswith("#"):
+            raise _refuse(tool, "$ref", at, f"only local references (#/...) resolve, not {value!r}")
+        if key == "items" and isinstance(value, list):
+            raise _refuse(tool, "items", at, "the draft 7 tuple form; use prefixItems")
+        if key == "multipleOf" and schema.get("type") != "integer":
+            raise _refuse(tool, "multipleOf", at, "enforced on integers only")
+        if key in _ONE and isinstance(value, dict):
+            _walk(tool, value, at)
+        elif key in _LIST:
+            for i, sub in enumerate(value):
+                _walk(tool, sub, f"{at}[{i}]")
+        elif key in _MAP:
+            for name, sub in value.items():
+                _walk(tool, sub, f"{at}.{name}")
+
+
+def _refuse(tool: str, keyword: str, where: str, why: str) -> UnsupportedSchema:
+    exc = UnsupportedSchema(tool, f"{keyword} at {where}: {why}")
+    exc.data.update(keyword=keyword, path=where)
+    exc.keyword = keyword
+    return exc
+
+
+def tool_parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+
+
+def for_grammar(schema: dict[str, Any]) -> dict[str, Any]:
+    """The checked schema rewritten into what xgrammar compiles (see the module doc)."""
+    return _rewrite(copy.deepcopy(schema))
+
+
+def _rewrite(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return schema
+    for key in _ONE:
+        if isinstance(schema.get(key), dict):
+            schema[key] = _rewrite(schema[key])
+    for key in _LIST:
+        if isinstance(schema.get(key), list):
+            schema[key] = [_rewrite(s) for s in schema[key]]
+    for key in _MAP:
+        if isinstance(schema.get(key), dict):
+            schema[key] = {k: _rewrite(v) for k, v in schema[key].items()}
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) == 1:
+        (member,) = schema.pop("allOf")
+        for key, value in (member.items() if isinstance(member, dict) else ()):
+            schema.setdefault(key, value)  # check_tools refused members that clash
+    is_object = schema.get("type") == "object" or (
+        isinstance(schema.get("type"), list) and "object" in schema["type"])
+    if is_object and "properties" not in schema and "additionalProperties" not in schema:
+        schema["additionalProperties"] = True
+    return schema
+
+
+def coverage_table() -> str:
+    """The coverage table for docs/json-schema.md (a test keeps the file in step)."""
+    rows = ["| keyword | decoding | |", "|---|---|---|"]
+    for key, how in ENFORCED.items():
+        rows.append(f"| `{key}` | enforced | {how} |")
+    for key, why in UNSUPPORTED.items():
+        rows.append(f"| `{key}` | refused | {why} |")
+    rows.append(f"| {', '.join(f'`{a}`' for a in sorted(ANNOTATIONS))}, `x-*` | allowed | "
+                "annotations: they describe, never constrain |")
+    rows.append("| anything else | refused | not a keyword Outpost knows: a misspelt constraint "
+                "would otherwise be ignored |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(coverage_table())

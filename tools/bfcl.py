@@ -1,0 +1,320 @@
+"""BFCL v4 against Outpost: grammar-constrained vs unconstrained tool calls, side by side.
+
+    python -m outpost.tools.bfcl [--model M] [--limit N] [--categories C ...] [--json]
+
+Data and scoring come from the `bfcl-eval` package (BFCL v4 question files, possible
+answers and its AST checker). Install it without its dependencies; it is a benchmark
+input, not part of the runtime:
+
+    .venv/bin/pip install --no-deps bfcl-eval
+
+Each question is asked twice through the real wire protocol, with the same prompt:
+  constrained     Outpost's xgrammar grammar: every call is well-formed and follows
+                  its tool's JSON Schema;
+  unconstrained   the same model and prompt, decoded freely (`constrained: false`);
+                  calls are parsed from the text afterwards.
+
+Prompt. BFCL's own system prompt for prompted models (its "classic" persona, task
+and multi-turn text) is sent as the system message, and the functions go in `tools`
+(converted to JSON Schema with BFCL's own type mapping, as BFCL does for
+function-calling models). Deviation: the function list and the output format are
+those of Outpost's tools block (`<tool_call>{"name", "arguments"}</tool_call>`, the
+format the grammar enforces), not BFCL's Python-call list.
+
+tool_choice. A category whose answers are calls (simple_python, multiple, parallel,
+parallel_multiple) asks with `required`; `irrelevance`, where the right answer is
+not to call, asks with `auto`. `parallel_tool_calls` is true only for the parallel
+categories.
+
+Columns, per category and mode:
+  ast          BFCL's AST checker accepts the answer (irrelevance: no call was made)
+  valid        every call parses and validates against its schema (and, where calls
+               are expected, there is at least one)
+  executable   every call names an offered function and its arguments bind to that
+               function's signature (required present, none unknown), checked
+               against BFCL's function docs rather than Outpost's schemas
+  repaired     calls that were cut short after a degenerate repetition and closed
+  p50/p95 ms   wall time per request, seen by the client
+  tokens       generated tokens, mean per request
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from outpost.manifests.errors import OutpostError
+from outpost.runtime.client import OutpostClient
+from outpost.runtime.config import Settings
+
+CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
+MODES = ("constrained", "unconstrained")
+CHECKER_MODEL = "outpost"  # the model name handed to BFCL's checker (see _checker)
+
+
+@dataclass
+class Item:
+    id: str
+    category: str
+    messages: list[dict[str, Any]]
+    functions: list[dict[str, Any]]
+    answer: list[dict[str, Any]] | None  # possible answers; None for irrelevance
+
+
+@dataclass
+class Outcome:
+    id: str
+    category: str
+    mode: str
+    ast: bool
+    valid: bool
+    executable: bool
+    repaired: int
+    latency_ms: float
+    tokens: int
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    confidence: dict[str, Any] = field(default_factory=dict)
+
+
+# -- BFCL data and checker ----------------------------------------------------------------
+def _bfcl_root() -> Any:
+    try:
+        return resources.files("bfcl_eval")
+    except ModuleNotFoundError:
+        sys.exit("bfcl-eval is not installed: .venv/bin/pip install --no-deps bfcl-eval")
+
+
+def load(category: str, limit: int | None = None) -> list[Item]:
+    data = _bfcl_root() / "data"
+    questions = [json.loads(line) for line in
+                 (data / f"BFCL_v4_{category}.json").read_text().splitlines() if line.strip()]
+    answers: dict[str, Any] = {}
+    if category != "irrelevance":
+        for line in (data / "possible_answer" / f"BFCL_v4_{category}.json").read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                answers[row["id"]] = row["ground_truth"]
+    items = []
+    for q in questions[:limit]:
+        # Single-turn categories: one turn, possibly with its own system message.
+        items.append(Item(id=q["id"], category=category, messages=q["question"][0],
+                          functions=q["function"], answer=answers.get(q["id"])))
+    return items
+
+
+def _checker() -> Any:
+    """BFCL's AST checker, imported without the model-client packages bfcl-eval pulls.
+
+    The checker imports `MODEL_CONFIG_MAPPING` only to ask whether a model's function
+    names had their dots rewritten to underscores. Outpost keeps dots, so a registry
+    that answers "no" for every model stands in for the real one, which would import
+    every vendor SDK BFCL supports.
+    """
+    name = "bfcl_eval.constants.model_config"
+    if name not in sys.modules:
+        registry = types.ModuleType(name)
+
+        class _KeepsDots(dict):
+            def __missing__(self, key: str) -> Any:
+                return types.SimpleNamespace(underscore_to_dot=False)
+
+        registry.MODEL_CONFIG_MAPPING = _KeepsDots()
+        sys.modules[name] = registry
+    from bfcl_eval.constants.enums import Language
+    from bfcl_eval.eval_checker.ast_eval.ast_checker import ast_checker
+
+    return lambda item, calls: ast_checker(item.functions, calls, item.answer, Language.PYTHON,
+                                           item.category, CHECKER_MODEL)
+
+
+def system_prompt() -> str:
+    """BFCL's classic system prompt, without its output format and function list,
+    which Outpost's tools block supplies."""
+    from bfcl_eval.constants.default_prompts import PROMPT_STYLE_TEMPLATES
+
+    style = PROMPT_STYLE_TEMPLATES["classic"]
+    return f"{style['persona']} {style['task']}\n\n{style['multiturn_behavior']}"
+
+
+def to_tools(functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """BFCL function docs -> OpenAI tools, with BFCL's own type mapping (dict -> object,
+    float -> number, tuple -> array, any -> string)."""
+    from bfcl_eval.constants.type_mappings import GORILLA_TO_OPENAPI
+
+    def schema(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "type" and isinstance(value, str):
+                    out[key] = GORILLA_TO_OPENAPI.get(value, value)
+                elif key == "properties" and isinstance(value, dict):
+                    out[key] = {k: schema(v) for k, v in value.items()}
+                elif key in ("items", "additionalProperties"):
+                    out[key] = schema(value)
+                elif key == "optional":
+                    continue  # BFCL's own marker; `required` already says it
+                else:
+                    out[key] = copy.deepcopy(value)
+            return out
+        return node
+
+    tools = []
+    for fn in functions:
+        params = schema(fn.get("parameters") or {})
+        params["type"] = "object"
+        tools.append({"type": "function", "function": {
+            "name": fn["name"], "description": fn.get("description", ""), "parameters": params}})
+    return tools
+
+
+# -- scoring ------------------------------------------------------------------------------
+def executable(calls: list[dict[str, Any]], functions: list[dict[str, Any]]) -> bool:
+    docs = {f["name"]: f.get("parameters") or {} for f in functions}
+    for call in calls:
+        ((name, args),) = call.items()
+        if name not in docs or not isinstance(args, dict):
+            return False
+        params = docs[name]
+        known = set(params.get("properties", {}))
+        if set(args) - known or set(params.get("required", [])) - set(args):
+            return False
+    return True
+
+
+def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tokens: int,
+        check: Any) -> Outcome:
+    expects_call = item.category != "irrelevance"
+    params: dict[str, Any] = {
+        "messages": [{"role": "system", "content": system_prompt()}, *item.messages],
+        "tools": to_tools(item.functions),
+        "tool_choice": "required" if expects_call else "auto",
+        "parallel_tool_calls": "parallel" in item.category,
+        "max_tokens": max_tokens, "constrained": mode == "constrained"}
+    if model:
+        params["model"] = model
+    t0 = time.perf_counter()
+    try:
+        reply = client.request("chat", params)
+    except OutpostError as exc:
+        return Outcome(item.id, item.category, mode, ast=False, valid=False, executable=False,
+                       repaired=0, latency_ms=(time.perf_counter() - t0) * 1e3, tokens=0,
+                       error=f"{exc.code}: {exc.message}")
+    latency = (time.perf_counter() - t0) * 1e3
+    message = reply["choices"][0]["message"]
+    report = reply["outpost"]["validation"]
+    calls = []
+    for call in message.get("tool_calls") or []:
+        try:
+            args = json.loads(call["function"]["arguments"])
+        except json.JSONDecodeError:
+            args = call["function"]["arguments"]
+        calls.append({call["function"]["name"]: args})
+    # An answer that should call but does not is neither valid nor executable.
+    parsed = all(isinstance(next(iter(c.values())), dict) for c in calls) and (
+        bool(calls) or not expects_call)
+    valid = all(r["valid"] for r in report) and (bool(calls) or not expects_call)
+    if expects_call:
+        ast = bool(calls) and parsed and check(item, calls)["valid"]
+    else:
+        ast = not calls  # BFCL irrelevance: the right answer makes no call
+    return Outcome(item.id, item.category, mode, ast=ast, valid=valid,
+                   executable=parsed and executable(calls, item.functions),
+                   repaired=sum(bool(r.get("repaired")) for r in report), latency_ms=latency,
+                   tokens=reply["usage"]["completion_tokens"], calls=calls,
+                   confidence={"logprob": reply["outpost"].get("logprob"), "calls": report})
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    n = len(outcomes)
+    return {
+        "n": n,
+        "ast": sum(o.ast for o in outcomes) / n,
+        "valid": sum(o.valid for o in outcomes) / n,
+        "executable": sum(o.executable for o in outcomes) / n,
+        "repaired": sum(o.repaired for o in outcomes),
+        "errors": sum(o.error is not None for o in outcomes),
+        "p50_ms": pct([o.latency_ms for o in outcomes], 0.5),
+        "p95_ms": pct([o.latency_ms for o in outcomes], 0.95),
+        "tokens_mean": statistics.mean(o.tokens for o in outcomes),
+    }
+
+
+def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    head = (f"{'category':<18} {'mode':<13} {'n':>4} {'ast':>6} {'valid':>6} {'exec':>6} "
+            f"{'repaired':>8} {'p50 ms':>7} {'p95 ms':>7} {'tokens':>6}")
+    lines = [head, "-" * len(head)]
+    for category, modes in summary.items():
+        for mode, s in modes.items():
+            lines.append(f"{category:<18} {mode:<13} {s['n']:>4} {s['ast']:>6.1%} {s['valid']:>6.1%} "
+                         f"{s['executable']:>6.1%} {s['repaired']:>8} {s['p50_ms']:>7.0f} "
+                         f"{s['p95_ms']:>7.0f} {s['tokens_mean']:>6.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m outpost.tools.bfcl",
+        description="Run BFCL v4 categories against an Outpost daemon, grammar-constrained "
+                    "and unconstrained side by side, scored by BFCL's AST checker.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", help="manifest id (default: the daemon's default model)")
+    ap.add_argument("--limit", type=int, help="first N questions of each category")
+    ap.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--max-tokens", type=int, default=256, help="per answer (default 256)")
+    ap.add_argument("--endpoint", help="daemon endpoint (default: from config / OUTPOST_ENDPOINT)")
+    ap.add_argument("--config", type=Path, help="config file (for the endpoint)")
+    ap.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
+    ap.add_argument("--outcomes", type=Path, help="also write every answer as JSON lines here")
+    args = ap.parse_args(argv)
+
+    endpoint = args.endpoint or Settings.load(args.config).endpoint
+    check = _checker()
+    outcomes: list[Outcome] = []
+    with OutpostClient(endpoint, timeout_s=600) as client:
+        client.ping(timeout_s=5)  # fail fast, with the daemon_unreachable message
+        for category in args.categories:
+            items = load(category, args.limit)
+            bar = tqdm(total=len(items) * len(args.modes), desc=category, unit="q",
+                       disable=args.json or not sys.stderr.isatty())
+            for item in items:
+                for mode in args.modes:
+                    outcomes.append(ask(client, item, mode, args.model, args.max_tokens, check))
+                    bar.update()
+            bar.close()
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for category in args.categories:
+        for mode in args.modes:
+            mine = [o for o in outcomes if o.category == category and o.mode == mode]
+            if mine:
+                summary.setdefault(category, {})[mode] = summarize(mine)
+    if args.outcomes:
+        with open(args.outcomes, "w") as out:
+            for o in outcomes:
+                out.write(json.dumps(o.__dict__) + "\n")
+    if args.json:
+        print(json.dumps({"model": args.model, "endpoint": endpoint, "summary": summary}, indent=2))
+    else:
+        print(table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
