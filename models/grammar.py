@@ -125,7 +125,7 @@ class GrammarCache:
         self._info = vocab.tokenizer_info()
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=threads)
         self._lru: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()  # key -> compiled
-        self._closers: dict[bool, np.ndarray] = {}
+        self._closers: dict[bool, tuple[np.ndarray, ...]] = {}
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
@@ -152,20 +152,26 @@ class GrammarCache:
             self._lru.popitem(last=False)
         return compiled
 
-    def closers(self, in_string: bool) -> np.ndarray:
-        """Token ids that end the innermost open JSON value and open nothing new:
-        inside a string, those that close it (then at most close arrays/objects);
-        outside, those that start by closing an array or an object."""
+    def closers(self, in_string: bool) -> tuple[np.ndarray, ...]:
+        """Token ids that move a JSON value towards its end, best first.
+
+        Inside a string: those that close it (and at most close arrays or objects
+        after it). Outside: those that start by closing an array or an object, then
+        those that start with a comma (an object with required members left must
+        go on to the next one rather than grow the current number or word).
+        """
         if in_string not in self._closers:
             # An odd number of quotes leaves the string; an even one (none) stays out.
-            quotes = [p.count(b'"') - p.count(b'\\"') for p in self.vocab.pieces]
+            pieces = self.vocab.pieces
+            quotes = [p.count(b'"') - p.count(b'\\"') for p in pieces]
             if in_string:
-                ids = [i for i, (p, q) in enumerate(zip(self.vocab.pieces, quotes))
-                       if q == 1 and not p[p.rindex(b'"') + 1:].strip(b" \t\n]}")]
+                tiers = [[i for i, (p, q) in enumerate(zip(pieces, quotes))
+                          if q == 1 and not p[p.rindex(b'"') + 1:].strip(b" \t\n]}")]]
             else:
-                ids = [i for i, (p, q) in enumerate(zip(self.vocab.pieces, quotes))
-                       if q == 0 and p.lstrip()[:1] in (b"]", b"}")]
-            self._closers[in_string] = np.array(ids, dtype=np.int64)
+                tiers = [[i for i, (p, q) in enumerate(zip(pieces, quotes))
+                          if q == 0 and p.lstrip()[:1] in (b"]", b"}")],
+                         [i for i, p in enumerate(pieces) if p.lstrip()[:1] == b","]]
+            self._closers[in_string] = tuple(np.array(t, dtype=np.int64) for t in tiers)
         return self._closers[in_string]
 
     def stats(self) -> dict[str, int]:

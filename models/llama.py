@@ -259,14 +259,13 @@ class LlamaModel:
         return buf.raw[:size]
 
     def _closing_token(self, logits: np.ndarray, in_string: bool) -> int:
-        """The likeliest allowed token that closes the open string, array or object,
-        else the likeliest allowed token: the call ends within a few tokens, with
-        whatever the model had written before the loop."""
-        closers = self.grammars.closers(in_string)
-        allowed = np.isfinite(logits[closers])
-        if allowed.any():
-            candidates = closers[allowed]
-            return int(candidates[np.argmax(logits[candidates])])
+        """The likeliest allowed token of the best tier that moves towards the end of
+        the call (see GrammarCache.closers), else the likeliest allowed token: the
+        call ends within a few tokens, with whatever the model had written before."""
+        for tier in self.grammars.closers(in_string):
+            allowed = tier[np.isfinite(logits[tier])]
+            if allowed.size:
+                return int(allowed[np.argmax(logits[allowed])])
         return int(np.argmax(logits))
 
     def _forget_tail(self, keep: int) -> None:
