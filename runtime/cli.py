@@ -249,13 +249,15 @@ def _print_workers(workers: list[dict[str, Any]]) -> None:
         print("no models loaded")
         return
     print(f"{'MODEL':<26} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
-          f"{'SERVED':>6} {'LOAD':>8}")
+          f"{'SERVED':>6} {'LOAD':>8} {'GRAMMARS HIT/MISS':>17}")
     for w in workers:
         pin = "*" if w.get("pinned") else ""
         share = f"{w['budget_share'] * 100:.0f}%" if w.get("budget_share") is not None else "-"
+        cache = w.get("grammar_cache") or {}
+        grammars = f"{cache.get('hits', 0)}/{cache.get('misses', 0)}"
         print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
               f"{_mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
-              f"{w['load_ms']:>6.0f}ms")
+              f"{w['load_ms']:>6.0f}ms {grammars:>17}")
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:
