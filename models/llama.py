@@ -195,6 +195,13 @@ class LlamaModel:
                 llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
             if mask is not None:
                 mask.apply(logits)
+                if (closing_left < 0 and not run.in_call and TOOL_CALL_CLOSE_B in run.written
+                        and run.budget - len(run.out) <= 2 * reserve
+                        and np.isfinite(logits[self.grammars.vocab.stop_ids]).any()):
+                    # Calls are done and the grammar lets the answer end here; another
+                    # call could not be finished within max_tokens, so do not start one.
+                    run.finish = "stop"
+                    return
             tok = (self._closing_token(logits, _in_json_string(run.written)) if closing_left >= 0
                    else _sample(logits, request, rng))
             if not np.isfinite(logits[tok]) or (mask is not None and not mask.accept(tok)):

@@ -100,6 +100,24 @@ def test_tiny_model_calls_always_close_under_max_tokens(client):
         assert reply["usage"]["completion_tokens"] <= 120
 
 
+def test_parallel_calls_come_back_as_several_valid_calls(client):
+    """Sampling from random weights under the grammar: with parallel_tool_calls some
+    answers hold several calls, every one valid; without it, never more than one."""
+    from .test_wire import TOOLS
+
+    counts = {True: [], False: []}
+    for parallel in counts:
+        for seed in range(12):
+            reply = client.chat(user("go"), tools=TOOLS, tool_choice="required", max_tokens=200,
+                                parallel_tool_calls=parallel, temperature=1.0, seed=seed)
+            calls = reply["choices"][0]["message"]["tool_calls"]
+            assert all(r["valid"] for r in reply["outpost"]["validation"])
+            assert len(reply["outpost"]["validation"]) == len(calls)
+            counts[parallel].append(len(calls))
+    assert max(counts[True]) >= 2, counts
+    assert max(counts[False]) == 1, counts
+
+
 def test_validator_reports_what_the_grammar_cannot_enforce(client):
     """oneOf is decoded as anyOf: a value that matches both alternatives is produced by
     the grammar and caught by the validator, and the reply says so."""
