@@ -22,6 +22,7 @@ parse a message to learn what went wrong.
     ├── BudgetExceeded                budget_exceeded
     ├── Overloaded                    overloaded
     ├── Timeout                       timeout
+    ├── NotFound                      not_found
     ├── ConfigError                   config_error
     ├── DaemonUnreachable             daemon_unreachable
     └── InternalError                 internal
@@ -170,6 +171,15 @@ class Timeout(OutpostError):
         super().__init__(f"gave up on {model} after {waited_s:.1f} s waiting for {stage}",
                          model=model, waited_s=waited_s, stage=stage)
         self.model, self.waited_s, self.stage = model, waited_s, stage
+
+
+class NotFound(OutpostError):
+    """A thing named by id that does not exist (a logged request, ...)."""
+
+    code = "not_found"
+
+    def __init__(self, kind: str, ident: Any) -> None:
+        super().__init__(f"no {kind} {ident!r}", kind=kind, id=ident)
 
 
 class ConfigError(OutpostError):

@@ -44,7 +44,9 @@ class Generation:
     grammar_dead_end: bool = False  # the grammar left no token to choose
     logprobs: list[float] = field(default_factory=list)  # chosen tokens, after the mask
     validation: list[dict[str, Any]] = field(default_factory=list)  # one per tool call
-    repaired: int = 0  # repetition loops cut short inside calls (see llama.py)
+    repaired: int = 0  # calls cut short and closed (a loop, or max_tokens; see llama.py)
+    prompt: str = ""  # the prompt exactly as the model saw it
+    grammar: str | None = None  # what constrained decoding, if anything
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

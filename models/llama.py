@@ -122,10 +122,9 @@ class LlamaModel:
             self._llama = None
 
     # -- generation ------------------------------------------------------------------
-    def tokenize_prompt(self, request: GenerationRequest) -> list[int]:
+    def render(self, request: GenerationRequest) -> str:
         tools = request.tools if request.tool_choice != "none" else None
-        prompt = self.template.render(request.messages, tools)
-        return self._llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        return self.template.render(request.messages, tools)
 
     def generate(self, request: GenerationRequest) -> Generation:
         if request.tools:
@@ -134,7 +133,8 @@ class LlamaModel:
         if request.tools and request.constrained:
             compiled = self.grammars.compiled(request.tools, request.tool_choice,
                                               request.parallel_tool_calls)
-        prompt = self.tokenize_prompt(request)
+        prompt_text = self.render(request)
+        prompt = self._llama.tokenize(prompt_text.encode("utf-8"), add_bos=True, special=True)
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
         budget = min(request.max_tokens, self.n_ctx - len(prompt))
@@ -163,7 +163,9 @@ class LlamaModel:
             prompt_tokens=len(prompt), completion_tokens=len(run.out),
             prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
             constrained=mask is not None, grammar_dead_end=run.dead_end, logprobs=run.logprobs,
-            validation=validation, repaired=len(run.repairs))
+            validation=validation, repaired=len(run.repairs), prompt=prompt_text,
+            grammar=(f"xgrammar tool_choice={request.tool_choice} "
+                     f"parallel={request.parallel_tool_calls}") if mask is not None else None)
 
     def _decode(self, run: _Run, mask: TokenMask | None, request: GenerationRequest,
                 rng: np.random.Generator) -> None:

@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = logs.add_parser("show", parents=[common, as_json], help="one request with its attempts")
     p.add_argument("id", type=int)
     p.set_defaults(run=cmd_logs_show)
+    p = logs.add_parser("feedback", parents=[common, client, as_json],
+                        help="record whether a logged answer worked (through the daemon)")
+    p.add_argument("id", type=int, help="the request's log id (a reply's outpost.log_id)")
+    p.add_argument("outcome", choices=["good", "bad"])
+    p.add_argument("--note", help="free text kept with the verdict")
+    p.set_defaults(run=cmd_logs_feedback)
     return parser
 
 
@@ -355,6 +361,16 @@ def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:
         else:
             out = (r["content"] or "").replace("\n", " ")
         print(f"{r['id']:>6}  {when:<19}  {(r['model'] or '-'):<24} {total:>7.0f}  {out[:80]}")
+    return 0
+
+
+def cmd_logs_feedback(args: argparse.Namespace, settings: Settings) -> int:
+    with OutpostClient(settings.endpoint, timeout_s=args.timeout) as client:
+        result = client.feedback(args.id, args.outcome, args.note)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"request {args.id}: {args.outcome} (feedback {result['feedback_id']})")
     return 0
 
 

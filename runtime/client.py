@@ -79,6 +79,13 @@ class OutpostClient:
             body["tool_choice"] = tool_choice
         return self.request("chat", body)
 
+    def feedback(self, log_id: int, outcome: str, note: str | None = None) -> dict[str, Any]:
+        """Tell the daemon whether the answer logged as `log_id` worked ("good"/"bad")."""
+        params: dict[str, Any] = {"log_id": log_id, "outcome": outcome}
+        if note is not None:
+            params["note"] = note
+        return self.request("feedback", params)
+
     def close(self) -> None:
         self._sock.close()
         self._ctx.term()

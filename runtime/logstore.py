@@ -27,6 +27,8 @@ from typing import Any
 
 import sqlite_utils
 
+from outpost.manifests.errors import NotFound
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
 
@@ -68,6 +70,26 @@ def m002_footprints_and_pool_events(db: sqlite_utils.Database) -> None:
         "id": int, "created_at": float, "kind": str, "model": str, "version": str,
         "reason": str, "ram_bytes": int, "load_ms": float}, pk="id")
     db["pool_events"].create_index(["created_at"])
+
+
+@migration
+def m003_attempt_details_and_feedback(db: sqlite_utils.Database) -> None:
+    # What fine-tuning and routing analysis need from each attempt beyond m001: the
+    # prompt exactly as the model saw it (template and tools block applied), the tool
+    # set, the grammar that constrained it, calls closed early, confidence and its
+    # parts (scored by the escalation policy), and an error's message.
+    attempts = db["attempts"]
+    for name, kind in (("prompt", str), ("tools_hash", str), ("grammar", str), ("repaired", int),
+                       ("confidence", float), ("confidence_parts", str), ("error_message", str)):
+        attempts.add_column(name, kind)
+    attempts.create_index(["model", "created_at"])
+    attempts.create_index(["kind", "created_at"])
+    db["requests"].create_index(["tools_hash"])
+    # An agent's verdict on a request's answer: did the call work?
+    db["feedback"].create({
+        "id": int, "request_id": int, "created_at": float, "outcome": str, "note": str},
+        pk="id", foreign_keys=[("request_id", "requests", "id")])
+    db["feedback"].create_index(["request_id"])
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:
@@ -135,7 +157,7 @@ class LogStore:
             request_id = db["requests"].insert(row).last_pk
             for attempt in attempts:
                 arow = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in attempt.items()}
-                arow.update(request_id=request_id, created_at=now)
+                arow.update(request_id=request_id, created_at=now, tools_hash=request.get("tools_hash"))
                 db["attempts"].insert(arow)
         return int(request_id)
 
@@ -159,6 +181,18 @@ class LogStore:
                 "updated_at = excluded.updated_at",
                 [model, version, row["ram_bytes"], row["vram_bytes"], row["load_ms"],
                  row.get("n_layer"), time.time()])
+
+    async def record_feedback(self, request_id: int, outcome: str, note: str | None) -> int:
+        return await self._run(self._feedback, request_id, outcome, note)
+
+    def _feedback(self, request_id: int, outcome: str, note: str | None) -> int:
+        db = self._db
+        with db.conn:
+            db.conn.execute("BEGIN IMMEDIATE")
+            if not db.execute("select 1 from requests where id = ?", [request_id]).fetchone():
+                raise NotFound("request", request_id)
+            return int(db["feedback"].insert({"request_id": request_id, "created_at": time.time(),
+                                              "outcome": outcome, "note": note}).last_pk)
 
     async def record_event(self, kind: str, model: str, version: str, reason: str,
                            ram_bytes: int | None = None, load_ms: float | None = None) -> None:
@@ -192,11 +226,13 @@ def get_request(db: sqlite_utils.Database, request_id: int) -> dict[str, Any] | 
         row["tools"] = json.loads(tools[0]["tools"]) if tools else None
     row["attempts"] = list(db.query("select * from attempts where request_id = ? order by id",
                                     [request_id]))
+    row["feedback"] = list(db.query("select id, created_at, outcome, note from feedback "
+                                    "where request_id = ? order by id", [request_id]))
     for key in ("messages", "params", "tool_calls", "timings"):
         if isinstance(row.get(key), str):
             row[key] = json.loads(row[key])
     for attempt in row["attempts"]:
-        for key in ("tool_calls", "validation"):
+        for key in ("tool_calls", "validation", "confidence_parts"):
             if isinstance(attempt.get(key), str):
                 attempt[key] = json.loads(attempt[key])
     return row

@@ -77,6 +77,19 @@ class ChatParams(_Strict):
         return self.tool_choice
 
 
+class FeedbackParams(_Strict):
+    log_id: int  # the `outpost.log_id` of the reply being judged
+    outcome: Literal["good", "bad"]
+    note: Annotated[str, Field(max_length=4000)] | None = None
+
+
+def parse_feedback(params: dict[str, Any]) -> FeedbackParams:
+    try:
+        return FeedbackParams.model_validate(params)
+    except ValidationError as exc:
+        raise bad_fields(exc) from exc
+
+
 def decode_frame(frame: bytes, limit: int) -> tuple[dict[str, Any] | None, Envelope]:
     """bytes -> (raw object, envelope). Raises BadRequest; the raw object (if it got
     that far) lets an error reply still echo the request's id."""

@@ -52,7 +52,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "ping": self.ping, "status": self.status, "models.list": self.models_list,
-            "chat": self.chat,
+            "chat": self.chat, "feedback": self.feedback,
         }
 
     # -- lifecycle -------------------------------------------------------------------
@@ -224,6 +224,7 @@ class Daemon:
             "output": gen["text"], "tool_calls": gen["tool_calls"] or None,
             "finish_reason": gen["finish_reason"], "constrained": int(gen["constrained"]),
             "grammar_dead_end": int(gen["grammar_dead_end"]), "validation": gen["validation"] or None,
+            "prompt": gen["prompt"], "grammar": gen["grammar"], "repaired": gen["repaired"],
             "mean_logprob": sum(logprobs) / len(logprobs) if logprobs else None,
             "min_logprob": min(logprobs) if logprobs else None,
             "prompt_tokens": gen["prompt_tokens"], "completion_tokens": gen["completion_tokens"],
@@ -247,6 +248,11 @@ class Daemon:
                 "logprob": {"mean": attempt["mean_logprob"], "min": attempt["min_logprob"]},
             },
         }
+
+    async def feedback(self, params: dict[str, Any]) -> dict[str, Any]:
+        fb = protocol.parse_feedback(params)
+        feedback_id = await self.logs.record_feedback(fb.log_id, fb.outcome, fb.note)
+        return {"feedback_id": feedback_id, "log_id": fb.log_id, "outcome": fb.outcome}
 
     async def _log(self, row: dict[str, Any], attempts: list[dict[str, Any]]) -> int | None:
         """Commit the log row; a failing log never costs the agent its answer."""

@@ -1,0 +1,85 @@
+"""The log's schema and its migrations, and feedback through the daemon."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from outpost.manifests.errors import BadRequest, NotFound
+from outpost.runtime import logstore
+
+
+def columns(db: sqlite_utils.Database) -> dict[str, set[str]]:
+    return {t: {c.name for c in db[t].columns} for t in db.table_names()}
+
+
+def test_a_blank_database_gets_every_migration(tmp_path):
+    db = logstore.open_db(tmp_path / "logs.db")
+    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in logstore.MIGRATIONS]
+    cols = columns(db)
+    assert {"prompt", "tools_hash", "grammar", "confidence", "confidence_parts", "repaired"} <= cols["attempts"]
+    assert {"request_id", "outcome", "note"} <= cols["feedback"]
+    assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("applied", range(1, len(logstore.MIGRATIONS)))
+def test_every_older_schema_migrates_and_keeps_its_rows(tmp_path, applied):
+    """A database as an older Outpost left it (the first `applied` migrations), with a
+    logged request in it, opens under this version with nothing lost."""
+    path = tmp_path / "logs.db"
+    old = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
+    old["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+    for fn in logstore.MIGRATIONS[:applied]:
+        fn(old)
+        old["_migrations"].insert({"name": fn.__name__, "applied_at": 0.0})
+    old["requests"].insert({"id": 7, "created_at": 1.0, "method": "chat", "model": "m",
+                            "messages": json.dumps([{"role": "user", "content": "hi"}])})
+    old["attempts"].insert({"request_id": 7, "kind": "local", "model": "m", "output": "hello",
+                            "created_at": 1.0})
+    old.conn.close()
+
+    db = logstore.open_db(path)
+    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in logstore.MIGRATIONS]
+    assert columns(db) == columns(logstore.open_db(tmp_path / "fresh.db"))
+    row = logstore.get_request(db, 7)
+    assert row["messages"] == [{"role": "user", "content": "hi"}]
+    assert row["attempts"][0]["output"] == "hello" and row["feedback"] == []
+
+
+def test_feedback_is_stored_against_the_request(client, tiny_daemon):
+    reply = client.chat([{"role": "user", "content": "hi"}], max_tokens=4)
+    log_id = reply["outpost"]["log_id"]
+    result = client.feedback(log_id, "bad", note="called the wrong tool")
+    assert result["log_id"] == log_id and result["outcome"] == "bad"
+    db = logstore.open_db(tiny_daemon.settings.log_path)
+    [fb] = logstore.get_request(db, log_id)["feedback"]
+    assert fb["outcome"] == "bad" and fb["note"] == "called the wrong tool"
+
+
+def test_feedback_for_an_unknown_request_or_outcome_is_a_typed_error(client):
+    with pytest.raises(NotFound):
+        client.feedback(10**9, "good")
+    with pytest.raises(BadRequest) as err:
+        client.request("feedback", {"log_id": 1, "outcome": "meh"})
+    assert err.value.data["errors"][0]["field"] == "outcome"
+    assert client.ping()["pong"]
+
+
+def test_cli_logs_feedback(client, tiny_daemon):
+    log_id = client.chat([{"role": "user", "content": "hi"}], max_tokens=4)["outpost"]["log_id"]
+    exe = str(Path(sys.executable).with_name("outpost"))
+    done = subprocess.run([exe, "logs", "feedback", str(log_id), "good", "--note", "worked",
+                           "--endpoint", tiny_daemon.settings.endpoint, "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["outcome"] == "good"
+    missing = subprocess.run([exe, "logs", "feedback", str(10**9), "good",
+                              "--endpoint", tiny_daemon.settings.endpoint],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "no request" in missing.stderr
