@@ -8,20 +8,25 @@ the model and version, raw output, parsed calls, validation, timings and tokens;
 JSON. This is training data: a row keeps everything a fine-tuning run needs.
 
 One thread owns the connection (WAL, busy timeout) and performs every write in an
-explicit transaction; the daemon awaits the commit before replying, so a `log_id`
-in a reply always names a row on disk. Migrations are plain functions applied in
-order and recorded in `_migrations`.
+explicit transaction, committing the requests that arrive together in one (group
+commit); the daemon awaits the commit before replying, so a `log_id` in a reply
+always names a row on disk. Migrations are plain functions applied in order and
+recorded in `_migrations`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import json
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,44 +132,165 @@ def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
 
 
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    settle: Callable[[Any, BaseException | None], None]  # hands the outcome back
+    batchable: bool = False  # a request record: may share a transaction with others
+
+
+def _to_asyncio(future: asyncio.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+    loop = future.get_loop()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        if future.done():  # the awaiting request was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    return lambda result, error: loop.call_soon_threadsafe(done, result, error)
+
+
+def _to_thread(future: concurrent.futures.Future[Any]) -> Callable[[Any, BaseException | None], None]:
+    return lambda result, error: (future.set_exception(error) if error is not None
+                                  else future.set_result(result))
+
+
 class LogStore:
-    """Async front of the log: all SQLite work runs on one dedicated thread."""
+    """Async front of the log: one writer thread owns the connection.
+
+    Requests being logged while the writer is busy are committed together, in one
+    transaction (group commit): each reply still waits for its own row to be on disk,
+    but a burst of requests pays for one commit instead of one each. If a batch
+    fails, its records are retried one by one, so one bad row fails only its request.
+    """
+
+    MAX_BATCH = 256
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="logstore")
-        self._db: sqlite_utils.Database = self._pool.submit(open_db, path).result()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        opened: concurrent.futures.Future[sqlite_utils.Database] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._writer, args=(opened,), name="outpost-log",
+                                        daemon=True)
+        self._thread.start()
+        self._db: sqlite_utils.Database = opened.result()  # raises what opening raised
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    # -- the writer thread --------------------------------------------------------------
+    def _writer(self, opened: concurrent.futures.Future[sqlite_utils.Database]) -> None:
+        try:
+            db = open_db(self.path)
+        except BaseException as exc:
+            opened.set_exception(exc)
+            return
+        opened.set_result(db)
+        held: _Job | None = None  # a job taken while gathering a batch, run next
+        while True:
+            job = held if held is not None else self._jobs.get()
+            held = None
+            if job is None:
+                break
+            if not job.batchable:
+                self._one(job)
+                continue
+            batch = [job]
+            while len(batch) < self.MAX_BATCH:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._jobs.put(None)  # stop, after this batch
+                    break
+                if not nxt.batchable:
+                    held = nxt
+                    break
+                batch.append(nxt)
+            self._batch(batch)
+        db.conn.close()
 
-    async def record(self, request: dict[str, Any], attempts: list[dict[str, Any]]) -> int:
-        return await self._run(self._record, request, attempts)
+    def _one(self, job: _Job) -> None:
+        try:
+            result = job.fn(*job.args)
+        except BaseException as exc:
+            job.settle(None, exc)
+        else:
+            job.settle(result, None)
 
-    def _record(self, request: dict[str, Any], attempts: list[dict[str, Any]]) -> int:
+    def _batch(self, batch: list[_Job]) -> None:
+        if len(batch) == 1:
+            self._one(batch[0])
+            return
         db = self._db
-        tools = request.pop("tools", None)
+        try:
+            with db.conn:
+                db.conn.execute("BEGIN IMMEDIATE")
+                ids = [job.fn(*job.args, transaction=False) for job in batch]
+        except Exception:
+            for job in batch:  # find the one that fails; the others still commit
+                self._one(job)
+            return
+        for job, request_id in zip(batch, ids):
+            job.settle(request_id, None)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, batchable: bool = False) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put(_Job(fn, args, _to_asyncio(future), batchable))
+        return await future
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run on the writer thread and wait for it, from synchronous code."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put(_Job(fn, args, _to_thread(future)))
+        return future.result()
+
+    # -- requests -----------------------------------------------------------------------
+    async def record(self, request: dict[str, Any], attempts: list[dict[str, Any]]) -> int:
+        return await self._run(self._record, request, attempts, batchable=True)
+
+    def _record(self, request: dict[str, Any], attempts: list[dict[str, Any]],
+                transaction: bool = True) -> int:
+        db = self._db
+        tools = request.get("tools")
         now = time.time()
-        with db.conn:  # one transaction: the request and its attempts, or nothing
-            db.conn.execute("BEGIN IMMEDIATE")
+        with db.conn if transaction else contextlib.nullcontext():
+            if transaction:  # one transaction: the request and its attempts, or nothing
+                db.conn.execute("BEGIN IMMEDIATE")
+            tools_hash = None
             if tools:
                 blob = json.dumps(tools, sort_keys=True, separators=(",", ":"))
-                request["tools_hash"] = _tools_hash(blob)
-                db["tools"].insert({"hash": request["tools_hash"], "tools": blob, "created_at": now},
-                                   ignore=True)
-            row = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in request.items()}
-            row["created_at"] = now
+                tools_hash = _tools_hash(blob)
+                db["tools"].insert({"hash": tools_hash, "tools": blob, "created_at": now}, ignore=True)
+            row = {k: (_json(v) if isinstance(v, (dict, list)) else v)
+                   for k, v in request.items() if k != "tools"}
+            row.update(created_at=now, tools_hash=tools_hash)
             request_id = db["requests"].insert(row).last_pk
             for attempt in attempts:
                 arow = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in attempt.items()}
-                arow.update(request_id=request_id, created_at=now, tools_hash=request.get("tools_hash"))
+                arow.update(request_id=request_id, created_at=now, tools_hash=tools_hash)
                 db["attempts"].insert(arow)
         return int(request_id)
+
+    # -- feedback -----------------------------------------------------------------------
+    async def record_feedback(self, request_id: int, outcome: str, note: str | None) -> int:
+        return await self._run(self._feedback, request_id, outcome, note)
+
+    def _feedback(self, request_id: int, outcome: str, note: str | None) -> int:
+        db = self._db
+        with db.conn:
+            db.conn.execute("BEGIN IMMEDIATE")
+            if not db.execute("select 1 from requests where id = ?", [request_id]).fetchone():
+                raise NotFound("request", request_id)
+            return int(db["feedback"].insert({"request_id": request_id, "created_at": time.time(),
+                                              "outcome": outcome, "note": note}).last_pk)
 
     # -- the pool's memory records ----------------------------------------------------
     def footprints(self) -> dict[tuple[str, str], dict[str, Any]]:
         """(model, version) -> its stored footprint; read once at start."""
-        rows = self._pool.submit(lambda: list(self._db["footprints"].rows)).result()
+        rows = self._call(lambda: list(self._db["footprints"].rows))
         return {(r["model"], r["version"]): r for r in rows}
 
     async def record_footprint(self, model: str, version: str, row: dict[str, Any]) -> None:
@@ -182,18 +308,6 @@ class LogStore:
                 [model, version, row["ram_bytes"], row["vram_bytes"], row["load_ms"],
                  row.get("n_layer"), time.time()])
 
-    async def record_feedback(self, request_id: int, outcome: str, note: str | None) -> int:
-        return await self._run(self._feedback, request_id, outcome, note)
-
-    def _feedback(self, request_id: int, outcome: str, note: str | None) -> int:
-        db = self._db
-        with db.conn:
-            db.conn.execute("BEGIN IMMEDIATE")
-            if not db.execute("select 1 from requests where id = ?", [request_id]).fetchone():
-                raise NotFound("request", request_id)
-            return int(db["feedback"].insert({"request_id": request_id, "created_at": time.time(),
-                                              "outcome": outcome, "note": note}).last_pk)
-
     async def record_event(self, kind: str, model: str, version: str, reason: str,
                            ram_bytes: int | None = None, load_ms: float | None = None) -> None:
         row = {"created_at": time.time(), "kind": kind, "model": model, "version": version,
@@ -201,8 +315,9 @@ class LogStore:
         await self._run(lambda: self._db["pool_events"].insert(row))
 
     def close(self) -> None:
-        self._pool.submit(self._db.conn.close).result()
-        self._pool.shutdown()
+        """Finish what is queued, then close the database."""
+        self._jobs.put(None)
+        self._thread.join()
 
 
 def _tools_hash(blob: str) -> str:

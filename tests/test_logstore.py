@@ -83,3 +83,29 @@ def test_cli_logs_feedback(client, tiny_daemon):
                               "--endpoint", tiny_daemon.settings.endpoint],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no request" in missing.stderr
+
+
+def test_concurrent_records_share_commits_and_a_bad_row_fails_alone(tmp_path):
+    """Records that queue up together commit in one transaction; one that cannot be
+    written fails its own request only, and every other row is on disk."""
+    import asyncio
+
+    store = logstore.LogStore(tmp_path / "logs.db")
+
+    async def burst() -> list:
+        rows = [({"method": "chat", "model": "m", "messages": [{"role": "user", "content": str(i)}]},
+                 [{"kind": "local", "model": "m", "output": str(i)}]) for i in range(200)]
+        rows[123][0]["no_such_column"] = 1
+        return await asyncio.gather(*(store.record(r, a) for r, a in rows), return_exceptions=True)
+
+    try:
+        results = asyncio.run(burst())
+    finally:
+        store.close()
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [123]
+    ids = [r for r in results if not isinstance(r, BaseException)]
+    assert len(set(ids)) == 199
+    db = logstore.open_db(tmp_path / "logs.db")
+    assert db["requests"].count == 199 and db["attempts"].count == 199
+    assert logstore.get_request(db, ids[0])["attempts"][0]["output"] == "0"
