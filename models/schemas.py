@@ -12,9 +12,11 @@ instance that breaks it is refused by the grammar), each unsupported keyword aga
 the daemon (the request is refused and the keyword named).
 
 `for_grammar` rewrites a checked schema into the subset xgrammar compiles, without
-changing what it accepts: `allOf` with one member is merged into its parent, and an
+changing what it accepts: `allOf` with one member is merged into its parent; an
 object without `properties` says `additionalProperties: true` explicitly (the
-grammar is compiled strictly, so an object that lists properties gets no others).
+grammar is compiled strictly, so an object that lists properties gets no others);
+and a `required` member missing from `properties` is listed there (xgrammar forces
+only the members it has a schema for).
 Generated calls are still validated against the schema the agent sent.
 """
 
@@ -204,6 +206,13 @@ def _rewrite(schema: Any) -> Any:
         isinstance(schema.get("type"), list) and "object" in schema["type"])
     if is_object and "properties" not in schema and "additionalProperties" not in schema:
         schema["additionalProperties"] = True
+    # xgrammar forces only the required members it has a schema for: a required name
+    # with no entry in `properties` gets the schema any extra member would have.
+    undeclared = [name for name in schema.get("required", []) if name not in schema.get("properties", {})]
+    if is_object and undeclared:
+        extra = schema.get("additionalProperties", True)
+        schema.setdefault("properties", {}).update(
+            {name: extra if isinstance(extra, dict) else {} for name in undeclared})
     return schema
 
 

@@ -201,3 +201,11 @@ def test_the_docs_table_is_the_code_table():
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "json-schema.md").read_text()
     assert coverage_table() in docs
+
+
+def test_required_members_without_a_schema_are_still_required(grammars):
+    """BFCL has objects that list `required` names but no `properties` for them."""
+    params = obj(population={"type": "object", "required": ["adults", "children"]})
+    assert accepts(grammars, params, {"population": {"adults": 2, "children": 1}})
+    assert accepts(grammars, params, {"population": {"adults": 2, "children": 1, "pets": 3}})
+    assert not accepts(grammars, params, {"population": {"adults": 2}})
