@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from outpost.manifests.schema import Manifest
 from .backend import Generation, GenerationRequest
 from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
-from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatTemplate
+from .templates import TOOL_CALL_CLOSE, ChatTemplate
 from . import toolcalls
 
 
@@ -153,8 +152,7 @@ class LlamaModel:
         finish = run.finish
         if request.tools and request.tool_choice != "none":
             content, parsed = toolcalls.parse(text, loose=mask is None)
-            stats = (_call_stats(bytes(run.written), run.offsets, run.logprobs, run.repairs)
-                     if mask is not None else None)
+            stats = _call_stats(run) if mask is not None else None
             tool_calls, validation = toolcalls.to_openai(parsed, request.tools, stats)
             if tool_calls and finish == "stop":
                 finish = "tool_calls"
@@ -197,14 +195,14 @@ class LlamaModel:
                 llama_cpp.llama_get_logits_ith(self._llama.ctx, -1), shape=(self.n_vocab,))
             if mask is not None:
                 mask.apply(logits)
-                if (closing_left < 0 and not run.in_call and TOOL_CALL_CLOSE_B in run.written
+                if (closing_left < 0 and not run.in_call and run.calls.spans
                         and run.budget - len(run.out) <= 2 * reserve
                         and np.isfinite(logits[self.grammars.vocab.stop_ids]).any()):
                     # Calls are done and the grammar lets the answer end here; another
                     # call could not be finished within max_tokens, so do not start one.
                     run.finish = "stop"
                     return
-            tok = (self._closing_token(logits, _in_json_string(run.written)) if closing_left >= 0
+            tok = (self._closing_token(logits, run.calls.in_string) if closing_left >= 0
                    else _sample(logits, request, rng))
             if not np.isfinite(logits[tok]) or (mask is not None and not mask.accept(tok)):
                 run.finish, run.dead_end = "stop", True  # the grammar allowed nothing
@@ -225,7 +223,7 @@ class LlamaModel:
                     elif loop := _degenerate_loop(run.out):
                         tok = self._cut_loop(run, mask, *loop)
                         closing_left = LOOP_CLOSE_TOKENS
-                elif _repeats_a_call(run.written):
+                elif _repeats_a_call(run):
                     # Greedy decoding also loops on whole calls; a repeat carries no
                     # information, so stop instead of burning max_tokens.
                     run.finish = "stop"
@@ -315,24 +313,25 @@ class _Run:
     repairs: list[tuple[int, str]] = field(default_factory=list)  # (byte offset, why) a call was cut
     finish: str = "length"
     dead_end: bool = False
+    calls: toolcalls.CallScanner = field(default_factory=toolcalls.CallScanner)
 
     def add(self, tok: int, piece: bytes, logprob: float) -> None:
         self.out.append(tok)
         self.offsets.append(len(self.written))
         self.written += piece
         self.logprobs.append(logprob)
+        self.calls.feed(piece)
 
     def truncate(self, n: int) -> None:
         del self.written[self.offsets[n]:]
         del self.out[n:], self.offsets[n:], self.logprobs[n:]
+        self.calls = toolcalls.CallScanner(bytes(self.written))
 
     @property
     def in_call(self) -> bool:
-        return self.written.count(TOOL_CALL_OPEN_B) > self.written.count(TOOL_CALL_CLOSE_B)
+        return self.calls.in_call
 
 
-TOOL_CALL_OPEN_B = TOOL_CALL_OPEN.encode()
-TOOL_CALL_CLOSE_B = TOOL_CALL_CLOSE.encode()
 # A loop is a run of tokens repeated back to back at least LOOP_MIN_REPEATS times and
 # over at least LOOP_MIN_TOKENS tokens, with a period of at most LOOP_MAX_PERIOD. Real
 # arguments rarely do that ("1000000000000" is 4 x "000" but only 4 tokens).
@@ -360,52 +359,36 @@ def _degenerate_loop(tokens: list[int]) -> tuple[int, int] | None:
     return None
 
 
-def _in_json_string(written: bytearray) -> bool:
-    """Is the open tool call's JSON inside a string right now?"""
-    start = written.rfind(TOOL_CALL_OPEN_B)
-    in_string = escaped = False
-    for byte in written[start + len(TOOL_CALL_OPEN_B):] if start >= 0 else b"":
-        if escaped:
-            escaped = False
-        elif byte == 0x5C and in_string:  # backslash
-            escaped = True
-        elif byte == 0x22:  # quote
-            in_string = not in_string
-    return in_string
-
-
 def _cut_quality(written: bytearray, at: int) -> int:
     """How cleanly a call cut at byte `at` can be closed: 0 best."""
     kept, rest = written[:at], written[at:]
-    if _in_json_string(kept):
+    if toolcalls.CallScanner(bytes(kept)).in_string:
         return 1 if rest.startswith(b'"') else 2  # `"abc` + `"...`: the string was whole
     return 0 if kept.rstrip()[-1:] not in (b",", b":", b"[", b"{") else 3
 
 
-def _repeats_a_call(written: bytearray) -> bool:
-    if not written.endswith(TOOL_CALL_CLOSE_B):
+def _repeats_a_call(run: _Run) -> bool:
+    """Has the call that just closed been made before in this answer?"""
+    spans = run.calls.spans
+    if not spans or spans[-1][1] != len(run.written):
         return False
-    blocks = [b.strip() for b in bytes(written).split(TOOL_CALL_OPEN_B)[1:]]
-    return blocks[-1] in blocks[:-1]
+    block = lambda span: bytes(run.written[span[0]:span[1]]).strip()  # noqa: E731
+    return block(spans[-1]) in {block(s) for s in spans[:-1]}
 
 
-_BLOCK_B = re.compile(re.escape(TOOL_CALL_OPEN_B) + rb".*?(?:" + re.escape(TOOL_CALL_CLOSE_B) + rb"|$)", re.S)
-
-
-def _call_stats(written: bytes, offsets: list[int], logprobs: list[float],
-                repairs: list[tuple[int, str]]) -> list[dict[str, Any]]:
-    """Per tool-call block, in order: its tokens' log-probabilities (mean, min, count)
-    and, if it was cut short and closed, why ("loop" or "length"; else None)."""
+def _call_stats(run: _Run) -> list[dict[str, Any]]:
+    """Per tool call, in order: its tokens' log-probabilities (mean, min, count) and,
+    if it was cut short and closed, why ("loop" or "length"; else None)."""
     stats = []
-    starts = np.asarray(offsets)
-    lp = np.asarray(logprobs[: len(offsets)])
-    for match in _BLOCK_B.finditer(written):
-        inside = (starts >= match.start()) & (starts < match.end())
-        mine = lp[inside]
+    starts = np.asarray(run.offsets)
+    lp = np.asarray(run.logprobs)
+    for start, end in run.calls.spans:
+        end = len(run.written) if end is None else end
+        mine = lp[(starts >= start) & (starts < end)]
         stats.append({
             "logprob": {"mean": float(mine.mean()) if mine.size else None,
                         "min": float(mine.min()) if mine.size else None, "tokens": int(mine.size)},
-            "repaired": next((why for at, why in repairs if match.start() <= at <= match.end()), None)})
+            "repaired": next((why for at, why in run.repairs if start <= at <= end), None)})
     return stats
 
 

@@ -215,3 +215,23 @@ def test_unconstrained_mode_decodes_freely_and_still_validates(smol):
     assert reply["outpost"]["constrained"] is False
     calls = reply["choices"][0]["message"].get("tool_calls") or []
     assert len(reply["outpost"]["validation"]) == len(calls)
+
+
+def test_a_tag_inside_a_string_argument_neither_closes_nor_splits_the_call():
+    text = ('<tool_call>\n{"name": "note", "arguments": {"text": "use </tool_call> and <tool_call> '
+            'freely", "tags": []}}\n</tool_call>')
+    scanner = toolcalls.CallScanner()
+    for i, ch in enumerate(text.encode()):
+        scanner.feed(bytes([ch]))
+        if i == text.index("use") + 10:
+            assert scanner.in_call and scanner.in_string
+    assert not scanner.in_call and scanner.spans == [[0, len(text.encode())]]
+    content, calls = toolcalls.parse(text)
+    assert content is None
+    assert calls == [{"name": "note", "arguments": {"text": "use </tool_call> and <tool_call> freely",
+                                                    "tags": []}}]
+
+
+def test_an_unclosed_call_is_reported_raw():
+    content, calls = toolcalls.parse('Sure. <tool_call>\n{"name": "note", "arguments": {"text": "ab')
+    assert content == "Sure." and calls == [{"raw": '{"name": "note", "arguments": {"text": "ab'}]
