@@ -156,9 +156,9 @@ class GrammarCache:
         """Token ids that move a JSON value towards its end, best first.
 
         Inside a string: those that close it (and at most close arrays or objects
-        after it). Outside: those that start by closing an array or an object, then
-        those that start with a comma (an object with required members left must
-        go on to the next one rather than grow the current number or word).
+        after it). Outside: those made only of closing brackets, then those that
+        start with a comma (an object with required members left must go on to the
+        next one rather than grow the current number or word).
         """
         if in_string not in self._closers:
             # An odd number of quotes leaves the string; an even one (none) stays out.
@@ -168,8 +168,8 @@ class GrammarCache:
                 tiers = [[i for i, (p, q) in enumerate(zip(pieces, quotes))
                           if q == 1 and not p[p.rindex(b'"') + 1:].strip(b" \t\n]}")]]
             else:
-                tiers = [[i for i, (p, q) in enumerate(zip(pieces, quotes))
-                          if q == 0 and p.lstrip()[:1] in (b"]", b"}")],
+                # Only closing brackets: "}," closes one object but opens the next item.
+                tiers = [[i for i, p in enumerate(pieces) if p.strip() and not p.strip().strip(b"]}")],
                          [i for i, p in enumerate(pieces) if p.lstrip()[:1] == b","]]
             self._closers[in_string] = tuple(np.array(t, dtype=np.int64) for t in tiers)
         return self._closers[in_string]
