@@ -10,7 +10,7 @@ import pytest
 
 from outpost.tools import bfcl
 
-from .conftest import SMOLLM2, make_data_dir, start_daemon
+from .conftest import SMOLLM2, make_data_dir
 
 
 def test_the_checker_scores_without_the_model_client_packages():
@@ -47,14 +47,15 @@ def test_executable_means_the_arguments_bind_to_the_signature():
 
 
 @pytest.mark.slow
-def test_a_short_run_through_the_daemon(tmp_path, model_cache, tiny_gguf, capsys):
-    running = start_daemon(make_data_dir(tmp_path, tiny_gguf, model_cache), SMOLLM2)
-    try:
-        code = bfcl.main(["--endpoint", running.settings.endpoint, "--limit", "2", "--json",
-                          "--categories", "simple_python", "irrelevance",
-                          "--outcomes", str(tmp_path / "out.jsonl")])
-    finally:
-        running.stop()
+def test_a_short_run_through_an_in_process_daemon(tmp_path, model_cache, tiny_gguf, capsys,
+                                                  monkeypatch):
+    data = make_data_dir(tmp_path, tiny_gguf, model_cache)
+    monkeypatch.setenv("OUTPOST_DATA_DIR", str(data))
+    monkeypatch.delenv("OUTPOST_ENDPOINT", raising=False)
+    monkeypatch.delenv("OUTPOST_CONFIG", raising=False)
+    code = bfcl.main(["--in-process", "--model", SMOLLM2, "--limit", "2", "--json",
+                      "--categories", "simple_python", "irrelevance",
+                      "--outcomes", str(tmp_path / "out.jsonl")])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     for category in ("simple_python", "irrelevance"):

@@ -1,6 +1,7 @@
 """BFCL v4 against Outpost: grammar-constrained vs unconstrained tool calls, side by side.
 
     python -m outpost.tools.bfcl [--model M] [--limit N] [--categories C ...] [--json]
+                                 [--endpoint URL | --in-process]
 
 Data and scoring come from the `bfcl-eval` package (BFCL v4 question files, possible
 answers and its AST checker). Install it without its dependencies; it is a benchmark
@@ -41,10 +42,12 @@ Columns, per category and mode:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -57,6 +60,7 @@ from tqdm import tqdm
 from outpost.manifests.errors import OutpostError
 from outpost.runtime.client import OutpostClient
 from outpost.runtime.config import Settings
+from outpost.runtime.embedded import EmbeddedDaemon
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 MODES = ("constrained", "unconstrained")
@@ -280,15 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--max-tokens", type=int, default=256, help="per answer (default 256)")
     ap.add_argument("--endpoint", help="daemon endpoint (default: from config / OUTPOST_ENDPOINT)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the daemon inside this process (configured data dir and models, "
+                         "a private socket) instead of connecting to one")
     ap.add_argument("--config", type=Path, help="config file (for the endpoint)")
     ap.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     ap.add_argument("--outcomes", type=Path, help="also write every answer as JSON lines here")
     args = ap.parse_args(argv)
 
-    endpoint = args.endpoint or Settings.load(args.config).endpoint
     check = _checker()
     outcomes: list[Outcome] = []
-    with OutpostClient(endpoint, timeout_s=600) as client:
+    with contextlib.ExitStack() as stack:
+        if args.in_process:
+            sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="outpost-bfcl-"))
+            settings = Settings.load(args.config, endpoint=f"ipc://{sockets}/outpost.sock")
+            endpoint = stack.enter_context(EmbeddedDaemon(settings)).settings.endpoint
+        else:
+            endpoint = args.endpoint or Settings.load(args.config).endpoint
+        client = stack.enter_context(OutpostClient(endpoint, timeout_s=600))
         client.ping(timeout_s=5)  # fail fast, with the daemon_unreachable message
         for category in args.categories:
             items = load(category, args.limit)
