@@ -478,10 +478,14 @@ class ModelPool:
                 await self.evict(victim, f"make room for {manifest.id} "
                                          f"({need / 2**20:.0f} MiB, {used / 2**20:.0f} MiB in use)",
                                  freed=freed)
-                # No need to measure again: an exited process takes at least its
-                # private memory and its untouched reserve with it, so the sum can
-                # only have fallen by more than this.
-                used -= freed
+                if any(w.state in ("busy", "loading") for w in self.workers.values()):
+                    # A worker that is generating or loading grew while we waited.
+                    used, snapshot = self.measure()
+                else:
+                    # Nothing else moved: an exited process takes at least its private
+                    # memory and its untouched reserve with it, so the sum has fallen
+                    # by at least this, and measuring again would only cost the swap.
+                    used -= freed
                 continue
             # Everything evictable is serving. Drain the best victim (it takes no new
             # leases, its current requests finish), then wait; without draining, a busy
