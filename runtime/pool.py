@@ -328,7 +328,7 @@ class ModelPool:
             if worker.served == 1 and worker.alive:
                 # The first generation touches the compute buffers: measure it now, so
                 # the stored footprint includes them; after that the reaper samples.
-                self._remeasure(worker)
+                self._remeasure(worker, settle=True)
 
     async def _wait_released(self, deadline: float) -> bool:
         """Wait (at most a second, and not past `deadline`) for a lease or worker to go."""
@@ -388,7 +388,7 @@ class ModelPool:
             # Charge what the first load measures, not the coarse estimate. A model
             # loaded before is charged its stored high-water mark already; the
             # reaper re-measures it within a second, off this request's path.
-            self._remeasure(worker, initial=True)
+            self._remeasure(worker)
         t3 = time.perf_counter()
         log.info("loaded %s %s in %.0f ms (%s; waited %.0f ms to admit, %.0f ms to make room, "
                  "%.0f ms to start the worker, %.0f ms in llama.cpp; charged %.0f MiB of a "
@@ -526,7 +526,7 @@ class ModelPool:
                     worker.manifest.id, worker.pid, reason)
         await self.evict(worker, reason, kind=kind)
 
-    def _remeasure(self, worker: Worker, initial: bool = False) -> None:
+    def _remeasure(self, worker: Worker, settle: bool = False) -> None:
         """Charge the larger of expected and seen; remember a new high for next time."""
         seen = worker.uss()
         if worker.pid is not None and self.gpus.count:
@@ -534,8 +534,10 @@ class ModelPool:
         key = (worker.manifest.id, worker.manifest.version)
         stored = self.footprints.get(key)
         measured = max(seen, int(stored["ram_bytes"]) if stored else 0)
-        # The first load of a model charges what it measures, not the (coarse) estimate.
-        worker.reserve = measured if (initial and stored is None) else max(worker.reserve, seen)
+        # Right after a first load the worker has not yet touched its compute buffers,
+        # so what it measures then is not its footprint: the estimate stays reserved
+        # until its first generation has been measured (`settle`), which replaces it.
+        worker.reserve = measured if settle else max(worker.reserve, seen)
         if stored is None or seen > int(stored["ram_bytes"]) + (1 << 20):
             row = {"ram_bytes": measured, "vram_bytes": worker.vram, "load_ms": worker.load_ms,
                    "n_layer": worker.info.get("n_layer")}
