@@ -82,7 +82,6 @@ class Worker:
     draining: bool = False  # chosen for eviction: no new leases, current ones finish
     vram: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    _joined: asyncio.Future[None] | None = None
     _ids: itertools.count = field(default_factory=itertools.count)
 
     # -- talking to the process ---------------------------------------------------
@@ -177,7 +176,7 @@ class Worker:
         finally:
             loop.remove_reader(fd)
             os.close(fd)
-        self._joined = asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout_s)
+        asyncio.get_running_loop().run_in_executor(None, self.process.join, timeout_s)
 
     # -- memory ---------------------------------------------------------------------
     @property
