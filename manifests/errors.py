@@ -23,6 +23,17 @@ parse a message to learn what went wrong.
     ├── Overloaded                    overloaded
     ├── Timeout                       timeout
     ├── NotFound                      not_found
+    ├── LogUnavailable                log_unavailable
+    │   ├── LogLocked                 log_locked
+    │   └── LogDiskFull               log_disk_full
+    ├── CloudError                    cloud_failed      (never sent: the reply degrades)
+    │   ├── CloudUnconfigured         cloud_not_configured
+    │   ├── CloudUnreachable          cloud_unreachable
+    │   ├── CloudTimeout              cloud_timeout
+    │   ├── CloudRejected             cloud_rejected
+    │   ├── CloudOverBudget           cloud_over_daily_cap
+    │   ├── CloudCircuitOpen          cloud_circuit_open
+    │   └── CloudInvalid              cloud_invalid_answer
     ├── ConfigError                   config_error
     ├── DaemonUnreachable             daemon_unreachable
     └── InternalError                 internal
@@ -180,6 +191,71 @@ class NotFound(OutpostError):
 
     def __init__(self, kind: str, ident: Any) -> None:
         super().__init__(f"no {kind} {ident!r}", kind=kind, id=ident)
+
+
+class LogUnavailable(OutpostError):
+    """The interaction log could not be written or read."""
+
+    code = "log_unavailable"
+
+    def __init__(self, message: str, path: str, **data: Any) -> None:
+        super().__init__(message, path=path, **data)
+        self.path = path
+
+
+class LogLocked(LogUnavailable):
+    """Another process held the log's database past the busy timeout."""
+
+    code = "log_locked"
+
+
+class LogDiskFull(LogUnavailable):
+    """The log's filesystem (or the process's file-size limit) has no room left."""
+
+    code = "log_disk_full"
+
+
+class CloudError(OutpostError):
+    """The cloud gave no usable answer. Never sent to an agent: the reply carries the
+    local answer with `degraded` and this error's `reason`."""
+
+    code = "cloud_failed"
+    reason = "failed"
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message, reason=self.reason, **data)
+
+
+class CloudUnconfigured(CloudError):
+    code, reason = "cloud_not_configured", "not_configured"
+
+
+class CloudUnreachable(CloudError):
+    code, reason = "cloud_unreachable", "unreachable"
+
+
+class CloudTimeout(CloudError):
+    code, reason = "cloud_timeout", "timeout"
+
+
+class CloudRejected(CloudError):
+    """A 4xx that another try would not fix."""
+
+    code, reason = "cloud_rejected", "rejected"
+
+
+class CloudOverBudget(CloudError):
+    code, reason = "cloud_over_daily_cap", "over_daily_cap"
+
+
+class CloudCircuitOpen(CloudError):
+    code, reason = "cloud_circuit_open", "circuit_open"
+
+
+class CloudInvalid(CloudError):
+    """Malformed, truncated, empty, or a tool call that fails its schema."""
+
+    code, reason = "cloud_invalid_answer", "invalid_answer"
 
 
 class ConfigError(OutpostError):

@@ -386,8 +386,11 @@ def _call_stats(run: _Run) -> list[dict[str, Any]]:
         end = len(run.written) if end is None else end
         mine = lp[(starts >= start) & (starts < end)]
         stats.append({
+            # `free`: tokens the grammar left a choice for (a forced token's log-prob is 0
+            # after the mask), the ones that carry the model's doubt.
             "logprob": {"mean": float(mine.mean()) if mine.size else None,
-                        "min": float(mine.min()) if mine.size else None, "tokens": int(mine.size)},
+                        "min": float(mine.min()) if mine.size else None, "tokens": int(mine.size),
+                        "sum": float(mine.sum()), "free": int((mine < -1e-6).sum())},
             "repaired": next((why for at, why in run.repairs if start <= at <= end), None)})
     return stats
 

@@ -171,3 +171,21 @@ def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]],
         extra = stats[i] if stats is not None and i < len(stats) else {}
         report.append({"name": name, "valid": not errors, "errors": errors, **extra})
     return out, report
+
+
+def validate_calls(calls: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI `tool_calls` from elsewhere (a cloud's answer) -> one validation record
+    per call, by the same rules as a local call's. Arguments that are not JSON, or
+    JSON cut short, are "not a JSON object"."""
+    parsed: list[dict[str, Any]] = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        fn = fn if isinstance(fn, dict) else {}
+        raw = fn.get("arguments")
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            parsed.append({"name": fn.get("name"), "raw": raw})
+            continue
+        parsed.append({"name": fn.get("name"), "arguments": {} if args is None else args})
+    return to_openai(parsed, tools)[1]

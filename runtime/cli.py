@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"outpost: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
-    except OutpostError as exc:
+    except (OutpostError, sqlite3.Error) as exc:
+        if isinstance(exc, sqlite3.Error):  # the log, read here: locked, full, broken
+            exc = logstore.typed(exc, settings.log_path)
         if getattr(args, "json", False):
             print(json.dumps({"error": exc.to_wire()}, default=str))
         else:
@@ -137,6 +140,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outcome", choices=["good", "bad"])
     p.add_argument("--note", help="free text kept with the verdict")
     p.set_defaults(run=cmd_logs_feedback)
+
+    p = logs.add_parser(
+        "export", parents=[common, as_json], help="write chat+tools JSONL for fine-tuning",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write logged requests with a trustworthy answer as fine-tuning examples.\n\n"
+                    "Target: the cloud answer of an escalated request (distillation); else the\n"
+                    "local answer when an agent said good, or when its confidence reaches\n"
+                    "--min-confidence. PII is redacted (counts printed), exact duplicates are\n"
+                    "dropped, and a deterministic share goes to FILE's .val sibling\n"
+                    "(train.jsonl -> train.val.jsonl). An export without filters advances the\n"
+                    "watermark that lets retention prune exported rows.")
+    p.add_argument("--format", choices=["openai", "hf"], default="openai",
+                   help="openai: arguments as JSON strings; hf: as objects (default openai)")
+    p.add_argument("--task", help="only requests routed to this task")
+    p.add_argument("--model", help="only requests answered by this model id")
+    p.add_argument("--since", metavar="WHEN", help="an age (7d, 12h) or an ISO date")
+    p.add_argument("--min-confidence", type=float, metavar="X",
+                   help="confidence a local answer without feedback needs ([export] min_confidence)")
+    p.add_argument("--escalated", action="store_true", help="only requests answered by the cloud")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the training JSONL file")
+    p.set_defaults(run=cmd_logs_export)
+
+    p = logs.add_parser("clusters", parents=[common, as_json],
+                        help="group requests into tasks; say which deserve a specialised model")
+    p.add_argument("--since", metavar="WHEN", help="an age (7d, 12h) or an ISO date")
+    p.set_defaults(run=cmd_logs_clusters)
+
+    p = logs.add_parser("stats", parents=[common, as_json],
+                        help="per model and task: escalation, validity, latency, cost per success")
+    p.add_argument("--since", metavar="WHEN", help="an age (7d, 12h) or an ISO date")
+    p.set_defaults(run=cmd_logs_stats)
+
+    p = logs.add_parser("prune", parents=[common, as_json],
+                        help="apply the retention caps now ([logs] max_age_days, max_size)")
+    p.add_argument("--dry-run", action="store_true", help="count what age would remove; delete nothing")
+    p.set_defaults(run=cmd_logs_prune)
     return parser
 
 
@@ -336,7 +375,85 @@ def cmd_models_rm(args: argparse.Namespace, settings: Settings) -> int:
 def _open_log(settings: Settings):
     if not settings.log_path.exists():
         raise ConfigError(f"no log at {settings.log_path} yet; the daemon writes it")
-    return logstore.open_db(settings.log_path)
+    return logstore.open_db(settings.log_path, settings.logs.busy_timeout_s)
+
+
+def _since(args: argparse.Namespace) -> float | None:
+    from .export import parse_since
+    return parse_since(args.since) if args.since else None
+
+
+def cmd_logs_export(args: argparse.Namespace, settings: Settings) -> int:
+    from .export import Filters, export
+    db = _open_log(settings)
+    filters = Filters(task=args.task, model=args.model, since=_since(args), escalated=args.escalated)
+    total = db.execute("select count(*) from requests").fetchone()[0]
+    with tqdm(total=total, unit="req", desc="export", disable=args.json or None, leave=False) as bar:
+        report = export(db, args.out, args.format, filters,
+                        settings.export.min_confidence if args.min_confidence is None else args.min_confidence,
+                        settings.export.val_share, settings.export.redact, progress=bar,
+                        advance_watermark=filters.none and args.min_confidence is None)
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    print(f"{report.examples} examples ({report.train} train -> {report.train_path}, "
+          f"{report.val} validation -> {report.val_path}); {report.duplicates} duplicates dropped")
+    if report.sources:
+        print("targets: " + ", ".join(f"{k} {v}" for k, v in sorted(report.sources.items())))
+    if report.skipped:
+        print("skipped: " + ", ".join(f"{k} {v}" for k, v in report.skipped.most_common()))
+    print("redacted: " + (", ".join(f"{k} {v}" for k, v in sorted(report.redacted.items())) or "nothing"))
+    return 0
+
+
+def cmd_logs_clusters(args: argparse.Namespace, settings: Settings) -> int:
+    from .clusters import clusters
+    result = clusters(_open_log(settings), _since(args))
+    if args.json:
+        _print_json(result)
+        return 0
+    print(f"{result['requests']} requests in {len(result['clusters'])} clusters")
+    print(f"{'SIZE':>5} {'SHARE':>6} {'VALID':>6} {'CONF':>5} {'ESC':>5} {'CLOUD $':>8}  TOOLS / LABEL")
+    for c in result["clusters"]:
+        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+        conf = "-" if c["mean_confidence"] is None else f"{c['mean_confidence']:.2f}"
+        print(f"{c['size']:>5} {pct(c['share']):>6} {pct(c['local_validity']):>6} {conf:>5} "
+              f"{pct(c['escalation_rate']):>5} {c['cloud_cost_usd']:>8.4f}  {c['tools']} / {c['label']}")
+        if c["suggestion"] != "-":
+            print(f"{'':>41}-> {c['suggestion']}")
+    return 0
+
+
+def cmd_logs_stats(args: argparse.Namespace, settings: Settings) -> int:
+    from .logstats import stats
+    result = stats(_open_log(settings), _since(args), settings.costs.local_per_1k_tokens)
+    if args.json:
+        _print_json(result)
+        return 0
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    ms = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    print(f"{'MODEL':<24} {'TASK':<12} {'REQS':>6} {'ERR':>5} {'ESC':>6} {'VALID':>6} {'OK':>6} "
+          f"{'P50 MS':>7} {'P95 MS':>7} {'$/SUCCESS':>10}")
+    for g in [*result["groups"], {"model": "all", "task": "", **result["total"]}]:
+        cps = "-" if g["cost_per_success_usd"] is None else f"{g['cost_per_success_usd']:.6f}"
+        print(f"{g['model']:<24} {g['task']:<12} {g['requests']:>6} {g['errors']:>5} "
+              f"{pct(g['escalation_rate']):>6} {pct(g['validity_rate']):>6} {pct(g['success_rate']):>6} "
+              f"{ms(g['latency_ms']['p50']):>7} {ms(g['latency_ms']['p95']):>7} {cps:>10}")
+    return 0
+
+
+def cmd_logs_prune(args: argparse.Namespace, settings: Settings) -> int:
+    cfg = settings.logs
+    result = logstore.prune(_open_log(settings),
+                            cfg.max_age_days * 86400 if cfg.max_age_days else None,
+                            int(cfg.max_size) if cfg.max_size else None, time.time(), args.dry_run)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"deleted {result['deleted_by_age']} by age, {result['deleted_by_size']} by size; "
+              f"{result['held']} held (not exported or synced yet, watermark {result['watermark']}); "
+              f"{_mib(result['bytes'])} in use")
+    return 0
 
 
 def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:

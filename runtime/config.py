@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -70,6 +70,8 @@ class PoolSettings(_Section):
 class ModelPolicy(_Section):
     pin: bool = False  # never evicted, never unloaded for idleness
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = None  # overrides [pool] idle_ttl_s
+    # Escalate this model's answers below this confidence (overrides [escalation]).
+    escalation_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
 class LlamaSettings(_Section):
@@ -79,6 +81,90 @@ class LlamaSettings(_Section):
     n_batch: Annotated[int, Field(gt=0)] = 512
     # "auto": offload every layer when llama.cpp was built with a GPU backend, else 0.
     n_gpu_layers: int | Literal["auto"] = "auto"
+
+
+class LogSettings(_Section):
+    """The interaction log (logs.db): how long to wait for a lock, how much to keep."""
+
+    # A write that finds the database locked by another process waits this long,
+    # then the request is answered with `log_failed` (a CLI read gets `log_locked`).
+    busy_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # Retention caps. Pruning never removes a request that has not been exported or
+    # synced yet (the watermark): with neither, the log only grows, with a warning.
+    max_age_days: Annotated[float, Field(gt=0)] | None = 90.0
+    max_size: ByteSize | None = ByteSize(1 << 30)
+    prune_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+
+
+class ExportSettings(_Section):
+    """`outpost logs export`: which answers become training targets, and redaction."""
+
+    # A local answer without an agent's "good" is exported only at this confidence.
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.8
+    # Share of examples written to the validation file (by a hash of the example).
+    val_share: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # Extra redaction patterns, name -> Python regex: employee_id = "EMP-\\d{6}"
+    redact: dict[str, str] = {}
+
+
+class CostSettings(_Section):
+    """Prices, in USD per 1,000 tokens, for `outpost logs stats` cost per task."""
+
+    local_per_1k_tokens: Annotated[float, Field(ge=0)] = 0.0
+
+
+class ConfidenceSettings(_Section):
+    """Weights of the confidence score (runtime/confidence.py has the formula)."""
+
+    mean_weight: Annotated[float, Field(ge=0)] = 0.5
+    min_weight: Annotated[float, Field(ge=0)] = 0.5
+    min_temperature: Annotated[float, Field(gt=0)] = 2.0
+    invalid_factor: Annotated[float, Field(ge=0, le=1)] = 0.0
+    dead_end_factor: Annotated[float, Field(ge=0, le=1)] = 0.2
+    repaired_factor: Annotated[float, Field(ge=0, le=1)] = 0.3
+    truncated_factor: Annotated[float, Field(ge=0, le=1)] = 0.3
+    no_call_factor: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> ConfidenceSettings:
+        if self.mean_weight + self.min_weight <= 0:
+            raise ValueError("mean_weight + min_weight must be > 0")
+        return self
+
+
+Policy = Literal["off", "on_low_confidence", "shadow", "cloud_only"]
+
+
+class TaskEscalation(_Section):
+    policy: Policy | None = None
+    threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class EscalationSettings(_Section):
+    """When a local answer goes to the cloud; [escalation.tasks.<task>] overrides."""
+
+    policy: Policy = "off"
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    tasks: dict[str, TaskEscalation] = {}
+
+
+class CloudSettings(_Section):
+    """An OpenAI-compatible /v1/chat/completions endpoint."""
+
+    base_url: str | None = None  # e.g. "https://api.openai.com/v1"; None: no cloud
+    model: str = "gpt-4o-mini"
+    api_key_env: str | None = "OPENAI_API_KEY"  # the variable's *name*; the key is never logged
+    timeout_s: Annotated[float, Field(gt=0)] = 20.0  # per request, retries included
+    max_retries: Annotated[int, Field(ge=0)] = 3
+    backoff_s: Annotated[float, Field(gt=0)] = 0.5  # first retry's delay, doubled, jittered
+    max_backoff_s: Annotated[float, Field(gt=0)] = 8.0
+    breaker_failures: Annotated[int, Field(ge=1)] = 5  # failures in a row that open the breaker
+    breaker_cooldown_s: Annotated[float, Field(gt=0)] = 60.0
+    daily_max_requests: Annotated[int, Field(ge=0)] | None = 1000
+    daily_max_tokens: Annotated[int, Field(ge=0)] | None = 1_000_000
+    price_in_per_1k: Annotated[float, Field(ge=0)] = 0.00015  # USD, for cost estimates
+    price_out_per_1k: Annotated[float, Field(ge=0)] = 0.0006
+    max_tokens: Annotated[int, Field(gt=0)] = 1024
 
 
 class Settings(BaseSettings):
@@ -97,6 +183,12 @@ class Settings(BaseSettings):
     budget: BudgetSettings = BudgetSettings()
     pool: PoolSettings = PoolSettings()
     llama: LlamaSettings = LlamaSettings()
+    logs: LogSettings = LogSettings()
+    export: ExportSettings = ExportSettings()
+    costs: CostSettings = CostSettings()
+    confidence: ConfidenceSettings = ConfidenceSettings()
+    escalation: EscalationSettings = EscalationSettings()
+    cloud: CloudSettings = CloudSettings()
     # Per-model policy, by manifest id: [models."smollm2-135m-instruct"] pin = true
     models: dict[str, ModelPolicy] = {}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
@@ -16,11 +17,12 @@ from .server import Daemon
 
 
 class EmbeddedDaemon:
-    def __init__(self, settings: Settings, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, settings: Settings, start_timeout_s: float = 120.0,
+                 cloud_transport: Any = None) -> None:
         self.settings = settings
         store = ModelStore(settings.store_dir)
         self.catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
-        self.daemon = Daemon(settings, self.catalog, store)
+        self.daemon = Daemon(settings, self.catalog, store, cloud_transport)
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None

@@ -10,8 +10,17 @@ JSON. This is training data: a row keeps everything a fine-tuning run needs.
 One thread owns the connection (WAL, busy timeout) and performs every write in an
 explicit transaction, committing the requests that arrive together in one (group
 commit); the daemon awaits the commit before replying, so a `log_id` in a reply
-always names a row on disk. Migrations are plain functions applied in order and
-recorded in `_migrations`.
+always names a row on disk. Rows go in through prepared INSERTs (sqlite-utils'
+`insert` introspects the table on every call: a third of the writer's time).
+Migrations are plain functions applied in order and recorded in `_migrations`.
+
+Failures are typed: a database another process holds past the busy timeout raises
+`LogLocked`, a full disk (or file-size limit) `LogDiskFull`; SQLite rolls the
+transaction back, so what was committed before stays.
+
+Retention (`prune`): rows older than `max_age_days`, then the oldest rows while the
+file is over `max_size`, but only rows at or below the watermark: the highest
+request id that an export or a sync has taken off the device.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from typing import Any
 
 import sqlite_utils
 
-from outpost.manifests.errors import NotFound
+from outpost.manifests.errors import LogDiskFull, LogLocked, LogUnavailable, NotFound
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
@@ -97,6 +106,23 @@ def m003_attempt_details_and_feedback(db: sqlite_utils.Database) -> None:
     db["feedback"].create_index(["request_id"])
 
 
+@migration
+def m004_tasks_costs_watermarks(db: sqlite_utils.Database) -> None:
+    # The task a request was routed by (stats and export filter on it), the cloud
+    # cost of an attempt, and how far exports and syncs have taken the log.
+    db["requests"].add_column("task", str)
+    db["requests"].create_index(["task", "created_at"])
+    # Who answered (a local model id or the cloud model), with what confidence, and
+    # why a reply was degraded (the cloud failed and the local answer went out).
+    for name, kind in (("answered_by", str), ("confidence", float), ("policy", str), ("degraded", str)):
+        db["requests"].add_column(name, kind)
+    db["attempts"].add_column("cost_usd", float)
+    db["watermarks"].create({"name": str, "request_id": int, "updated_at": float}, pk="name")
+    db["exports"].create({
+        "id": int, "created_at": float, "path": str, "format": str, "filters": str,
+        "examples": int, "max_request_id": int}, pk="id")
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied."""
     if "_migrations" not in db.table_names():
@@ -130,6 +156,32 @@ def open_db(path: Path, busy_timeout_s: float = 5.0) -> sqlite_utils.Database:
 
 def _json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def typed(exc: BaseException, path: Path) -> BaseException:
+    """An sqlite3 error as Outpost's error tree (anything else unchanged)."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return LogLocked(f"the log {path} is locked by another process ({exc})", str(path))
+    if "full" in text or "disk i/o" in text or "too big" in text:
+        return LogDiskFull(f"no room to write the log {path} ({exc})", str(path))
+    return LogUnavailable(f"the log {path} failed: {exc}", str(path))
+
+
+_INSERTS: dict[tuple[str, tuple[str, ...]], str] = {}
+
+
+def insert(conn: sqlite3.Connection, table: str, row: dict[str, Any], ignore: bool = False) -> int:
+    """A prepared INSERT of `row` (keys are column names, always Outpost's own)."""
+    cols = tuple(row)
+    sql = _INSERTS.get((table, cols))
+    if sql is None:
+        verb = "insert or ignore" if ignore else "insert"
+        sql = _INSERTS[(table, cols)] = (
+            f"{verb} into {table} ({', '.join(cols)}) values ({', '.join('?' * len(cols))})")
+    return conn.execute(sql, tuple(row.values())).lastrowid or 0
 
 
 @dataclass
@@ -170,8 +222,10 @@ class LogStore:
 
     MAX_BATCH = 256
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self._known_tools: set[str] = set()  # tool-set hashes already in the table
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         opened: concurrent.futures.Future[sqlite_utils.Database] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._writer, args=(opened,), name="outpost-log",
@@ -182,9 +236,9 @@ class LogStore:
     # -- the writer thread --------------------------------------------------------------
     def _writer(self, opened: concurrent.futures.Future[sqlite_utils.Database]) -> None:
         try:
-            db = open_db(self.path)
+            db = open_db(self.path, self.busy_timeout_s)
         except BaseException as exc:
-            opened.set_exception(exc)
+            opened.set_exception(typed(exc, self.path))
             return
         opened.set_result(db)
         held: _Job | None = None  # a job taken while gathering a batch, run next
@@ -216,7 +270,7 @@ class LogStore:
         try:
             result = job.fn(*job.args)
         except BaseException as exc:
-            job.settle(None, exc)
+            job.settle(None, typed(exc, self.path))
         else:
             job.settle(result, None)
 
@@ -230,6 +284,7 @@ class LogStore:
                 db.conn.execute("BEGIN IMMEDIATE")
                 ids = [job.fn(*job.args, transaction=False) for job in batch]
         except Exception:
+            self._known_tools.clear()  # rolled back: a tool set noted in it may be missing
             for job in batch:  # find the one that fails; the others still commit
                 self._one(job)
             return
@@ -253,26 +308,44 @@ class LogStore:
 
     def _record(self, request: dict[str, Any], attempts: list[dict[str, Any]],
                 transaction: bool = True) -> int:
-        db = self._db
+        conn = self._db.conn
         tools = request.get("tools")
         now = time.time()
-        with db.conn if transaction else contextlib.nullcontext():
+        with conn if transaction else contextlib.nullcontext():
             if transaction:  # one transaction: the request and its attempts, or nothing
-                db.conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE")
             tools_hash = None
             if tools:
                 blob = json.dumps(tools, sort_keys=True, separators=(",", ":"))
                 tools_hash = _tools_hash(blob)
-                db["tools"].insert({"hash": tools_hash, "tools": blob, "created_at": now}, ignore=True)
+                if tools_hash not in self._known_tools:
+                    insert(conn, "tools", {"hash": tools_hash, "tools": blob, "created_at": now},
+                           ignore=True)
             row = {k: (_json(v) if isinstance(v, (dict, list)) else v)
                    for k, v in request.items() if k != "tools"}
             row.update(created_at=now, tools_hash=tools_hash)
-            request_id = db["requests"].insert(row).last_pk
+            request_id = insert(conn, "requests", row)
             for attempt in attempts:
                 arow = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in attempt.items()}
                 arow.update(request_id=request_id, created_at=now, tools_hash=tools_hash)
-                db["attempts"].insert(arow)
+                insert(conn, "attempts", arow)
+        if tools_hash:
+            # Later requests skip the insert. In a batch the commit is still to come;
+            # a batch that fails forgets every hash (`_batch`).
+            self._known_tools.add(tools_hash)
         return int(request_id)
+
+    async def record_attempt(self, request_id: int, attempt: dict[str, Any]) -> int:
+        """A later attempt at a logged request (a shadow-mode cloud answer)."""
+        return await self._run(self._attempt, request_id, attempt)
+
+    def _attempt(self, request_id: int, attempt: dict[str, Any]) -> int:
+        conn = self._db.conn
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            row = {k: (_json(v) if isinstance(v, (dict, list)) else v) for k, v in attempt.items()}
+            row.update(request_id=request_id, created_at=time.time())
+            return insert(conn, "attempts", row)
 
     # -- feedback -----------------------------------------------------------------------
     async def record_feedback(self, request_id: int, outcome: str, note: str | None) -> int:
@@ -286,6 +359,14 @@ class LogStore:
                 raise NotFound("request", request_id)
             return int(db["feedback"].insert({"request_id": request_id, "created_at": time.time(),
                                               "outcome": outcome, "note": note}).last_pk)
+
+    def cloud_spent_today(self) -> tuple[int, int]:
+        """(cloud requests, cloud tokens) logged since midnight UTC: the daily cap's start."""
+        midnight = time.time() // 86400 * 86400
+        row = self._call(lambda: self._db.execute(
+            "select count(*), coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0) "
+            "from attempts where kind = 'cloud' and created_at >= ?", [midnight]).fetchone())
+        return int(row[0]), int(row[1])
 
     # -- the pool's memory records ----------------------------------------------------
     def footprints(self) -> dict[tuple[str, str], dict[str, Any]]:
@@ -308,6 +389,10 @@ class LogStore:
                 [model, version, row["ram_bytes"], row["vram_bytes"], row["load_ms"],
                  row.get("n_layer"), time.time()])
 
+    # -- retention ---------------------------------------------------------------------
+    async def prune(self, max_age_s: float | None, max_bytes: int | None) -> dict[str, Any]:
+        return await self._run(prune, self._db, max_age_s, max_bytes, time.time())
+
     async def record_event(self, kind: str, model: str, version: str, reason: str,
                            ram_bytes: int | None = None, load_ms: float | None = None) -> None:
         row = {"created_at": time.time(), "kind": kind, "model": model, "version": version,
@@ -318,6 +403,85 @@ class LogStore:
         """Finish what is queued, then close the database."""
         self._jobs.put(None)
         self._thread.join()
+
+
+def watermark(db: sqlite_utils.Database) -> int:
+    """The highest request id that has left the device (exported or synced)."""
+    row = db.execute("select max(request_id) from watermarks").fetchone()
+    return int(row[0] or 0)
+
+
+def set_watermark(db: sqlite_utils.Database, name: str, request_id: int) -> None:
+    """Advance (never lower) the watermark `name` ("export", "sync")."""
+    with db.conn:
+        db.conn.execute("BEGIN IMMEDIATE")
+        db.conn.execute(
+            "insert into watermarks (name, request_id, updated_at) values (?, ?, ?) "
+            "on conflict (name) do update set request_id = max(request_id, excluded.request_id), "
+            "updated_at = excluded.updated_at", [name, request_id, time.time()])
+
+
+def used_bytes(db: sqlite_utils.Database) -> int:
+    """Bytes of the database in use (pages on the freelist are reused, not counted)."""
+    pages, free, size = (db.execute(f"pragma {p}").fetchone()[0]
+                         for p in ("page_count", "freelist_count", "page_size"))
+    return (pages - free) * size
+
+
+PRUNE_BATCH = 500
+
+
+def _delete_requests(conn: sqlite3.Connection, ids: list[int]) -> None:
+    marks = ",".join("?" * len(ids))
+    for table in ("feedback", "attempts"):
+        conn.execute(f"delete from {table} where request_id in ({marks})", ids)
+    conn.execute(f"delete from requests where id in ({marks})", ids)
+
+
+def prune(db: sqlite_utils.Database, max_age_s: float | None, max_bytes: int | None,
+          now: float, dry_run: bool = False) -> dict[str, Any]:
+    """Apply the retention caps; rows above the watermark are never removed.
+
+    Returns what it did: rows deleted by age and by size, rows it kept only because
+    they have not left the device yet (`held`), and the bytes in use after.
+    """
+    conn = db.conn
+    mark = watermark(db)
+    out = {"watermark": mark, "deleted_by_age": 0, "deleted_by_size": 0, "held": 0}
+    if max_age_s is not None:
+        cutoff = now - max_age_s
+        ids = [r[0] for r in conn.execute(
+            "select id from requests where created_at < ? and id <= ?", [cutoff, mark])]
+        out["held"] += conn.execute("select count(*) from requests where created_at < ? and id > ?",
+                                    [cutoff, mark]).fetchone()[0]
+        out["deleted_by_age"] = len(ids)
+        if ids and not dry_run:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                for i in range(0, len(ids), PRUNE_BATCH):
+                    _delete_requests(conn, ids[i:i + PRUNE_BATCH])
+                conn.execute("delete from pool_events where created_at < ?", [cutoff])
+    if max_bytes is not None and not dry_run:
+        while (used := used_bytes(db)) > max_bytes:
+            # As many of the oldest rows as the excess is worth, at the average row size.
+            rows = conn.execute("select count(*) from requests").fetchone()[0] or 1
+            want = min(PRUNE_BATCH, max(1, -(-(used - max_bytes) * rows // used)))
+            ids = [r[0] for r in conn.execute(
+                "select id from requests where id <= ? order by id limit ?", [mark, want])]
+            if not ids:
+                out["held"] = conn.execute("select count(*) from requests where id > ?", [mark]).fetchone()[0]
+                break
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                _delete_requests(conn, ids)
+            out["deleted_by_size"] += len(ids)
+    if (out["deleted_by_age"] or out["deleted_by_size"]) and not dry_run:
+        with conn:  # tool sets no request refers to any more
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("delete from tools where hash not in (select tools_hash from requests "
+                         "where tools_hash is not null)")
+    out["bytes"] = used_bytes(db)
+    return out
 
 
 def _tools_hash(blob: str) -> str:

@@ -221,6 +221,7 @@ class ModelPool:
         self._admit = asyncio.Lock()  # one admission decision (and its evictions) at a time
         self._released = asyncio.Condition()  # a lease ended or a worker went away
         self._reaper: asyncio.Task[None] | None = None
+        self.forkserver: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()  # event writes in flight
         self.footprints = logs.footprints()  # (model, version) -> stored row
         self.gpus = memory.Gpus()
@@ -236,9 +237,14 @@ class ModelPool:
         self._mp.set_forkserver_preload(["outpost.runtime.worker", __name__, "outpost.runtime.cli"])
 
     async def start(self) -> None:
-        # Start the forkserver now: its start-up (the preload) is part of Outpost's
-        # base memory and must not be paid by the first request. A trivial child is
-        # the only way to wait until the preload has finished.
+        # Start the forkserver now, in the background: its start-up (the preload, a few
+        # seconds) is part of Outpost's base memory and must not be paid by the first
+        # request, but the daemon answers pings, status and logged errors meanwhile.
+        # A trivial child is the only way to wait until the preload has finished.
+        self.forkserver = asyncio.create_task(self._start_forkserver())
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def _start_forkserver(self) -> None:
         probe = self._mp.Process(target=os.getpid, name="outpost-forkserver-probe")
         await asyncio.to_thread(lambda: (probe.start(), probe.join()))
         used = self.used()
@@ -247,7 +253,10 @@ class ModelPool:
                  f"; VRAM {[f'{v / 2**20:.0f} MiB' for v in self.vram_budget]}" if self.vram_budget else "")
         if used + self.settings.budget.margin > self.ram_budget:
             log.warning("the budget leaves no room for any model: raise [budget] ram")
-        self._reaper = asyncio.create_task(self._reap())
+
+    async def ready(self) -> None:
+        """Wait until the forkserver can start workers (and Outpost's base is measurable)."""
+        await asyncio.shield(self.forkserver)
 
     # -- accounting -------------------------------------------------------------------
     def policy(self, manifest: Manifest) -> tuple[bool, float | None]:
@@ -366,6 +375,7 @@ class ModelPool:
         pinned, ttl = self.policy(manifest)
         need = self.estimate(manifest)
         t0 = time.perf_counter()
+        await self.ready()
         async with self._admit:
             t1 = time.perf_counter()
             await self._make_room(manifest, need)
@@ -456,6 +466,11 @@ class ModelPool:
         deadline = time.monotonic() + self.settings.pool.queue_timeout_s
         used, snapshot = self.measure()
         while True:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("admit %s: need %.0f MiB, %.0f MiB in use of %.0f; workers %s", manifest.id,
+                          need / 2**20, used / 2**20, limit / 2**20,
+                          {w.manifest.id: (w.state, w.uss(snapshot) >> 20, w.reserve >> 20)
+                           for w in self.workers.values()})
             if used + need <= limit:
                 return
             # Refuse only what could never fit: everything but pinned models may go
@@ -525,9 +540,20 @@ class ModelPool:
                     worker.manifest.id, worker.pid, reason)
         await self.evict(worker, reason, kind=kind)
 
+    def _shares_weights(self, worker: Worker) -> bool:
+        """Does another live worker map the same weights file (two manifests, one blob)?"""
+        sha = worker.manifest.weights.sha256
+        return any(w is not worker and w.state != "dead" and w.manifest.weights.sha256 == sha
+                   for w in self.workers.values())
+
     def _remeasure(self, worker: Worker, settle: bool = False) -> None:
         """Charge the larger of expected and seen; remember a new high for next time."""
         seen = worker.uss()
+        if self._shares_weights(worker):
+            # The weights' page cache is mapped by both, so it is in neither's USS. Alone,
+            # this model will own those pages: what it costs then is what the next load
+            # must reserve (the weights' size bounds them from above).
+            seen += worker.manifest.weights.size
         if worker.pid is not None and self.gpus.count:
             worker.vram = self.gpus.used_by({worker.pid}).get(worker.pid, 0)
         key = (worker.manifest.id, worker.manifest.version)
@@ -560,6 +586,26 @@ class ModelPool:
                         await self.evict(w, f"idle for more than {w.idle_ttl_s:g} s", kind="unload")
                 except OutpostError:
                     log.exception("reaper could not unload %s", w.manifest.id)
+            if self.workers and not self._admit.locked():
+                await self._restore_budget()
+
+    async def _restore_budget(self) -> None:
+        """Workers can grow past what they were charged (a longer prompt, a new grammar):
+        if Outpost is over its budget, evict idle models until it is not."""
+        async with self._admit:
+            used, snapshot = self.measure()
+            while used > self.ram_budget:
+                idle = [w for w in self.workers.values() if w.state == "ready" and w.leases == 0
+                        and not w.pinned and not self._queued.get(w.manifest.id)]
+                log.warning("over the memory budget: %.0f MiB in use of %.0f MiB (%s)",
+                            used / 2**20, self.ram_budget / 2**20,
+                            ", ".join(f"{w.manifest.id} {w.charge(snapshot) / 2**20:.0f} MiB"
+                                      for w in self.workers.values()))
+                if not idle:
+                    return
+                victim = max(idle, key=lambda w: self._eviction_score(w, snapshot))
+                await self.evict(victim, "over the memory budget", freed=victim.charge(snapshot))
+                used, snapshot = self.measure()
 
     # -- views and shutdown ------------------------------------------------------------
     def describe(self, snapshot: Snapshot | None = None) -> list[dict[str, Any]]:

@@ -65,6 +65,9 @@ class ChatParams(_Strict):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     seed: int | None = None
+    # Outpost extension: narrow the configured escalation policy for this request
+    # ("off" keeps private data on the device); widening it is refused.
+    escalation: Literal["off", "on_low_confidence", "shadow", "cloud_only"] | None = None
     stream: Literal[False] = False
     user: str | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,11 +117,11 @@ def add_tiny(data: Path, model_id: str, seed: int, memory_estimate: str = "16MiB
 RunningDaemon = EmbeddedDaemon  # the name the tests use
 
 
-def start_daemon(data: Path, default: str, **overrides) -> RunningDaemon:
+def start_daemon(data: Path, default: str, cloud_transport: Any = None, **overrides) -> RunningDaemon:
     settings = Settings.load(None, data_dir=data, endpoint=f"ipc://{data}/outpost.sock",
                              default_model=default, manifest_dirs=[data / "manifests"],
                              **overrides)
-    return RunningDaemon(settings)
+    return RunningDaemon(settings, cloud_transport=cloud_transport)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,6 @@ def client(tiny_daemon):
         yield c
 
 
-def ServeProcess(data: Path, config: str = "", name: str = "serve") -> _ServeProcess:  # noqa: N802
+def ServeProcess(data: Path, config: str = "", name: str = "serve", **kwargs: Any) -> _ServeProcess:  # noqa: N802
     """`outpost serve` in its own process, run from the repository (examples/ resolve)."""
-    return _ServeProcess(data, config, name, cwd=REPO)
+    return _ServeProcess(data, config, name, cwd=REPO, **kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,23 @@ def test_a_short_run_through_an_in_process_daemon(tmp_path, model_cache, tiny_gg
         assert set(summary[category]) == {"constrained", "unconstrained"}
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {r["mode"] for r in rows} == {"constrained", "unconstrained"}
+
+
+def test_auroc_and_the_routing_replay():
+    assert bfcl.auroc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert bfcl.auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert bfcl.auroc([0.5, 0.5], [True, False]) == 0.5
+    assert bfcl.auroc([0.5], [True]) is None
+    outcomes = [bfcl.Outcome(str(i), "simple_python", "constrained", ast=ok, valid=True, executable=True,
+                             repaired=0, latency_ms=1.0, tokens=1, score=score, cloud_ast=True, cloud_tokens=100)
+                for i, (score, ok) in enumerate([(0.9, True), (0.8, True), (0.6, False), (0.3, True), (0.1, False)])]
+    r = bfcl.routing(outcomes, [0.0, 0.5, 1.0])
+    assert r["local_accuracy"] == 0.6 and r["auroc"] == pytest.approx(5 / 6)
+    everything, half, none = r["thresholds"]
+    assert everything["kept_share"] == 1.0 and everything["cloud_tokens"] == 0
+    assert half["kept_share"] == 0.6 and half["kept_accuracy"] == pytest.approx(2 / 3)
+    assert half["end_to_end_accuracy"] == 0.8 and half["cloud_tokens"] == 200
+    assert none["kept_accuracy"] is None and none["end_to_end_accuracy"] == 1.0
+    png = Path(tempfile.mkdtemp()) / "curve.png"
+    bfcl.plot(r, png, "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

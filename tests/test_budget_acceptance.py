@@ -101,7 +101,7 @@ def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model
     print(f"\nbudget {budget / 2**20:.0f} MiB, peak PSS {peak / 2**20:.0f} MiB over "
           f"{sampled['samples']} samples at {sampled['rate_hz']:.1f} Hz, {evictions} evictions, "
           f"footprints {[(m, round(v / 2**20)) for m, v in fp.items()]} MiB, base {base / 2**20:.0f} MiB")
-    assert peak <= budget, f"peak {peak} > budget {budget}"
+    assert peak <= budget, f"peak {peak} > budget {budget}; at the peak: {sampled['at']}"
     assert evictions > 10  # the budget really forced swaps
     conn = sqlite3.connect(data / "logs.db")
     assert conn.execute("select count(*) from requests where error_code is null").fetchone()[0] >= 200

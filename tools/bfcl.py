@@ -37,11 +37,23 @@ Columns, per category and mode:
   repaired     calls that were cut short after a degenerate repetition and closed
   p50/p95 ms   wall time per request, seen by the client
   tokens       generated tokens, mean per request
+
+--escalation (constrained mode). Every local answer carries Outpost's confidence
+(runtime/confidence.py); the requests ask with `escalation: "off"`, so the daemon
+answers locally and the harness replays the routing for every threshold from the
+one run. Per threshold t: the share of calls kept local (confidence >= t), the local
+accuracy on those, and over all thresholds the AUROC of confidence as a predictor of
+a correct call (selective prediction: 1.0 ranks every right call above every wrong
+one, 0.5 is chance). With a cloud (--cloud-url, or [cloud] in the config) each
+question is also asked there once, with the same messages and tools, and scored by
+the same checker: the table then adds end-to-end accuracy (kept calls local, the
+rest from the cloud) and the cloud tokens spent. `--plot FILE` draws the curve (PNG).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import copy
 import json
@@ -59,6 +71,7 @@ from tqdm import tqdm
 
 from outpost.manifests.errors import OutpostError
 from outpost.runtime.client import OutpostClient
+from outpost.runtime.cloud import CloudClient
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
 
@@ -90,6 +103,9 @@ class Outcome:
     calls: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     confidence: dict[str, Any] = field(default_factory=dict)
+    score: float | None = None  # outpost.confidence
+    cloud_ast: bool | None = None  # the cloud's answer to the same question, scored
+    cloud_tokens: int = 0
 
 
 # -- BFCL data and checker ----------------------------------------------------------------
@@ -201,6 +217,7 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
         check: Any) -> Outcome:
     expects_call = item.category != "irrelevance"
     params: dict[str, Any] = {
+        "escalation": "off",  # the local answer and its confidence; routing is replayed here
         "messages": [{"role": "system", "content": system_prompt()}, *item.messages],
         "tools": to_tools(item.functions),
         "tool_choice": "required" if expects_call else "auto",
@@ -229,15 +246,110 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
     parsed = all(isinstance(next(iter(c.values())), dict) for c in calls) and (
         bool(calls) or not expects_call)
     valid = all(r["valid"] for r in report) and (bool(calls) or not expects_call)
-    if expects_call:
-        ast = bool(calls) and parsed and check(item, calls)["valid"]
-    else:
-        ast = not calls  # BFCL irrelevance: the right answer makes no call
+    ast = score_calls(item, calls, parsed, check)
     return Outcome(item.id, item.category, mode, ast=ast, valid=valid,
                    executable=parsed and executable(calls, item.functions),
                    repaired=sum(bool(r.get("repaired")) for r in report), latency_ms=latency,
                    tokens=reply["usage"]["completion_tokens"], calls=calls,
-                   confidence={"logprob": reply["outpost"].get("logprob"), "calls": report})
+                   confidence={"logprob": reply["outpost"].get("logprob"), "calls": report,
+                               "parts": reply["outpost"].get("confidence_parts")},
+                   score=reply["outpost"].get("confidence"))
+
+
+def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: Any) -> bool:
+    if item.category == "irrelevance":
+        return not calls  # BFCL irrelevance: the right answer makes no call
+    return bool(calls) and parsed and check(item, calls)["valid"]
+
+
+def ask_cloud(cloud: Any, item: Item, max_tokens: int, check: Any) -> tuple[bool, int]:
+    """(the cloud's answer is right, tokens it cost); a failed request counts as wrong."""
+    from outpost.manifests.errors import CloudError
+    expects_call = item.category != "irrelevance"
+    try:
+        answer = asyncio.run(cloud.ask([{"role": "system", "content": system_prompt()}, *item.messages],
+                                       to_tools(item.functions), "required" if expects_call else "auto",
+                                       "parallel" in item.category, max_tokens))
+    except CloudError:
+        return False, 0
+    calls = []
+    for call in answer.tool_calls:
+        try:
+            calls.append({call["function"]["name"]: json.loads(call["function"]["arguments"])})
+        except (KeyError, TypeError, json.JSONDecodeError):
+            return False, answer.prompt_tokens + answer.completion_tokens
+    return score_calls(item, calls, True, check), answer.prompt_tokens + answer.completion_tokens
+
+
+# -- routing replay -------------------------------------------------------------------------
+def auroc(scores: list[float], correct: list[bool]) -> float | None:
+    """Probability that a right answer scores above a wrong one (ties count half)."""
+    pos = [s for s, c in zip(scores, correct) if c]
+    neg = [s for s, c in zip(scores, correct) if not c]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def routing(outcomes: list[Outcome], thresholds: list[float]) -> dict[str, Any]:
+    scored = [o for o in outcomes if o.score is not None]
+    n = len(scored)
+    rows = []
+    for t in thresholds:
+        kept = [o for o in scored if o.score >= t]
+        row: dict[str, Any] = {
+            "threshold": t, "kept_share": len(kept) / n if n else None,
+            "kept_accuracy": sum(o.ast for o in kept) / len(kept) if kept else None}
+        if any(o.cloud_ast is not None for o in scored):
+            sent = [o for o in scored if o.score < t]
+            row["end_to_end_accuracy"] = (sum(o.ast for o in kept) + sum(bool(o.cloud_ast) for o in sent)) / n
+            row["cloud_tokens"] = sum(o.cloud_tokens for o in sent)
+        rows.append(row)
+    return {"n": n, "local_accuracy": sum(o.ast for o in scored) / n if n else None,
+            "auroc": auroc([o.score for o in scored], [o.ast for o in scored]), "thresholds": rows}
+
+
+def routing_table(r: dict[str, Any]) -> str:
+    cloud = r["thresholds"] and "end_to_end_accuracy" in r["thresholds"][0]
+    auc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
+    lines = [f"escalation replay over {r['n']} calls: local accuracy {100 * r['local_accuracy']:.1f}%, "
+             f"AUROC of confidence {auc}",
+             f"{'threshold':>9}  {'kept local':>10}  {'accuracy kept':>13}"
+             + (f"  {'end-to-end':>10}  {'cloud tokens':>12}" if cloud else "")]
+    for row in r["thresholds"]:
+        acc = "-" if row["kept_accuracy"] is None else f"{100 * row['kept_accuracy']:.1f}%"
+        line = f"{row['threshold']:>9.2f}  {100 * row['kept_share']:>9.1f}%  {acc:>13}"
+        if cloud:
+            line += f"  {100 * row['end_to_end_accuracy']:>9.1f}%  {row['cloud_tokens']:>12}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [row for row in r["thresholds"] if row["kept_accuracy"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([100 * row["kept_share"] for row in rows], [100 * row["kept_accuracy"] for row in rows],
+            marker="o", label="accuracy of the calls kept local")
+    if rows and "end_to_end_accuracy" in rows[0]:
+        ax.plot([100 * row["kept_share"] for row in rows],
+                [100 * row["end_to_end_accuracy"] for row in rows], marker="s", label="end to end (rest to the cloud)")
+    ax.axhline(100 * r["local_accuracy"], color="grey", linestyle="--", label="everything local")
+    for row in rows[:: max(1, len(rows) // 6)]:
+        ax.annotate(f"{row['threshold']:.2f}", (100 * row["kept_share"], 100 * row["kept_accuracy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("calls kept local (%)")
+    ax.set_ylabel("AST accuracy (%)")
+    auc = "-" if r["auroc"] is None else f"{r['auroc']:.2f}"
+    ax.set_title(f"{title} (AUROC {auc})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -290,7 +402,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="config file (for the endpoint)")
     ap.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     ap.add_argument("--outcomes", type=Path, help="also write every answer as JSON lines here")
+    ap.add_argument("--escalation", action="store_true",
+                    help="replay confidence-based routing over thresholds (constrained mode)")
+    ap.add_argument("--thresholds", type=float, nargs="+",
+                    default=[round(0.05 * i, 2) for i in range(21)], metavar="T")
+    ap.add_argument("--cloud-url", help="OpenAI-compatible base URL to score as the cloud "
+                                        "(default: [cloud] base_url of the config)")
+    ap.add_argument("--cloud-model", help="the cloud's model name (default: [cloud] model)")
+    ap.add_argument("--plot", type=Path, metavar="PNG", help="draw the escalation curve here")
     args = ap.parse_args(argv)
+    if args.escalation:
+        args.modes = ["constrained"]
 
     check = _checker()
     outcomes: list[Outcome] = []
@@ -303,13 +425,25 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = args.endpoint or Settings.load(args.config).endpoint
         client = stack.enter_context(OutpostClient(endpoint, timeout_s=600))
         client.ping(timeout_s=5)  # fail fast, with the daemon_unreachable message
+        cloud = None
+        if args.escalation:
+            cfg = Settings.load(args.config).cloud
+            if args.cloud_url or args.cloud_model:
+                cfg = cfg.model_copy(update={k: v for k, v in (("base_url", args.cloud_url),
+                                                               ("model", args.cloud_model)) if v})
+            if cfg.base_url:
+                cloud = CloudClient(cfg.model_copy(update={"daily_max_requests": None,
+                                                           "daily_max_tokens": None}))
         for category in args.categories:
             items = load(category, args.limit)
             bar = tqdm(total=len(items) * len(args.modes), desc=category, unit="q",
                        disable=args.json or not sys.stderr.isatty())
             for item in items:
                 for mode in args.modes:
-                    outcomes.append(ask(client, item, mode, args.model, args.max_tokens, check))
+                    outcome = ask(client, item, mode, args.model, args.max_tokens, check)
+                    if cloud is not None:
+                        outcome.cloud_ast, outcome.cloud_tokens = ask_cloud(cloud, item, args.max_tokens, check)
+                    outcomes.append(outcome)
                     bar.update()
             bar.close()
     summary: dict[str, dict[str, dict[str, Any]]] = {}
@@ -322,10 +456,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.outcomes, "w") as out:
             for o in outcomes:
                 out.write(json.dumps(o.__dict__) + "\n")
+    replay = routing(outcomes, sorted(args.thresholds)) if args.escalation else None
+    if replay is not None and args.plot:
+        plot(replay, args.plot, f"BFCL {', '.join(args.categories)}, {args.model or 'default model'}")
     if args.json:
-        print(json.dumps({"model": args.model, "endpoint": endpoint, "summary": summary}, indent=2))
+        print(json.dumps({"model": args.model, "endpoint": endpoint, "summary": summary,
+                          "escalation": replay}, indent=2))
     else:
         print(table(summary))
+        if replay is not None:
+            print()
+            print(routing_table(replay))
     return 0
 
 

@@ -9,13 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from outpost.runtime.client import OutpostClient
 
 
 class ServeProcess:
     def __init__(self, data: Path, config: str = "", name: str = "serve",
-                 cwd: Path | None = None, start_timeout_s: float = 120.0) -> None:
+                 cwd: Path | None = None, start_timeout_s: float = 120.0,
+                 preexec_fn: Any = None, new_session: bool = False) -> None:
         self.data = data
         self.endpoint = f"ipc://{data}/{name}.sock"
         self.config = data / f"{name}.toml"
@@ -27,7 +29,8 @@ class ServeProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([exe, "serve", "--config", str(self.config),
                                       "--log-level", "INFO"], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=cwd)
+                                     stderr=subprocess.STDOUT, cwd=cwd, preexec_fn=preexec_fn,
+                                     start_new_session=new_session)
         deadline = time.monotonic() + start_timeout_s
         while "outpost call" not in self.output():  # the banner's last line
             if self.proc.poll() is not None or time.monotonic() > deadline:

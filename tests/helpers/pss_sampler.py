@@ -2,7 +2,9 @@
 
     python -m tests.helpers.pss_sampler PID HZ OUT.json
 
-Runs until SIGTERM, then writes {"samples": n, "seconds": s, "peak": bytes, "rate_hz": r}.
+Runs until SIGTERM, then writes {"samples": n, "seconds": s, "peak": bytes, "rate_hz": r,
+"at": {"t": seconds into the run, "parts": {pid: [comm, pss, state]}}}: what made the
+peak, for the failure message.
 Reads /proc directly (children files and smaps_rollup): psutil's process scan is too
 slow for 20 Hz on two busy cores. Runs at raised priority when allowed, so the
 measurement keeps its rate while the models saturate the CPU.
@@ -42,6 +44,20 @@ def pss(pid: int) -> int:
     return 0
 
 
+def name(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return "?"
+
+
+def state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def main() -> None:
     pid, hz, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     try:
@@ -56,14 +72,21 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, halt)
     period, peak, n, start = 1.0 / hz, 0, 0, time.monotonic()
+    at = None
     while not stop:
         t = time.monotonic()
-        peak = max(peak, sum(pss(p) for p in tree(pid)))
+        pids = tree(pid)
+        parts = {p: pss(p) for p in pids}
+        total = sum(parts.values())
+        if total > peak:
+            peak = total
+            at = {"t": round(time.monotonic() - start, 3),
+                  "parts": {p: (name(p), v, state(p)) for p, v in parts.items()}}
         n += 1
         time.sleep(max(0.0, period - (time.monotonic() - t)))
     seconds = time.monotonic() - start
     with open(out, "w") as fh:
-        json.dump({"samples": n, "seconds": seconds, "peak": peak, "rate_hz": n / seconds}, fh)
+        json.dump({"samples": n, "seconds": seconds, "peak": peak, "rate_hz": n / seconds, "at": at}, fh)
 
 
 if __name__ == "__main__":

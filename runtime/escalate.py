@@ -1,0 +1,65 @@
+"""Which policy a request runs under, and the cloud attempt as a log row.
+
+Policies, from the one that exposes least to the cloud to the ones that expose all:
+
+    off                 never ask the cloud
+    on_low_confidence   ask when the local answer's confidence is below the threshold
+    shadow              answer locally, and also ask the cloud (both logged: teacher data)
+    cloud_only          the cloud answers; the local model only when the cloud fails
+
+Config sets the policy and threshold ([escalation]), per task
+([escalation.tasks.<task>]) and the threshold per model ([models.<id>]
+escalation_threshold). A request may narrow its policy with `escalation` (e.g.
+"off" for private data) but never widen it: a request asking for more exposure
+than config allows is refused with `bad_request`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from outpost.manifests.errors import BadRequest, CloudError
+from outpost.manifests.schema import Manifest
+
+from .cloud import CloudAnswer
+from .config import Settings
+
+EXPOSURE = {"off": 0, "on_low_confidence": 1, "shadow": 2, "cloud_only": 2}
+
+
+def resolve(settings: Settings, manifest: Manifest, task: str | None,
+            requested: str | None) -> tuple[str, float]:
+    """(policy, threshold) for one request."""
+    esc = settings.escalation
+    policy, threshold = esc.policy, esc.threshold
+    model_policy = settings.models.get(manifest.id)
+    if model_policy is not None and model_policy.escalation_threshold is not None:
+        threshold = model_policy.escalation_threshold
+    per_task = esc.tasks.get(task or "") or next(
+        (esc.tasks[t] for t in manifest.tasks if t in esc.tasks), None)
+    if per_task is not None:
+        policy = per_task.policy or policy
+        threshold = per_task.threshold if per_task.threshold is not None else threshold
+    if requested is not None and requested != policy:
+        if EXPOSURE[requested] > EXPOSURE[policy]:
+            raise BadRequest(f"escalation {requested!r} would send more to the cloud than the "
+                             f"configured policy {policy!r} allows", field="escalation",
+                             configured=policy)
+        policy = requested
+    return policy, threshold
+
+
+def cloud_attempt(answer: CloudAnswer | None, error: CloudError | None, model: str) -> dict[str, Any]:
+    """The log row of one cloud attempt, answered or failed."""
+    if answer is None:
+        return {"kind": "cloud", "model": model, "model_version": "", "error_code": error.code if error else None,
+                "error_message": error.message if error else None,
+                "validation": (error.data.get("validation") if error else None)}
+    return {
+        "kind": "cloud", "model": answer.model, "model_version": "",
+        "output": answer.content if answer.content is not None else json.dumps(answer.tool_calls),
+        "tool_calls": answer.tool_calls or None, "finish_reason": answer.finish_reason,
+        "validation": answer.validation or None, "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens, "decode_ms": round(answer.latency_ms, 2),
+        "cost_usd": round(answer.cost_usd, 8), "constrained": 0}
