@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `outpost logs clusters | head`: the reader has all it wanted
+        sys.stderr.close()
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="WHEN", help="an age (7d, 12h) or an ISO date")
     p.add_argument("--min-confidence", type=float, metavar="X",
                    help="confidence a local answer without feedback needs ([export] min_confidence)")
-    p.add_argument("--escalated", action="store_true", help="only requests answered by the cloud")
+    p.add_argument("--escalated", action="store_true",
+                   help="only escalated requests, with the cloud's answers as targets")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="the training JSONL file")
     p.set_defaults(run=cmd_logs_export)
 
@@ -272,6 +276,17 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
           f"up {status['uptime_s']:.0f} s, {status['requests']} requests")
     print(f"memory {_mib(b['used_bytes'])} of {_mib(b['ram_bytes'])} budget, "
           f"{b['evictions']} evictions; default model {status['default_model']}")
+    esc = status.get("escalation") or {}
+    cloud = esc.get("cloud")
+    line = f"escalation {esc.get('policy', 'off')}"
+    if esc.get("policy", "off") != "off":
+        line += f" below {esc['threshold']:g}"
+    if cloud:
+        line += (f"; cloud {cloud['model']} (breaker {cloud['breaker']}, today {cloud['requests_today']} "
+                 f"requests, {cloud['tokens_today']} tokens)")
+    elif esc.get("policy", "off") != "off":
+        line += "; no cloud configured: answers stay local"
+    print(line)
     _print_workers(status["loaded"])
     return 0
 

@@ -65,7 +65,7 @@ BUILTIN: list[tuple[str, str, Callable[[re.Match[str]], bool] | None]] = [
                 r"|hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_-]{20,})", None),
     ("api_key", r"\b[A-Za-z0-9_\-]{32,}\b", _opaque_token),
     ("email", r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b", None),
-    ("card", r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])", _card),
+    ("card", r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])", _card),
     ("ip", rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\d.])", None),
     ("ip", r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])", _ipv6),
     ("phone", r"(?<![\w.+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{2,4}[\s.-]?\d{2,4}(?:[\s.-]?\d{2,4})?"

@@ -52,6 +52,10 @@ class Daemon:
         # `cloud_transport`: an httpx transport for tests that script the cloud's faults.
         self.cloud = CloudClient(settings.cloud, transport=cloud_transport)
         self.cloud.seed(*self.logs.cloud_spent_today())
+        if not self.cloud.configured and (settings.escalation.policy != "off" or any(
+                t.policy not in (None, "off") for t in settings.escalation.tasks.values())):
+            log.warning("an escalation policy is set but [cloud] base_url is not: every "
+                        "escalation will answer locally, marked degraded (not_configured)")
         self.started = time.time()
         self.requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -198,7 +202,17 @@ class Daemon:
                 "data_dir": str(self.settings.data_dir),
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "default_model": self.catalog.default, "budget": self.pool.budget(used),
-                "loaded": self.pool.describe(snapshot)}
+                "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status()}
+
+    def _escalation_status(self) -> dict[str, Any]:
+        cloud = self.cloud
+        cap = cloud.cap
+        cap.check()  # rolls the day over
+        return {"policy": self.settings.escalation.policy, "threshold": self.settings.escalation.threshold,
+                "cloud": None if not cloud.configured else {
+                    "model": self.settings.cloud.model, "breaker": cloud.breaker.state,
+                    "requests_today": cap.requests, "tokens_today": cap.tokens,
+                    "daily_max_requests": cap.max_requests, "daily_max_tokens": cap.max_tokens}}
 
     async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}

@@ -262,13 +262,18 @@ def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: An
     return bool(calls) and parsed and check(item, calls)["valid"]
 
 
-def ask_cloud(cloud: Any, item: Item, max_tokens: int, check: Any) -> tuple[bool, int]:
+def ask_cloud(cloud: Any, loop: asyncio.AbstractEventLoop, item: Item, max_tokens: int,
+              check: Any) -> tuple[bool, int]:
     """(the cloud's answer is right, tokens it cost); a failed request counts as wrong."""
     from outpost.manifests.errors import CloudError
     expects_call = item.category != "irrelevance"
+    tools = to_tools(item.functions)
+    choice: Any = "required" if expects_call else "auto"
+    if expects_call and len(tools) == 1:  # the same demand, in the form every server takes
+        choice = {"type": "function", "function": {"name": tools[0]["function"]["name"]}}
     try:
-        answer = asyncio.run(cloud.ask([{"role": "system", "content": system_prompt()}, *item.messages],
-                                       to_tools(item.functions), "required" if expects_call else "auto",
+        answer = loop.run_until_complete(cloud.ask([{"role": "system", "content": system_prompt()}, *item.messages],
+                                       tools, choice,
                                        "parallel" in item.category, max_tokens))
     except CloudError:
         return False, 0
@@ -338,7 +343,11 @@ def plot(r: dict[str, Any], path: Path, title: str) -> None:
         ax.plot([100 * row["kept_share"] for row in rows],
                 [100 * row["end_to_end_accuracy"] for row in rows], marker="s", label="end to end (rest to the cloud)")
     ax.axhline(100 * r["local_accuracy"], color="grey", linestyle="--", label="everything local")
-    for row in rows[:: max(1, len(rows) // 6)]:
+    last = None
+    for row in rows:  # label thresholds where the curve has moved on visibly
+        if last is not None and abs(row["kept_share"] - last) < 0.06:
+            continue
+        last = row["kept_share"]
         ax.annotate(f"{row['threshold']:.2f}", (100 * row["kept_share"], 100 * row["kept_accuracy"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("calls kept local (%)")
@@ -434,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.base_url:
                 cloud = CloudClient(cfg.model_copy(update={"daily_max_requests": None,
                                                            "daily_max_tokens": None}))
+                loop = asyncio.new_event_loop()  # one loop: the client keeps its connections
+                stack.callback(loop.close)
+                stack.callback(lambda: loop.run_until_complete(cloud.close()))
         for category in args.categories:
             items = load(category, args.limit)
             bar = tqdm(total=len(items) * len(args.modes), desc=category, unit="q",
@@ -442,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in args.modes:
                     outcome = ask(client, item, mode, args.model, args.max_tokens, check)
                     if cloud is not None:
-                        outcome.cloud_ast, outcome.cloud_tokens = ask_cloud(cloud, item, args.max_tokens, check)
+                        outcome.cloud_ast, outcome.cloud_tokens = ask_cloud(cloud, loop, item, args.max_tokens, check)
                     outcomes.append(outcome)
                     bar.update()
             bar.close()
