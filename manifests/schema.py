@@ -96,6 +96,8 @@ class Manifest(_Frozen):
     context_length: Annotated[int, Field(gt=0)]
     sampling: Sampling = Sampling()
     memory_estimate: ByteSize
+    # Escalate this model's answers below this confidence; config can override it.
+    escalation_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
     @field_validator("chat_template")
     @classmethod

@@ -7,9 +7,10 @@ Policies, from the one that exposes least to the cloud to the ones that expose a
     shadow              answer locally, and also ask the cloud (both logged: teacher data)
     cloud_only          the cloud answers; the local model only when the cloud fails
 
-Config sets the policy and threshold ([escalation]), per task
-([escalation.tasks.<task>]) and the threshold per model ([models.<id>]
-escalation_threshold). A request may narrow its policy with `escalation` (e.g.
+Config sets the policy and threshold ([escalation]); a manifest may set its model's
+threshold (`escalation_threshold`), which config can override per model
+([models.<id>] escalation_threshold); per task ([escalation.tasks.<task>]) wins
+over both. A request may narrow its policy with `escalation` (e.g.
 "off" for private data) but never widen it: a request asking for more exposure
 than config allows is refused with `bad_request`.
 """
@@ -33,6 +34,8 @@ def resolve(settings: Settings, manifest: Manifest, task: str | None,
     """(policy, threshold) for one request."""
     esc = settings.escalation
     policy, threshold = esc.policy, esc.threshold
+    if manifest.escalation_threshold is not None:
+        threshold = manifest.escalation_threshold
     model_policy = settings.models.get(manifest.id)
     if model_policy is not None and model_policy.escalation_threshold is not None:
         threshold = model_policy.escalation_threshold

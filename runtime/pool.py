@@ -284,6 +284,19 @@ class ModelPool:
         """
         me = psutil.Process()
         snapshot = memory.processes_memory([me.pid, *(p.pid for p in me.children(recursive=True))])
+        workers = {w.process.pid for w in self.workers.values()}
+        if any(w.state == "loading" for w in self.workers.values()):
+            # A young worker is copying the forkserver's pages as it writes to them
+            # (copy-on-write), hundreds of MB a second, and the reads are not atomic:
+            # a forkserver read from before a copy still splits the page with the
+            # worker, which by its own read already owns a private copy. The copies
+            # only ever move pages back to the forkserver, so its later read is the
+            # truer one: read it again and keep the larger.
+            others = [pid for pid in snapshot if pid not in workers and pid != me.pid]
+            for pid, again in memory.processes_memory(others).items():
+                first = snapshot.get(pid)
+                if again is not None and (first is None or again.pss > first.pss):
+                    snapshot[pid] = again
         total = sum(m.pss for m in snapshot.values() if m)
         for w in self.workers.values():
             if w.state != "dead":

@@ -233,3 +233,26 @@ def test_cloud_only_falls_back_to_local_when_the_cloud_is_down(tmp_path, tiny_gg
             d.client() as c:
         out = c.chat(MESSAGES, max_tokens=4)["outpost"]
         assert out["answered_by"] == TINY and out["degraded"] and out["degraded_reason"] == "unreachable"
+
+
+def test_policy_resolution_order_and_narrowing():
+    from outpost.manifests.schema import Manifest
+    from outpost.runtime.config import Settings
+    from outpost.runtime.escalate import resolve
+    m = Manifest.model_validate({
+        "id": "m", "version": "1", "tasks": ["tool_call"], "backend": "gguf", "context_length": 2048,
+        "memory_estimate": "1MiB", "escalation_threshold": 0.4,
+        "files": [{"name": "m.gguf", "size": 1, "sha256": "0" * 64,
+                   "sources": [{"kind": "path", "path": "/x"}]}]})
+    base = Settings.load(None, escalation={"policy": "on_low_confidence", "threshold": 0.5})
+    assert resolve(base, m, None, None) == ("on_low_confidence", 0.4)  # the manifest's
+    per_model = Settings.load(None, escalation={"policy": "on_low_confidence", "threshold": 0.5},
+                              models={"m": {"escalation_threshold": 0.6}})
+    assert resolve(per_model, m, None, None) == ("on_low_confidence", 0.6)
+    per_task = Settings.load(None, escalation={"policy": "off", "tasks": {"tool_call": {"policy": "shadow",
+                                                                                      "threshold": 0.7}}})
+    assert resolve(per_task, m, "tool_call", None) == ("shadow", 0.7)
+    assert resolve(per_task, m, "tool_call", "on_low_confidence") == ("on_low_confidence", 0.7)
+    assert resolve(per_task, m, "tool_call", "off")[0] == "off"
+    with pytest.raises(BadRequest):
+        resolve(base, m, None, "cloud_only")
