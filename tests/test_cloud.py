@@ -256,3 +256,24 @@ def test_policy_resolution_order_and_narrowing():
     assert resolve(per_task, m, "tool_call", "off")[0] == "off"
     with pytest.raises(BadRequest):
         resolve(base, m, None, "cloud_only")
+
+
+def test_a_slow_cloud_and_then_an_open_breaker_still_end_in_replies(tmp_path, tiny_gguf):
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(30)
+        return ok(args={"city": "Oslo"})
+
+    data = make_data_dir(tmp_path, tiny_gguf)
+    with start_daemon(data, TINY, cloud_transport=httpx.MockTransport(slow),
+                      escalation={"policy": "on_low_confidence", "threshold": 1.0},
+                      cloud={"base_url": "http://cloud.test/v1", "timeout_s": 0.5, "max_retries": 0,
+                             "breaker_failures": 2, "breaker_cooldown_s": 60}) as d, d.client() as c:
+        reasons = []
+        for _ in range(3):
+            t = time.monotonic()
+            out = c.chat(MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=24)["outpost"]
+            assert out["degraded"] and out["answered_by"] == TINY
+            assert time.monotonic() - t < 10
+            reasons.append(out["degraded_reason"])
+        assert reasons == ["timeout", "timeout", "circuit_open"]
+        assert c.status()["escalation"]["cloud"]["breaker"] == "open"
