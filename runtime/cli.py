@@ -405,7 +405,8 @@ def cmd_logs_export(args: argparse.Namespace, settings: Settings) -> int:
     total = db.execute("select count(*) from requests").fetchone()[0]
     with tqdm(total=total, unit="req", desc="export", disable=args.json or None, leave=False) as bar:
         report = export(db, args.out, args.format, filters,
-                        settings.export.min_confidence if args.min_confidence is None else args.min_confidence,
+                        settings.export.min_confidence if args.min_confidence is None
+                        else args.min_confidence,
                         settings.export.val_share, settings.export.redact, progress=bar,
                         advance_watermark=filters.none and args.min_confidence is None)
     if args.json:

@@ -168,7 +168,8 @@ class CloudClient:
             await self._http.aclose()
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.cfg.price_in_per_1k + completion_tokens * self.cfg.price_out_per_1k) / 1000
+        cfg = self.cfg
+        return (prompt_tokens * cfg.price_in_per_1k + completion_tokens * cfg.price_out_per_1k) / 1000
 
     async def ask(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                   tool_choice: Any = None, parallel_tool_calls: bool | None = None,

@@ -93,9 +93,11 @@ def load_rows(db: sqlite_utils.Database, since: float | None = None) -> list[dic
             select r.id, r.messages, t.tools, l.tool_calls, l.validation, l.repaired, l.confidence,
                    (select count(*) from attempts c where c.request_id = r.id and c.kind = 'cloud') as esc,
                    (select coalesce(sum(cost_usd), 0) from attempts c where c.request_id = r.id) as cost,
-                   (select outcome from feedback f where f.request_id = r.id order by f.id desc limit 1) as outcome
+                   (select outcome from feedback f where f.request_id = r.id
+                    order by f.id desc limit 1) as outcome
             from requests r left join tools t on t.hash = r.tools_hash
-            left join attempts l on l.id = (select max(id) from attempts where request_id = r.id and kind = 'local')
+            left join attempts l on l.id = (select max(id) from attempts
+                                            where request_id = r.id and kind = 'local')
             {where} order by r.id""", args):
         tools = json.loads(r["tools"]) if r["tools"] else []
         names = sorted(t.get("function", {}).get("name", "?") for t in tools)

@@ -40,7 +40,8 @@ def _soft(mean: float | None, low: float | None, cfg: ConfidenceSettings) -> flo
     return math.exp(w * mean + (1 - w) * low / cfg.min_temperature)
 
 
-def score(gen: dict[str, Any], tool_choice: str | None, cfg: ConfidenceSettings) -> tuple[float, dict[str, Any]]:
+def score(gen: dict[str, Any], tool_choice: str | None,
+          cfg: ConfidenceSettings) -> tuple[float, dict[str, Any]]:
     """(confidence, its parts) for one local generation (the worker's reply dict)."""
     calls = gen.get("validation") or []
     if calls:

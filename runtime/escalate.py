@@ -56,7 +56,8 @@ def resolve(settings: Settings, manifest: Manifest, task: str | None,
 def cloud_attempt(answer: CloudAnswer | None, error: CloudError | None, model: str) -> dict[str, Any]:
     """The log row of one cloud attempt, answered or failed."""
     if answer is None:
-        return {"kind": "cloud", "model": model, "model_version": "", "error_code": error.code if error else None,
+        return {"kind": "cloud", "model": model, "model_version": "",
+                "error_code": error.code if error else None,
                 "error_message": error.message if error else None,
                 "validation": (error.data.get("validation") if error else None)}
     return {

@@ -75,8 +75,10 @@ def stats(db: sqlite_utils.Database, since: float | None = None,
                (select outcome from feedback f where f.request_id = r.id order by f.id desc limit 1)
                    as outcome
         from requests r
-        left join attempts l on l.id = (select max(id) from attempts where request_id = r.id and kind = 'local')
-        left join attempts c on c.id = (select max(id) from attempts where request_id = r.id and kind = 'cloud')
+        left join attempts l on l.id = (select max(id) from attempts
+                                        where request_id = r.id and kind = 'local')
+        left join attempts c on c.id = (select max(id) from attempts
+                                        where request_id = r.id and kind = 'cloud')
         {where} order by r.id"""
     groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
     total = _Group()

@@ -442,7 +442,8 @@ class ModelPool:
             args=(endpoint, self.catalog.entry(manifest.id).text, str(self.store.root),
                   os.getpid(), options), daemon=True)
         process.start()
-        return Worker(manifest=manifest, process=process, socket=sock, reserve=need, pinned=pinned, idle_ttl_s=ttl)
+        return Worker(manifest=manifest, process=process, socket=sock, reserve=need, pinned=pinned,
+                      idle_ttl_s=ttl)
 
     def gpu_layers(self, manifest: Manifest) -> int | str:
         """Layers to offload: the configured number, or as many as fit the VRAM budget."""

@@ -275,7 +275,9 @@ class Daemon:
                 # The local model could not answer at all: the cloud may.
                 cloud = await ask()
                 if cloud[0] is not None:
-                    return await self._cloud_reply(row, [], cloud, timings, t0, None, None)
+                    failed = {"kind": "local", "model": manifest.id, "model_version": manifest.version,
+                              "error_code": exc.code, "error_message": exc.message}
+                    return await self._cloud_reply(row, [failed], cloud, timings, t0, None, None)
             attempts = [escalate.cloud_attempt(None, cloud[1], self.settings.cloud.model)] if cloud else []
             exc.data["log_id"] = await self._log(row, attempts)
             exc.data["log_failed"] = exc.data["log_id"] is None
@@ -365,7 +367,7 @@ class Daemon:
         message: dict[str, Any] = {"role": "assistant", "content": answer.content}
         if answer.tool_calls:
             message["tool_calls"] = answer.tool_calls
-        local = attempts[0] if attempts else None
+        local = attempts[0] if attempts and not attempts[0].get("error_code") else None
         return self._reply(log_id, answer.model, message, answer.finish_reason, answer.prompt_tokens,
                            answer.completion_tokens, {
             "model": row["model"], "model_version": row["model_version"], "timings_ms": timings,
@@ -384,7 +386,8 @@ class Daemon:
         """Shadow mode: the agent has its local answer; the cloud's goes to the log."""
         answer, error = await ask()
         try:
-            await self.logs.record_attempt(request_id, escalate.cloud_attempt(answer, error, self.settings.cloud.model))
+            await self.logs.record_attempt(
+                request_id, escalate.cloud_attempt(answer, error, self.settings.cloud.model))
         except Exception:
             log.exception("could not log the shadow cloud answer of request %s", request_id)
 

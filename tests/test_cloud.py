@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from outpost.manifests.errors import (BadRequest, CloudCircuitOpen, CloudInvalid, CloudOverBudget,
-                                      CloudRejected, CloudTimeout, CloudUnreachable)
+                                      CloudRejected, CloudTimeout, CloudUnreachable, OutpostError)
 from outpost.runtime import logstore
 from outpost.runtime.cloud import CloudClient, retry_after
 from outpost.runtime.config import CloudSettings
@@ -277,3 +277,18 @@ def test_a_slow_cloud_and_then_an_open_breaker_still_end_in_replies(tmp_path, ti
             reasons.append(out["degraded_reason"])
         assert reasons == ["timeout", "timeout", "circuit_open"]
         assert c.status()["escalation"]["cloud"]["breaker"] == "open"
+
+
+def test_when_the_local_model_cannot_answer_at_all_the_cloud_does(tmp_path, tiny_gguf):
+    long = [{"role": "user", "content": "lorem ipsum dolor sit amet " * 150}]  # past the tiny context
+    with daemon(tmp_path, tiny_gguf, Script(ok(content="A short answer."))) as d, d.client() as c:
+        reply = c.chat(long, max_tokens=8)
+        out = reply["outpost"]
+        assert out["answered_by"] == "teacher-1" and reply["choices"][0]["message"]["content"] == "A short answer."
+        local, cloud = attempts(d, out["log_id"])
+        assert (local["kind"], local["error_code"]) == ("local", "context_overflow")
+        assert (cloud["kind"], cloud["error_code"]) == ("cloud", None)
+    with daemon(tmp_path / "off", tiny_gguf, Script(ok(content="x")), policy="off") as d, d.client() as c:
+        with pytest.raises(OutpostError) as err:
+            c.chat(long, max_tokens=8)
+        assert err.value.code == "context_overflow"
