@@ -482,7 +482,7 @@ def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:
                     r[key] = json.loads(r[key])
         _print_json(rows)
         return 0
-    print(f"{'ID':>6}  {'WHEN':<19}  {'MODEL':<24} {'MS':>7}  OUTPUT")
+    print(f"{'ID':>6}  {'WHEN':<19}  {'ANSWERED BY':<24} {'CONF':>5} {'MS':>7}  OUTPUT")
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
         total = json.loads(r["timings"] or "{}").get("total", 0)
@@ -493,7 +493,11 @@ def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:
                             for c in json.loads(r["tool_calls"]))
         else:
             out = (r["content"] or "").replace("\n", " ")
-        print(f"{r['id']:>6}  {when:<19}  {(r['model'] or '-'):<24} {total:>7.0f}  {out[:80]}")
+        by = r["answered_by"] or r["model"] or "-"
+        if r["degraded"]:
+            by += f" (degraded: {r['degraded']})"
+        conf = "-" if r["confidence"] is None else f"{r['confidence']:.2f}"
+        print(f"{r['id']:>6}  {when:<19}  {by:<24} {conf:>5} {total:>7.0f}  {out[:80]}")
     return 0
 
 

@@ -44,6 +44,9 @@ from outpost.models.toolcalls import validate_calls
 from .config import CloudSettings
 
 log = logging.getLogger("outpost.cloud")
+# httpx logs every request at INFO; the daemon's own lines say what matters (retries,
+# the breaker), and one line per escalation would drown them.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 RETRY_STATUS = {408, 429} | set(range(500, 600))
 
 

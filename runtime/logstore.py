@@ -526,8 +526,9 @@ def _tools_hash(blob: str) -> str:
 # -- reading (CLI side, synchronous) ----------------------------------------------------
 def list_requests(db: sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
     return list(db.query(
-        "select id, created_at, model, model_version, finish_reason, error_code, content, "
-        "tool_calls, timings from requests order by id desc limit ?", [limit]))
+        "select id, created_at, model, model_version, answered_by, confidence, degraded, "
+        "finish_reason, error_code, content, tool_calls, timings from requests "
+        "order by id desc limit ?", [limit]))
 
 
 def get_request(db: sqlite_utils.Database, request_id: int) -> dict[str, Any] | None:

@@ -560,9 +560,9 @@ class ModelPool:
         return any(w is not worker and w.state != "dead" and w.manifest.weights.sha256 == sha
                    for w in self.workers.values())
 
-    def _remeasure(self, worker: Worker, settle: bool = False) -> None:
+    def _remeasure(self, worker: Worker, settle: bool = False, snapshot: Snapshot | None = None) -> None:
         """Charge the larger of expected and seen; remember a new high for next time."""
-        seen = worker.uss()
+        seen = worker.uss(snapshot)
         if self._shares_weights(worker):
             # The weights' page cache is mapped by both, so it is in neither's USS. Alone,
             # this model will own those pages: what it costs then is what the next load
@@ -588,10 +588,11 @@ class ModelPool:
         re-measure the live ones (here, once a second, not on each request's path)."""
         while True:
             await asyncio.sleep(REAP_S)
+            used, snapshot = self.measure() if self.workers else (0, {})
             for w in list(self.workers.values()):
                 try:
                     if w.state in ("ready", "busy") and w.process.is_alive():
-                        self._remeasure(w)
+                        self._remeasure(w, snapshot=snapshot)
                     if w.state in ("ready",) and not w.process.is_alive():
                         await self._forget(w, "crash", f"exit code {w.process.exitcode}")
                     elif (w.state == "ready" and w.leases == 0 and not w.pinned
@@ -600,7 +601,7 @@ class ModelPool:
                         await self.evict(w, f"idle for more than {w.idle_ttl_s:g} s", kind="unload")
                 except OutpostError:
                     log.exception("reaper could not unload %s", w.manifest.id)
-            if self.workers and not self._admit.locked():
+            if used > self.ram_budget and not self._admit.locked():
                 await self._restore_budget()
 
     async def _restore_budget(self) -> None:

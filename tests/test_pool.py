@@ -1,4 +1,5 @@
-"""The pool under a memory budget, with real daemons (`outpost serve` processes) and tiny
+"""The pool under a memory budget, with real daemons (`outpost serve` processes, and one
+in-process daemon where a test must reach inside) and tiny
 models whose 128k-token KV caches make their footprints real (about 90 MiB each)."""
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from outpost.manifests.errors import BudgetExceeded, Overloaded, Timeout
+from outpost.runtime.config import Settings
+from outpost.runtime.embedded import EmbeddedDaemon
 
 from .conftest import ServeProcess, add_tiny, make_data_dir
 
@@ -226,3 +229,26 @@ def test_ps_shows_memory_share_and_state(calibrated):
         assert {"idle_s", "served", "load_ms", "pid"} <= set(row)
         human = subprocess.run([exe, "ps"], env=env, capture_output=True, text=True, timeout=30).stdout
         assert "tiny-a" in human and "MEMORY" in human
+
+
+def test_growth_past_the_budget_evicts_idle_models(calibrated):
+    """Workers can outgrow their charge after admission. The reaper notices within a
+    second and evicts idle models until Outpost is back under its budget. (The budget
+    is lowered under a running daemon here: the same state, made on purpose.)"""
+    data, base, fp = calibrated
+    settings = Settings.load(None, data_dir=data, endpoint=f"ipc://{data}/grow.sock",
+                             default_model="tiny-a", preload=[], manifest_dirs=[data / "manifests"],
+                             budget={"ram": 8 << 30})
+    with EmbeddedDaemon(settings) as d, d.client() as c:
+        for model in MODELS:
+            c.chat(HI, model=model, max_tokens=2)
+        assert loaded(c) == set(MODELS)
+        used = c.status()["budget"]["used_bytes"]
+        pool = d.daemon.pool
+        pool.ram_budget = used - min(fp.values()) // 2  # one model too many, now
+        deadline = time.monotonic() + 10
+        while len(loaded(c)) == 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(loaded(c)) == 2
+        assert c.status()["budget"]["used_bytes"] <= pool.ram_budget
+    assert ("evict", "over the memory budget") in [(k, r) for k, _, r in events(data)]
