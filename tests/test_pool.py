@@ -1,6 +1,6 @@
 """The pool under a memory budget, with real daemons (`outpost serve` processes, and one
-in-process daemon where a test must reach inside) and tiny
-models whose 128k-token KV caches make their footprints real (about 90 MiB each)."""
+in-process daemon where a test must reach inside) and tiny models whose 128k-token KV
+caches make their footprints real (about 90 MiB each)."""
 
 from __future__ import annotations
 
