@@ -193,6 +193,14 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
+def _share(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -431,10 +439,9 @@ def cmd_logs_clusters(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{result['requests']} requests in {len(result['clusters'])} clusters")
     print(f"{'SIZE':>5} {'SHARE':>6} {'VALID':>6} {'CONF':>5} {'ESC':>5} {'CLOUD $':>8}  TOOLS / LABEL")
     for c in result["clusters"]:
-        pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-        conf = "-" if c["mean_confidence"] is None else f"{c['mean_confidence']:.2f}"
-        print(f"{c['size']:>5} {pct(c['share']):>6} {pct(c['local_validity']):>6} {conf:>5} "
-              f"{pct(c['escalation_rate']):>5} {c['cloud_cost_usd']:>8.4f}  {c['tools']} / {c['label']}")
+        print(f"{c['size']:>5} {_share(c['share'], 0):>6} {_share(c['local_validity'], 0):>6} "
+              f"{_num(c['mean_confidence'], 2):>5} {_share(c['escalation_rate'], 0):>5} "
+              f"{c['cloud_cost_usd']:>8.4f}  {c['tools']} / {c['label']}")
         if c["suggestion"] != "-":
             print(f"{'':>41}-> {c['suggestion']}")
     return 0
@@ -446,15 +453,13 @@ def cmd_logs_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(result)
         return 0
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-    ms = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     print(f"{'MODEL':<24} {'TASK':<12} {'REQS':>6} {'ERR':>5} {'ESC':>6} {'VALID':>6} {'OK':>6} "
           f"{'P50 MS':>7} {'P95 MS':>7} {'$/SUCCESS':>10}")
     for g in [*result["groups"], {"model": "all", "task": "", **result["total"]}]:
-        cps = "-" if g["cost_per_success_usd"] is None else f"{g['cost_per_success_usd']:.6f}"
         print(f"{g['model']:<24} {g['task']:<12} {g['requests']:>6} {g['errors']:>5} "
-              f"{pct(g['escalation_rate']):>6} {pct(g['validity_rate']):>6} {pct(g['success_rate']):>6} "
-              f"{ms(g['latency_ms']['p50']):>7} {ms(g['latency_ms']['p95']):>7} {cps:>10}")
+              f"{_share(g['escalation_rate']):>6} {_share(g['validity_rate']):>6} "
+              f"{_share(g['success_rate']):>6} {_num(g['latency_ms']['p50'], 0):>7} "
+              f"{_num(g['latency_ms']['p95'], 0):>7} {_num(g['cost_per_success_usd'], 6):>10}")
     return 0
 
 
@@ -496,8 +501,7 @@ def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:
         by = r["answered_by"] or r["model"] or "-"
         if r["degraded"]:
             by += f" (degraded: {r['degraded']})"
-        conf = "-" if r["confidence"] is None else f"{r['confidence']:.2f}"
-        print(f"{r['id']:>6}  {when:<19}  {by:<24} {conf:>5} {total:>7.0f}  {out[:80]}")
+        print(f"{r['id']:>6}  {when:<19}  {by:<24} {_num(r['confidence'], 2):>5} {total:>7.0f}  {out[:80]}")
     return 0
 
 

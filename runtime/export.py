@@ -26,10 +26,12 @@ Formats, one JSON object per line:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +85,6 @@ def parse_since(text: str) -> float:
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
     if text and text[-1] in units and text[:-1].replace(".", "", 1).isdigit():
         return time.time() - float(text[:-1]) * units[text[-1]]
-    from datetime import datetime
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
@@ -210,6 +211,31 @@ def example(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
     return out
 
 
+def _one(db: sqlite_utils.Database, row: dict[str, Any], fmt: str, filters: Filters,
+         min_confidence: float, redactor: Redactor, seen: set[str],
+         report: Report) -> tuple[str | None, str, str]:
+    """(redacted JSONL line or None when skipped or a duplicate, its sha256, source)."""
+    attempts = _attempts(db, row["id"])
+    target, source = choose_target(attempts.get("local"), attempts.get("cloud"),
+                                   _feedback(db, row["id"]), min_confidence, filters.escalated)
+    if target is None:
+        report.skipped[source] += 1
+        return None, "", source
+    params = json.loads(row["params"]) if row.get("params") else {}
+    tools = json.loads(row["tools"]) if row.get("tools") else None
+    ex = example(json.loads(row["messages"]), tools, target, fmt,
+                 bool(params.get("parallel_tool_calls", True)))
+    before = Counter(redactor.counts)
+    line = json.dumps(redactor.value(ex), ensure_ascii=False, sort_keys=True)
+    digest = hashlib.sha256(line.encode()).hexdigest()
+    if digest in seen:  # counts are of what was written: a dropped copy's go too
+        redactor.counts = before
+        report.duplicates += 1
+        return None, digest, source
+    seen.add(digest)
+    return line, digest, source
+
+
 def export(db: sqlite_utils.Database, out: Path, fmt: str = "openai", filters: Filters = Filters(),
            min_confidence: float = 0.8, val_share: float = 0.1,
            redact: dict[str, str] | None = None, progress: Any = None,
@@ -226,41 +252,33 @@ def export(db: sqlite_utils.Database, out: Path, fmt: str = "openai", filters: F
     report.max_request_id = up_to
     redactor = Redactor(dict(redact or {}))
     seen: set[str] = set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    train_tmp, val_tmp = out.with_name(out.name + ".part"), val_path_for(out).with_name(
-        val_path_for(out).name + ".part")
-    with open(train_tmp, "w") as train, open(val_tmp, "w") as val:
-        for row in _rows(db, filters, up_to):
-            if progress is not None:
-                progress.update(1)
-            attempts = _attempts(db, row["id"])
-            target, source = choose_target(attempts.get("local"), attempts.get("cloud"),
-                                           _feedback(db, row["id"]), min_confidence, filters.escalated)
-            if target is None:
-                report.skipped[source] += 1
-                continue
-            params = json.loads(row["params"]) if row.get("params") else {}
-            tools = json.loads(row["tools"]) if row.get("tools") else None
-            ex = example(json.loads(row["messages"]), tools, target, fmt,
-                         bool(params.get("parallel_tool_calls", True)))
-            before = Counter(redactor.counts)
-            ex = redactor.value(ex)
-            line = json.dumps(ex, ensure_ascii=False, sort_keys=True)
-            digest = hashlib.sha256(line.encode()).hexdigest()
-            if digest in seen:  # counts are of what was written: a dropped copy's go too
-                redactor.counts = before
-                report.duplicates += 1
-                continue
-            seen.add(digest)
-            report.sources[source] += 1
-            if int(digest[:8], 16) / 0x1_0000_0000 < val_share:
-                val.write(line + "\n")
-                report.val += 1
-            else:
-                train.write(line + "\n")
-                report.train += 1
-    train_tmp.replace(out)  # complete files only: a crash leaves the .part behind
-    val_tmp.replace(val_path_for(out))
+    train_tmp = out.with_name(out.name + ".part")
+    val_tmp = val_path_for(out).with_name(val_path_for(out).name + ".part")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(train_tmp, "w") as train, open(val_tmp, "w") as val:
+            for row in _rows(db, filters, up_to):
+                if progress is not None:
+                    progress.update(1)
+                line, digest, source = _one(db, row, fmt, filters, min_confidence, redactor, seen,
+                                            report)
+                if line is None:
+                    continue
+                report.sources[source] += 1
+                if int(digest[:8], 16) / 0x1_0000_0000 < val_share:
+                    val.write(line + "\n")
+                    report.val += 1
+                else:
+                    train.write(line + "\n")
+                    report.train += 1
+        train_tmp.replace(out)  # complete files only, never half an export
+        val_tmp.replace(val_path_for(out))
+    except OSError as exc:
+        for part in (train_tmp, val_tmp):
+            with contextlib.suppress(OSError):
+                part.unlink()
+        raise BadRequest(f"cannot write the export to {out}: {exc.strerror or exc}",
+                         field="out", path=str(out)) from None
     report.examples = report.train + report.val
     report.redacted = redactor.counts
     with db.conn:

@@ -23,7 +23,8 @@ from typing import Any
 import sqlite_utils
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 1]); None for no values."""
     if not values:
         return None
     ordered = sorted(values)
@@ -51,7 +52,7 @@ class _Group:
             "validity_rate": round(self.valid / self.with_calls, 4) if self.with_calls else None,
             "success_rate": round(self.successes / self.requests, 4) if self.requests else None,
             "with_feedback": self.feedback,
-            "latency_ms": {"p50": _pct(self.latency, 0.5), "p95": _pct(self.latency, 0.95)},
+            "latency_ms": {"p50": percentile(self.latency, 0.5), "p95": percentile(self.latency, 0.95)},
             "cost_usd": round(cost, 6), "local_tokens": self.local_tokens,
             "cost_per_success_usd": round(cost / self.successes, 6) if self.successes else None,
         }

@@ -258,11 +258,11 @@ class Daemon:
         ask = lambda: self._ask_cloud(chat, request)  # noqa: E731
 
         # cloud_only: the cloud first; the local model only if it fails.
-        cloud: tuple[Any, Any] | None = None
+        cloud: tuple[CloudAnswer | None, CloudError | None] | None = None
         if policy == "cloud_only":
             cloud = await ask()
             if cloud[0] is not None:
-                return await self._cloud_reply(row, [], cloud, timings, t0, None, None)
+                return await self._cloud_reply(row, [], cloud[0], timings, t0, None, None)
 
         try:
             async with self.pool.lease(manifest) as (worker, waited):
@@ -274,11 +274,13 @@ class Daemon:
             if cloud is None and policy in ("on_low_confidence", "shadow") and self.cloud.configured:
                 # The local model could not answer at all: the cloud may.
                 cloud = await ask()
+            attempts = []
+            if cloud is not None:  # both tries are logged, the failed local one too
+                attempts = [{"kind": "local", "model": manifest.id, "model_version": manifest.version,
+                             "error_code": exc.code, "error_message": exc.message}]
                 if cloud[0] is not None:
-                    failed = {"kind": "local", "model": manifest.id, "model_version": manifest.version,
-                              "error_code": exc.code, "error_message": exc.message}
-                    return await self._cloud_reply(row, [failed], cloud, timings, t0, None, None)
-            attempts = [escalate.cloud_attempt(None, cloud[1], self.settings.cloud.model)] if cloud else []
+                    return await self._cloud_reply(row, attempts, cloud[0], timings, t0, None, None)
+                attempts.append(escalate.cloud_attempt(None, cloud[1], self.settings.cloud.model))
             exc.data["log_id"] = await self._log(row, attempts)
             exc.data["log_failed"] = exc.data["log_id"] is None
             raise
@@ -290,13 +292,13 @@ class Daemon:
         if policy == "on_low_confidence" and conf < threshold:
             cloud = await ask()
             if cloud[0] is not None:
-                return await self._cloud_reply(row, [attempt], cloud, timings, t0, conf, parts)
+                return await self._cloud_reply(row, [attempt], cloud[0], timings, t0, conf, parts)
         elif policy == "shadow":
             shadow = True
         degraded = cloud[1].reason if cloud is not None and cloud[1] is not None else None
-        if cloud is not None and policy != "cloud_only":
+        if degraded is not None and policy != "cloud_only":
             log.info("escalation of a %s answer (confidence %.2f) failed: %s", manifest.id, conf,
-                     cloud[1].message if cloud[1] else "")
+                     cloud[1].message)
         timings["total"] = (time.perf_counter() - t0) * 1e3
         timings = {k: round(v, 2) for k, v in timings.items()}
         row.update(content=gen["content"], tool_calls=gen["tool_calls"] or None,
@@ -353,9 +355,8 @@ class Daemon:
         return answer, None
 
     async def _cloud_reply(self, row: dict[str, Any], attempts: list[dict[str, Any]],
-                           cloud: tuple[CloudAnswer, Any], timings: dict[str, float], t0: float,
+                           answer: CloudAnswer, timings: dict[str, float], t0: float,
                            conf: float | None, parts: dict[str, Any] | None) -> dict[str, Any]:
-        answer = cloud[0]
         timings["cloud"] = answer.latency_ms
         timings["total"] = (time.perf_counter() - t0) * 1e3
         timings = {k: round(v, 2) for k, v in timings.items()}

@@ -262,3 +262,15 @@ def test_retention_keeps_what_has_not_left_the_device(tmp_path, store):
     assert 0 < fourth["deleted_by_size"] < 10 and fourth["bytes"] <= cap
     assert [r[0] for r in db.execute("select id from requests order by id")] == ids[60 - (10 - fourth["deleted_by_size"]):]
     assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+
+
+def test_export_to_an_unwritable_place_is_a_typed_error_and_leaves_nothing(tmp_path, store, capsys):
+    fill(store)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "train.jsonl"  # its parent is a file
+    code = main(["logs", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert code == 1 and "[bad_request]" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+    db = logstore.open_db(tmp_path / "data" / "logs.db")
+    assert logstore.watermark(db) == 0  # nothing exported, nothing may be pruned

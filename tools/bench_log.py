@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from outpost.runtime.logstats import percentile
 from outpost.runtime.logstore import LogStore
 
 TOOLS = [{"type": "function", "function": {
@@ -56,10 +57,6 @@ def row(i: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return request, [attempt]
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
 
 async def measure(store: LogStore, n: int, concurrency: int) -> dict[str, Any]:
     hop, record = [], []
@@ -81,9 +78,9 @@ async def measure(store: LogStore, n: int, concurrency: int) -> dict[str, Any]:
     await asyncio.gather(*pending)
     seconds = time.perf_counter() - t0
     return {
-        "record_ms": {"p50": round(statistics.median(record), 3), "p99": round(pct(record, 0.99), 3)},
-        "baseline_hop_ms": {"p50": round(statistics.median(hop), 3), "p99": round(pct(hop, 0.99), 3)},
-        "overhead_p99_ms": round(pct(record, 0.99) - pct(hop, 0.99), 3),
+        "record_ms": {"p50": round(statistics.median(record), 3), "p99": round(percentile(record, 0.99), 3)},
+        "baseline_hop_ms": {"p50": round(statistics.median(hop), 3), "p99": round(percentile(hop, 0.99), 3)},
+        "overhead_p99_ms": round(percentile(record, 0.99) - percentile(hop, 0.99), 3),
         "sustained": {"requests_per_s": round(n / seconds), "rows_per_s": round(2 * n / seconds),
                       "concurrency": concurrency},
     }

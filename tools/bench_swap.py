@@ -33,6 +33,7 @@ from pathlib import Path
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
+from outpost.runtime.logstats import percentile
 
 from .serve_process import ServeProcess
 
@@ -60,10 +61,6 @@ llama_cpp.Llama(model_path=sys.argv[3], n_ctx=int(sys.argv[4]), verbose=False)
 print(time.perf_counter() - t0)
 """
 
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def direct_load(path: Path, n_ctx: int, rounds: int) -> dict[str, float]:
@@ -137,8 +134,10 @@ def main() -> None:
     result = {
         "machine": f"{os.cpu_count()} CPUs, no GPU offload" if not settings.budget.vram else "",
         "budget_mib": round(budget / 2**20), "evictions": evictions,
-        "request_ms": {"swap_p50": round(pct(swap_total, 0.5), 1), "swap_p95": round(pct(swap_total, 0.95), 1),
-                       "warm_p50": round(pct(warm_total, 0.5), 1), "warm_p95": round(pct(warm_total, 0.95), 1)},
+        "request_ms": {"swap_p50": round(percentile(swap_total, 0.5), 1),
+                       "swap_p95": round(percentile(swap_total, 0.95), 1),
+                       "warm_p50": round(percentile(warm_total, 0.5), 1),
+                       "warm_p95": round(percentile(warm_total, 0.95), 1)},
         "models": {},
     }
     for m in manifests:

@@ -74,6 +74,7 @@ from outpost.runtime.client import OutpostClient
 from outpost.runtime.cloud import CloudClient
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
+from outpost.runtime.logstats import percentile
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 MODES = ("constrained", "unconstrained")
@@ -361,10 +362,6 @@ def plot(r: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
-
 
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
     n = len(outcomes)
@@ -375,8 +372,8 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
         "executable": sum(o.executable for o in outcomes) / n,
         "repaired": sum(o.repaired for o in outcomes),
         "errors": sum(o.error is not None for o in outcomes),
-        "p50_ms": pct([o.latency_ms for o in outcomes], 0.5),
-        "p95_ms": pct([o.latency_ms for o in outcomes], 0.95),
+        "p50_ms": percentile([o.latency_ms for o in outcomes], 0.5),
+        "p95_ms": percentile([o.latency_ms for o in outcomes], 0.95),
         "tokens_mean": statistics.mean(o.tokens for o in outcomes),
     }
 
