@@ -51,6 +51,11 @@ class Generation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Generation:
+        """The far side of the worker boundary: a missing or unknown field is a TypeError."""
+        return cls(**data)
+
 
 class LoadedModel(Protocol):
     n_ctx: int

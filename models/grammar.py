@@ -29,7 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import xgrammar as xgr
 
-from outpost.manifests.errors import BadRequest, UnsupportedSchema
+from outpost.manifests.errors import BadRequest
+
+from .errors import UnsupportedSchema
 
 from .schemas import for_grammar, tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN

@@ -26,10 +26,10 @@ import llama_cpp
 import psutil
 import numpy as np
 
-from outpost.manifests.errors import ContextOverflow, ModelLoadFailed
 from outpost.manifests.schema import Manifest
 
 from .backend import Generation, GenerationRequest
+from .errors import ContextOverflow, ModelLoadFailed
 from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
 from .templates import TOOL_CALL_CLOSE, ChatTemplate

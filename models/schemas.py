@@ -28,7 +28,9 @@ from typing import Any
 from jsonschema import Draft202012Validator, SchemaError
 from jsonschema.validators import validator_for
 
-from outpost.manifests.errors import BadRequest, InvalidSchema, UnsupportedSchema
+from outpost.manifests.errors import BadRequest
+
+from .errors import InvalidSchema, UnsupportedSchema
 
 # keyword -> how the grammar enforces it
 ENFORCED: dict[str, str] = {

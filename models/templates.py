@@ -17,7 +17,9 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from outpost.manifests.errors import BadRequest, ModelLoadFailed
+from outpost.manifests.errors import BadRequest
+
+from .errors import ModelLoadFailed
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"

@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from outpost.manifests.errors import BadRequest, DaemonUnreachable, from_wire
+from .errors import BadRequest, DaemonUnreachable, from_wire
 
 
 class OutpostClient:

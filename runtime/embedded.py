@@ -13,7 +13,7 @@ from outpost.manifests.store import ModelStore
 
 from .client import OutpostClient
 from .config import Settings
-from .server import Daemon
+from .daemon.server import Daemon
 
 
 class EmbeddedDaemon:

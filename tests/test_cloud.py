@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from outpost.manifests.errors import (BadRequest, CloudCircuitOpen, CloudInvalid, CloudOverBudget,
+from outpost.runtime.errors import (BadRequest, CloudCircuitOpen, CloudInvalid, CloudOverBudget,
                                       CloudRejected, CloudTimeout, CloudUnreachable, OutpostError)
-from outpost.runtime import logstore
-from outpost.runtime.cloud import CloudClient, retry_after
+from outpost.runtime.logs import queries, schema
+from outpost.runtime.escalation.cloud import CloudClient, retry_after
 from outpost.runtime.config import CloudSettings
 
 from .conftest import TINY, make_data_dir, start_daemon
@@ -177,7 +177,7 @@ def daemon(tmp_path, tiny_gguf, script: Script, policy: str = "on_low_confidence
 
 
 def attempts(d, log_id: int) -> list[dict[str, Any]]:
-    return logstore.get_request(logstore.open_db(d.settings.log_path), log_id)["attempts"]
+    return queries.get_request(schema.open_db(d.settings.log_path), log_id)["attempts"]
 
 
 @pytest.mark.parametrize("fault", [
@@ -238,7 +238,7 @@ def test_cloud_only_falls_back_to_local_when_the_cloud_is_down(tmp_path, tiny_gg
 def test_policy_resolution_order_and_narrowing():
     from outpost.manifests.schema import Manifest
     from outpost.runtime.config import Settings
-    from outpost.runtime.escalate import resolve
+    from outpost.runtime.escalation.policy import resolve
     m = Manifest.model_validate({
         "id": "m", "version": "1", "tasks": ["tool_call"], "backend": "gguf", "context_length": 2048,
         "memory_estimate": "1MiB", "escalation_threshold": 0.4,

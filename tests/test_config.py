@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from outpost.manifests.errors import ConfigError
+from outpost.runtime.errors import ConfigError
 from outpost.runtime.config import Settings
 
 

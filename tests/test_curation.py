@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
-from outpost.runtime import logstore
+from outpost.runtime.logs import retention, schema
+from outpost.runtime.logs import store as logstore
+from outpost.runtime.logs.records import AttemptRecord, RequestRecord
 from outpost.runtime.cli import main
-from outpost.runtime.clusters import clusters
-from outpost.runtime.export import Filters, choose_target, export, val_path_for
-from outpost.runtime.logstats import stats
-from outpost.runtime.redact import Redactor, luhn_ok
+from outpost.runtime.logs.clusters import clusters
+from outpost.runtime.logs.export import Filters, choose_target, export, val_path_for
+from outpost.runtime.logs.stats import stats
+from outpost.runtime.logs.redact import Redactor, luhn_ok
 
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -34,20 +36,21 @@ def log(store: logstore.LogStore, text: str, tools: list | None, calls: list | N
         content: str | None = None, confidence: float | None = 0.95, valid: bool = True,
         cloud: dict[str, Any] | None = None, model: str = "smollm2-135m-instruct",
         task: str = "tool_call", error: str | None = None, total_ms: float = 100.0) -> int:
-    request = {"method": "chat", "model": model, "model_version": "1", "task": task,
-               "messages": [{"role": "user", "content": text}], "tools": tools,
-               "params": {"parallel_tool_calls": False}, "tool_calls": calls, "content": content,
-               "error_code": error, "timings": {"total": total_ms}}
-    attempts = [] if error else [{
-        "kind": "local", "model": model, "model_version": "1", "output": content or json.dumps(calls),
-        "tool_calls": calls, "confidence": confidence, "prompt_tokens": 40, "completion_tokens": 10,
-        "validation": [{"name": c["function"]["name"], "valid": valid, "errors": []} for c in calls or []]}]
+    request = RequestRecord(method="chat", model_requested=None, model=model, model_version="1",
+                            task=task, policy=None, messages=[{"role": "user", "content": text}],
+                            tools=tools, tool_choice=None, params={"parallel_tool_calls": False},
+                            tool_calls=calls, content=content, error_code=error,
+                            timings={"total": total_ms})
+    attempts = [] if error else [AttemptRecord(
+        kind="local", model=model, model_version="1", output=content or json.dumps(calls),
+        tool_calls=calls, confidence=confidence, prompt_tokens=40, completion_tokens=10,
+        validation=[{"name": c["function"]["name"], "valid": valid, "errors": []} for c in calls or []])]
     if cloud is not None:
-        attempts.append({"kind": "cloud", "model": "gpt-cloud", "model_version": "", "output": "",
-                         "tool_calls": cloud.get("calls"), "cost_usd": cloud.get("cost", 0.01),
-                         "error_code": cloud.get("error"),
-                         "validation": [{"name": c["function"]["name"], "valid": True, "errors": []}
-                                        for c in cloud.get("calls") or []]})
+        attempts.append(AttemptRecord(kind="cloud", model="gpt-cloud", model_version="", output="",
+                                      tool_calls=cloud.get("calls"), cost_usd=cloud.get("cost", 0.01),
+                                      error_code=cloud.get("error"),
+                                      validation=[{"name": c["function"]["name"], "valid": True, "errors": []}
+                                                  for c in cloud.get("calls") or []]))
     return asyncio.run(store.record(request, attempts))
 
 
@@ -146,8 +149,8 @@ def test_export_picks_targets_redacts_dedupes_and_round_trips(tmp_path, store, c
     assert "tools" not in text and text["messages"][-1]["content"] == "Hi! I'll call [PHONE]."
 
     # Unfiltered: the watermark moves to the newest request considered.
-    db = logstore.open_db(tmp_path / "data" / "logs.db")
-    assert logstore.watermark(db) == report["max_request_id"]
+    db = schema.open_db(tmp_path / "data" / "logs.db")
+    assert retention.watermark(db) == report["max_request_id"]
 
     # hf: arguments are objects; the split is the same on every run.
     hf = tmp_path / "ft" / "hf.jsonl"
@@ -165,10 +168,10 @@ def test_export_picks_targets_redacts_dedupes_and_round_trips(tmp_path, store, c
 def test_export_filters_and_escalated_only(tmp_path, store):
     fill(store)
     log(store, "Weather in Gent?", WEATHER, [call("get_weather", {"city": "Gent"})], model="other")
-    db = logstore.open_db(tmp_path / "data" / "logs.db")
+    db = schema.open_db(tmp_path / "data" / "logs.db")
     only_other = export(db, tmp_path / "o.jsonl", filters=Filters(model="other"))
     assert only_other.examples == 1
-    assert logstore.watermark(db) == 0  # a filtered export is not a backup of the log
+    assert retention.watermark(db) == 0  # a filtered export is not a backup of the log
     esc = export(db, tmp_path / "e.jsonl", filters=Filters(escalated=True))
     assert esc.examples == 1 and esc.sources == {"cloud": 1}
     future = export(db, tmp_path / "f.jsonl", filters=Filters(since=time.time() + 60))
@@ -203,7 +206,7 @@ def test_clustering_separates_two_task_families(tmp_path, store, capsys):
             WEATHER, [call("get_weather", {"city": city})])
     for i in range(6):
         log(store, f"Send the report number {i} to the team", MAIL, [call("send_mail", {"to": "t", "body": "r"})])
-    result = clusters(logstore.open_db(tmp_path / "data" / "logs.db"))
+    result = clusters(schema.open_db(tmp_path / "data" / "logs.db"))
     found = result["clusters"]
     assert result["requests"] == 54
     weather = [c for c in found if c["tools"] == "get_weather"]
@@ -220,7 +223,7 @@ def test_clustering_separates_two_task_families(tmp_path, store, capsys):
 # -- stats -------------------------------------------------------------------------------------
 def test_stats_per_model_and_task(tmp_path, store, capsys):
     fill(store)
-    result = stats(logstore.open_db(tmp_path / "data" / "logs.db"), local_per_1k_tokens=0.001)
+    result = stats(schema.open_db(tmp_path / "data" / "logs.db"), local_per_1k_tokens=0.001)
     total = result["total"]
     assert total["requests"] == 9 and total["errors"] == 1
     assert total["escalation_rate"] == round(1 / 9, 4)
@@ -239,26 +242,26 @@ def test_stats_per_model_and_task(tmp_path, store, capsys):
 def test_retention_keeps_what_has_not_left_the_device(tmp_path, store):
     ids = [log(store, f"Weather in city {i}? " + "padding " * 400, WEATHER,
                [call("get_weather", {"city": str(i)})]) for i in range(60)]
-    db = logstore.open_db(tmp_path / "data" / "logs.db")
+    db = schema.open_db(tmp_path / "data" / "logs.db")
     db.execute("update requests set created_at = created_at - 100 * 86400 where id <= ?", [ids[29]])
     db.conn.commit()
     # Nothing exported yet: old rows are held, not deleted.
-    first = logstore.prune(db, 90 * 86400, None, time.time())
+    first = retention.prune(db, 90 * 86400, None, time.time())
     assert first["deleted_by_age"] == 0 and first["held"] == 30
-    logstore.set_watermark(db, "export", ids[19])
-    second = logstore.prune(db, 90 * 86400, None, time.time())
+    retention.set_watermark(db, "export", ids[19])
+    second = retention.prune(db, 90 * 86400, None, time.time())
     assert second["deleted_by_age"] == 20 and second["held"] == 10
     left = [r[0] for r in db.execute("select id from requests order by id")]
     assert left == ids[20:]
     assert db.execute("select count(*) from attempts where request_id <= ?", [ids[19]]).fetchone()[0] == 0
     # Size: prune the oldest until under the cap, never past the watermark.
-    logstore.set_watermark(db, "sync", ids[49])
-    third = logstore.prune(db, None, 1, time.time())  # a cap no log can meet
+    retention.set_watermark(db, "sync", ids[49])
+    third = retention.prune(db, None, 1, time.time())  # a cap no log can meet
     assert third["deleted_by_size"] == 30 and third["held"] == 10
     assert [r[0] for r in db.execute("select id from requests order by id")] == ids[50:]
-    logstore.set_watermark(db, "sync", ids[59])
-    cap = logstore.used_bytes(db) - 12_000  # a few rows' worth
-    fourth = logstore.prune(db, None, cap, time.time())
+    retention.set_watermark(db, "sync", ids[59])
+    cap = retention.used_bytes(db) - 12_000  # a few rows' worth
+    fourth = retention.prune(db, None, cap, time.time())
     assert 0 < fourth["deleted_by_size"] < 10 and fourth["bytes"] <= cap
     assert [r[0] for r in db.execute("select id from requests order by id")] == ids[60 - (10 - fourth["deleted_by_size"]):]
     assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
@@ -272,5 +275,5 @@ def test_export_to_an_unwritable_place_is_a_typed_error_and_leaves_nothing(tmp_p
     code = main(["logs", "export", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     assert code == 1 and "[bad_request]" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
-    db = logstore.open_db(tmp_path / "data" / "logs.db")
-    assert logstore.watermark(db) == 0  # nothing exported, nothing may be pruned
+    db = schema.open_db(tmp_path / "data" / "logs.db")
+    assert retention.watermark(db) == 0  # nothing exported, nothing may be pruned

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from outpost.manifests.catalog import Catalog
-from outpost.runtime import logstore
+from outpost.runtime.logs import queries, schema
 
 from .conftest import SMOLLM2, make_data_dir, start_daemon
 
@@ -63,7 +63,7 @@ def daemon(tmp_path, model_cache, url: str, policy: str):
 
 
 def attempts(d, log_id: int) -> list[dict[str, Any]]:
-    return logstore.get_request(logstore.open_db(d.settings.log_path), log_id)["attempts"]
+    return queries.get_request(schema.open_db(d.settings.log_path), log_id)["attempts"]
 
 
 ASK = [{"role": "user", "content": "Write one short sentence about the sea."}]

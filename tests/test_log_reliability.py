@@ -14,8 +14,10 @@ import time
 
 import pytest
 
-from outpost.manifests.errors import DaemonUnreachable, LogLocked, ModelNotPulled, OutpostError
-from outpost.runtime import logstore
+from outpost.runtime.errors import DaemonUnreachable, LogLocked, ModelNotPulled, OutpostError
+from outpost.runtime.logs import schema
+from outpost.runtime.logs import store as logstore
+from outpost.runtime.logs.records import RequestRecord
 from outpost.runtime.cli import main
 
 from .conftest import SMOLLM2, TINY, ServeProcess, make_data_dir, start_daemon
@@ -33,6 +35,7 @@ def committed(path, ids: list[int]) -> tuple[set[int], str]:
         db.close()
 
 
+@pytest.mark.slow  # 50 daemons killed under load: two minutes and a half, half the fast loop
 def test_sigkill_under_load_loses_no_row_that_a_reply_named(tmp_path):
     """50 times: 4 clients send requests as fast as they can, the daemon's whole process
     group gets SIGKILL at a random moment; every log_id any reply carried is on disk.
@@ -98,7 +101,7 @@ def _fsize_limit(limit: int):
 
 def test_disk_full_answers_marked_log_failed_and_keeps_serving(tmp_path, tiny_gguf):
     data = make_data_dir(tmp_path, tiny_gguf)
-    logstore.open_db(data / "logs.db").conn.close()  # created (and migrated) without the limit
+    schema.open_db(data / "logs.db").conn.close()  # created (and migrated) without the limit
     limit = os.path.getsize(data / "logs.db") + (256 << 10)
     padding = "lorem ipsum dolor sit amet " * 50
     ok, failed = [], 0
@@ -121,6 +124,10 @@ def test_disk_full_answers_marked_log_failed_and_keeps_serving(tmp_path, tiny_gg
     assert integrity == "ok" and found == set(ok)
 
 
+BARE = RequestRecord(method="chat", model_requested=None, model="m", model_version="1", task=None,
+                     policy=None, messages=[], tools=None, tool_choice=None, params={})
+
+
 def test_a_locked_log_is_a_typed_error_not_a_hang(tmp_path, tiny_gguf, capsys):
     data = make_data_dir(tmp_path, tiny_gguf)
     store = logstore.LogStore(data / "logs.db", busy_timeout_s=0.3)
@@ -130,7 +137,7 @@ def test_a_locked_log_is_a_typed_error_not_a_hang(tmp_path, tiny_gguf, capsys):
     try:
         t = time.monotonic()
         with pytest.raises(LogLocked) as err:
-            asyncio.run(store.record({"method": "chat", "model": "m", "messages": "[]"}, []))
+            asyncio.run(store.record(BARE, []))
         assert time.monotonic() - t < 5 and err.value.code == "log_locked"
         # The CLI: reading goes on beside the writer (WAL); an export, which records
         # itself and its watermark, exits 1 with the code after the configured wait.
@@ -145,7 +152,7 @@ def test_a_locked_log_is_a_typed_error_not_a_hang(tmp_path, tiny_gguf, capsys):
         store.close()
     # Released: the same store writes again.
     store = logstore.LogStore(data / "logs.db")
-    assert asyncio.run(store.record({"method": "chat", "model": "m", "messages": "[]"}, [])) >= 1
+    assert asyncio.run(store.record(BARE, [])) >= 1
     store.close()
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
-from outpost.manifests.errors import BadRequest, NotFound
-from outpost.runtime import logstore
+from outpost.runtime.errors import BadRequest, NotFound
+from outpost.runtime.logs import queries, schema
+from outpost.runtime.logs import store as logstore
+from outpost.runtime.logs.records import AttemptRecord, RequestRecord
 
 
 def columns(db: sqlite_utils.Database) -> dict[str, set[str]]:
@@ -20,22 +22,22 @@ def columns(db: sqlite_utils.Database) -> dict[str, set[str]]:
 
 
 def test_a_blank_database_gets_every_migration(tmp_path):
-    db = logstore.open_db(tmp_path / "logs.db")
-    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in logstore.MIGRATIONS]
+    db = schema.open_db(tmp_path / "logs.db")
+    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in schema.MIGRATIONS]
     cols = columns(db)
     assert {"prompt", "tools_hash", "grammar", "confidence", "confidence_parts", "repaired"} <= cols["attempts"]
     assert {"request_id", "outcome", "note"} <= cols["feedback"]
     assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
 
 
-@pytest.mark.parametrize("applied", range(1, len(logstore.MIGRATIONS)))
+@pytest.mark.parametrize("applied", range(1, len(schema.MIGRATIONS)))
 def test_every_older_schema_migrates_and_keeps_its_rows(tmp_path, applied):
     """A database as an older Outpost left it (the first `applied` migrations), with a
     logged request in it, opens under this version with nothing lost."""
     path = tmp_path / "logs.db"
     old = sqlite_utils.Database(sqlite3.connect(path, isolation_level=None))
     old["_migrations"].create({"name": str, "applied_at": float}, pk="name")
-    for fn in logstore.MIGRATIONS[:applied]:
+    for fn in schema.MIGRATIONS[:applied]:
         fn(old)
         old["_migrations"].insert({"name": fn.__name__, "applied_at": 0.0})
     old["requests"].insert({"id": 7, "created_at": 1.0, "method": "chat", "model": "m",
@@ -44,10 +46,10 @@ def test_every_older_schema_migrates_and_keeps_its_rows(tmp_path, applied):
                             "created_at": 1.0})
     old.conn.close()
 
-    db = logstore.open_db(path)
-    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in logstore.MIGRATIONS]
-    assert columns(db) == columns(logstore.open_db(tmp_path / "fresh.db"))
-    row = logstore.get_request(db, 7)
+    db = schema.open_db(path)
+    assert [r["name"] for r in db["_migrations"].rows] == [m.__name__ for m in schema.MIGRATIONS]
+    assert columns(db) == columns(schema.open_db(tmp_path / "fresh.db"))
+    row = queries.get_request(db, 7)
     assert row["messages"] == [{"role": "user", "content": "hi"}]
     assert row["attempts"][0]["output"] == "hello" and row["feedback"] == []
 
@@ -57,8 +59,8 @@ def test_feedback_is_stored_against_the_request(client, tiny_daemon):
     log_id = reply["outpost"]["log_id"]
     result = client.feedback(log_id, "bad", note="called the wrong tool")
     assert result["log_id"] == log_id and result["outcome"] == "bad"
-    db = logstore.open_db(tiny_daemon.settings.log_path)
-    [fb] = logstore.get_request(db, log_id)["feedback"]
+    db = schema.open_db(tiny_daemon.settings.log_path)
+    [fb] = queries.get_request(db, log_id)["feedback"]
     assert fb["outcome"] == "bad" and fb["note"] == "called the wrong tool"
 
 
@@ -93,9 +95,16 @@ def test_concurrent_records_share_commits_and_a_bad_row_fails_alone(tmp_path):
     store = logstore.LogStore(tmp_path / "logs.db")
 
     async def burst() -> list:
-        rows = [({"method": "chat", "model": "m", "messages": [{"role": "user", "content": str(i)}]},
-                 [{"kind": "local", "model": "m", "output": str(i)}]) for i in range(200)]
-        rows[123][0]["no_such_column"] = 1
+        def request(i: int, params: dict) -> RequestRecord:
+            return RequestRecord(method="chat", model_requested=None, model="m", model_version="1",
+                                 task=None, policy=None, tools=None, tool_choice=None, params=params,
+                                 messages=[{"role": "user", "content": str(i)}])
+
+        # Row 123 cannot be written: its params are not JSON (a typed record refuses a
+        # misspelt column where it is built, so a bad value is what is left to fail).
+        rows = [(request(i, {"bad": object()} if i == 123 else {}),
+                 [AttemptRecord(kind="local", model="m", model_version="1", output=str(i))])
+                for i in range(200)]
         return await asyncio.gather(*(store.record(r, a) for r, a in rows), return_exceptions=True)
 
     try:
@@ -106,6 +115,6 @@ def test_concurrent_records_share_commits_and_a_bad_row_fails_alone(tmp_path):
     assert failed == [123]
     ids = [r for r in results if not isinstance(r, BaseException)]
     assert len(set(ids)) == 199
-    db = logstore.open_db(tmp_path / "logs.db")
+    db = schema.open_db(tmp_path / "logs.db")
     assert db["requests"].count == 199 and db["attempts"].count == 199
-    assert logstore.get_request(db, ids[0])["attempts"][0]["output"] == "0"
+    assert queries.get_request(db, ids[0])["attempts"][0]["output"] == "0"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from outpost.manifests.errors import BudgetExceeded, Overloaded, Timeout
+from outpost.runtime.errors import BudgetExceeded, Overloaded, Timeout
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
 
@@ -245,10 +245,10 @@ def test_growth_past_the_budget_evicts_idle_models(calibrated):
         assert loaded(c) == set(MODELS)
         used = c.status()["budget"]["used_bytes"]
         pool = d.daemon.pool
-        pool.ram_budget = used - min(fp.values()) // 2  # one model too many, now
+        pool.ledger.ram = used - min(fp.values()) // 2  # one model too many, now
         deadline = time.monotonic() + 10
         while len(loaded(c)) == 3 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(loaded(c)) == 2
-        assert c.status()["budget"]["used_bytes"] <= pool.ram_budget
+        assert c.status()["budget"]["used_bytes"] <= pool.ledger.ram
     assert ("evict", "over the memory budget") in [(k, r) for k, _, r in events(data)]

@@ -16,7 +16,7 @@ import json
 import pytest
 from jsonschema import Draft202012Validator
 
-from outpost.manifests.errors import InvalidSchema, UnsupportedSchema
+from outpost.runtime.errors import InvalidSchema, UnsupportedSchema
 from outpost.models.grammar import GrammarCache, TokenMask, Vocabulary
 from outpost.models.schemas import ANNOTATIONS, ENFORCED, FORMATS, UNSUPPORTED, check_tools
 from outpost.models.templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN

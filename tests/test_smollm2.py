@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from outpost.manifests.errors import WorkerCrashed
+from outpost.runtime.errors import WorkerCrashed
 
 from .conftest import REPO, SMOLLM2, TINY, make_data_dir, start_daemon
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from outpost.manifests.catalog import Catalog
-from outpost.manifests.errors import ChecksumMismatch, ConfigError, FetchError, ModelNotPulled
+from outpost.runtime.errors import ChecksumMismatch, ConfigError, FetchError, ModelNotPulled
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore, check_file
 

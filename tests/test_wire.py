@@ -12,10 +12,11 @@ import sqlite3
 import pytest
 import zmq
 
-from outpost.manifests.errors import (ConfigError, ContextOverflow, InvalidSchema, UnknownModel,
+from outpost.runtime.errors import (ConfigError, ContextOverflow, InvalidSchema, UnknownModel,
                                       WorkerCrashed)
 from outpost.runtime.config import Settings
-from outpost.runtime.logstore import get_request, open_db
+from outpost.runtime.logs.queries import get_request
+from outpost.runtime.logs.schema import open_db
 
 from .conftest import TINY, RunningDaemon, make_data_dir
 

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from outpost.runtime.logstats import percentile
-from outpost.runtime.logstore import LogStore
+from outpost.runtime.logs.stats import percentile
+from outpost.runtime.logs.records import AttemptKind, AttemptRecord, RequestRecord
+from outpost.runtime.logs.store import LogStore
 
 TOOLS = [{"type": "function", "function": {
     "name": f"tool_{i}", "description": "Look something up in the fleet's inventory by site and tag.",
@@ -38,22 +39,23 @@ TOOLS = [{"type": "function", "function": {
     for i in range(3)]
 
 
-def row(i: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def row(i: int) -> tuple[RequestRecord, list[AttemptRecord]]:
     messages = [{"role": "user", "content": f"Which pumps at site {i % 17} are tagged overdue?"}]
     calls = [{"id": f"call_{i}", "type": "function",
               "function": {"name": "tool_0", "arguments": json.dumps({"site": str(i % 17), "tag": "overdue"})}}]
-    request = {"method": "chat", "model_requested": None, "model": "smollm2-135m-instruct",
-               "model_version": "q4_1-1", "messages": messages, "tools": TOOLS, "tool_choice": "auto",
-               "params": {"max_tokens": 256}, "content": None, "tool_calls": calls,
-               "finish_reason": "tool_calls", "timings": {"total": 412.5, "decode": 380.1},
-               "prompt_tokens": 310, "completion_tokens": 28}
-    attempt = {"kind": "local", "model": "smollm2-135m-instruct", "model_version": "q4_1-1",
-               "output": "<tool_call>" + calls[0]["function"]["arguments"] + "</tool_call>",
-               "tool_calls": calls, "finish_reason": "tool_calls", "constrained": 1, "grammar_dead_end": 0,
-               "validation": [{"name": "tool_0", "valid": True, "errors": []}], "mean_logprob": -0.1,
-               "min_logprob": -1.2, "prompt_tokens": 310, "completion_tokens": 28, "prefill_ms": 30.0,
-               "decode_ms": 380.1, "prompt": "x" * 3000, "grammar": "xgrammar tool_choice=auto parallel=True",
-               "repaired": 0}
+    request = RequestRecord(
+        method="chat", model_requested=None, model="smollm2-135m-instruct", model_version="q4_1-1",
+        task="tool_call", policy="off", messages=messages, tools=TOOLS, tool_choice="auto",
+        params={"max_tokens": 256}, content=None, tool_calls=calls, finish_reason="tool_calls",
+        timings={"total": 412.5, "decode": 380.1}, prompt_tokens=310, completion_tokens=28)
+    attempt = AttemptRecord(
+        kind=AttemptKind.LOCAL, model="smollm2-135m-instruct", model_version="q4_1-1",
+        output="<tool_call>" + calls[0]["function"]["arguments"] + "</tool_call>",
+        tool_calls=calls, finish_reason="tool_calls", constrained=True, grammar_dead_end=False,
+        validation=[{"name": "tool_0", "valid": True, "errors": []}], mean_logprob=-0.1,
+        min_logprob=-1.2, prompt_tokens=310, completion_tokens=28, prefill_ms=30.0,
+        decode_ms=380.1, prompt="x" * 3000, grammar="xgrammar tool_choice=auto parallel=True",
+        repaired=0)
     return request, [attempt]
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
-from outpost.runtime.logstats import percentile
+from outpost.runtime.logs.stats import percentile
 
 from .serve_process import ServeProcess
 

@@ -39,7 +39,7 @@ Columns, per category and mode:
   tokens       generated tokens, mean per request
 
 --escalation (constrained mode). Every local answer carries Outpost's confidence
-(runtime/confidence.py); the requests ask with `escalation: "off"`, so the daemon
+(runtime/escalation/confidence.py); the requests ask with `escalation: "off"`, so the daemon
 answers locally and the harness replays the routing for every threshold from the
 one run. Per threshold t: the share of calls kept local (confidence >= t), the local
 accuracy on those, and over all thresholds the AUROC of confidence as a predictor of
@@ -69,12 +69,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from outpost.manifests.errors import OutpostError
+from outpost.runtime.errors import CloudError, OutpostError
 from outpost.runtime.client import OutpostClient
-from outpost.runtime.cloud import CloudClient
+from outpost.runtime.escalation.cloud import CloudClient
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
-from outpost.runtime.logstats import percentile
+from outpost.runtime.logs.stats import percentile
+
+from .bfcl_routing import auroc, plot, routing, routing_table  # noqa: F401 (auroc: the harness's API)
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "irrelevance")
 MODES = ("constrained", "unconstrained")
@@ -266,7 +268,6 @@ def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: An
 def ask_cloud(cloud: Any, loop: asyncio.AbstractEventLoop, item: Item, max_tokens: int,
               check: Any) -> tuple[bool, int]:
     """(the cloud's answer is right, tokens it cost); a failed request counts as wrong."""
-    from outpost.manifests.errors import CloudError
     expects_call = item.category != "irrelevance"
     tools = to_tools(item.functions)
     choice: Any = "required" if expects_call else "auto"
@@ -285,82 +286,6 @@ def ask_cloud(cloud: Any, loop: asyncio.AbstractEventLoop, item: Item, max_token
         except (KeyError, TypeError, json.JSONDecodeError):
             return False, answer.prompt_tokens + answer.completion_tokens
     return score_calls(item, calls, True, check), answer.prompt_tokens + answer.completion_tokens
-
-
-# -- routing replay -------------------------------------------------------------------------
-def auroc(scores: list[float], correct: list[bool]) -> float | None:
-    """Probability that a right answer scores above a wrong one (ties count half)."""
-    pos = [s for s, c in zip(scores, correct) if c]
-    neg = [s for s, c in zip(scores, correct) if not c]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
-def routing(outcomes: list[Outcome], thresholds: list[float]) -> dict[str, Any]:
-    scored = [o for o in outcomes if o.score is not None]
-    n = len(scored)
-    rows = []
-    for t in thresholds:
-        kept = [o for o in scored if o.score >= t]
-        row: dict[str, Any] = {
-            "threshold": t, "kept_share": len(kept) / n if n else None,
-            "kept_accuracy": sum(o.ast for o in kept) / len(kept) if kept else None}
-        if any(o.cloud_ast is not None for o in scored):
-            sent = [o for o in scored if o.score < t]
-            row["end_to_end_accuracy"] = (sum(o.ast for o in kept) + sum(bool(o.cloud_ast) for o in sent)) / n
-            row["cloud_tokens"] = sum(o.cloud_tokens for o in sent)
-        rows.append(row)
-    return {"n": n, "local_accuracy": sum(o.ast for o in scored) / n if n else None,
-            "auroc": auroc([o.score for o in scored], [o.ast for o in scored]), "thresholds": rows}
-
-
-def routing_table(r: dict[str, Any]) -> str:
-    cloud = r["thresholds"] and "end_to_end_accuracy" in r["thresholds"][0]
-    auc = "-" if r["auroc"] is None else f"{r['auroc']:.3f}"
-    lines = [f"escalation replay over {r['n']} calls: local accuracy {100 * r['local_accuracy']:.1f}%, "
-             f"AUROC of confidence {auc}",
-             f"{'threshold':>9}  {'kept local':>10}  {'accuracy kept':>13}"
-             + (f"  {'end-to-end':>10}  {'cloud tokens':>12}" if cloud else "")]
-    for row in r["thresholds"]:
-        acc = "-" if row["kept_accuracy"] is None else f"{100 * row['kept_accuracy']:.1f}%"
-        line = f"{row['threshold']:>9.2f}  {100 * row['kept_share']:>9.1f}%  {acc:>13}"
-        if cloud:
-            line += f"  {100 * row['end_to_end_accuracy']:>9.1f}%  {row['cloud_tokens']:>12}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot(r: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [row for row in r["thresholds"] if row["kept_accuracy"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([100 * row["kept_share"] for row in rows], [100 * row["kept_accuracy"] for row in rows],
-            marker="o", label="accuracy of the calls kept local")
-    if rows and "end_to_end_accuracy" in rows[0]:
-        ax.plot([100 * row["kept_share"] for row in rows],
-                [100 * row["end_to_end_accuracy"] for row in rows], marker="s", label="end to end (rest to the cloud)")
-    ax.axhline(100 * r["local_accuracy"], color="grey", linestyle="--", label="everything local")
-    last = None
-    for row in rows:  # label thresholds where the curve has moved on visibly
-        if last is not None and abs(row["kept_share"] - last) < 0.06:
-            continue
-        last = row["kept_share"]
-        ax.annotate(f"{row['threshold']:.2f}", (100 * row["kept_share"], 100 * row["kept_accuracy"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("calls kept local (%)")
-    ax.set_ylabel("AST accuracy (%)")
-    auc = "-" if r["auroc"] is None else f"{r['auroc']:.2f}"
-    ax.set_title(f"{title} (AUROC {auc})", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
 
 
 def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -390,7 +315,7 @@ def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m outpost.tools.bfcl",
         description="Run BFCL v4 categories against an Outpost daemon, grammar-constrained "
@@ -416,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                                         "(default: [cloud] base_url of the config)")
     ap.add_argument("--cloud-model", help="the cloud's model name (default: [cloud] model)")
     ap.add_argument("--plot", type=Path, metavar="PNG", help="draw the escalation curve here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.escalation:
         args.modes = ["constrained"]
 

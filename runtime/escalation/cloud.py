@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import os
 import random
@@ -37,11 +36,12 @@ from typing import Any
 
 import httpx
 
-from outpost.manifests.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
-                                      CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
 from outpost.models.toolcalls import validate_calls
 
-from .config import CloudSettings
+from .errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget, CloudRejected,
+                     CloudTimeout, CloudUnconfigured, CloudUnreachable)
+
+from .settings import CloudSettings
 
 log = logging.getLogger("outpost.cloud")
 # httpx logs every request at INFO; the daemon's own lines say what matters (retries,

@@ -18,19 +18,30 @@ than config allows is refused with `bad_request`.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-from outpost.manifests.errors import BadRequest, CloudError
+from outpost.manifests.errors import BadRequest
+
+from .errors import CloudError
 from outpost.manifests.schema import Manifest
 
 from .cloud import CloudAnswer
-from .config import Settings
-
-EXPOSURE = {"off": 0, "on_low_confidence": 1, "shadow": 2, "cloud_only": 2}
+from .settings import EscalationSettings, Policy
 
 
-def resolve(settings: Settings, manifest: Manifest, task: str | None,
-            requested: str | None) -> tuple[str, float]:
+class EscalationConfig(Protocol):
+    """The part of the settings that decides a request's policy (Settings has it)."""
+
+    @property
+    def escalation(self) -> EscalationSettings: ...
+
+    @property
+    def models(self) -> Mapping[str, Any]: ...  # id -> ModelPolicy (escalation_threshold)
+
+
+def resolve(settings: EscalationConfig, manifest: Manifest, task: str | None,
+            requested: str | None) -> tuple[Policy, float]:
     """(policy, threshold) for one request."""
     esc = settings.escalation
     policy, threshold = esc.policy, esc.threshold
@@ -44,11 +55,13 @@ def resolve(settings: Settings, manifest: Manifest, task: str | None,
     if per_task is not None:
         policy = per_task.policy or policy
         threshold = per_task.threshold if per_task.threshold is not None else threshold
+    policy = Policy(policy)
     if requested is not None and requested != policy:
-        if EXPOSURE[requested] > EXPOSURE[policy]:
-            raise BadRequest(f"escalation {requested!r} would send more to the cloud than the "
-                             f"configured policy {policy!r} allows", field="escalation",
-                             configured=policy)
+        requested = Policy(requested)
+        if requested.exposure > policy.exposure:
+            raise BadRequest(f"escalation {requested.value!r} would send more to the cloud than the "
+                             f"configured policy {policy.value!r} allows", field="escalation",
+                             configured=policy.value)
         policy = requested
     return policy, threshold
 

@@ -41,7 +41,8 @@ import sqlite_utils
 
 from outpost.manifests.errors import BadRequest
 
-from . import logstore
+from .retention import set_watermark
+from .schema import insert
 from .redact import Redactor
 
 FORMATS = ("openai", "hf")
@@ -283,10 +284,10 @@ def export(db: sqlite_utils.Database, out: Path, fmt: str = "openai", filters: F
     report.redacted = redactor.counts
     with db.conn:
         db.conn.execute("BEGIN IMMEDIATE")
-        logstore.insert(db.conn, "exports", {
+        insert(db.conn, "exports", {
             "created_at": time.time(), "path": str(out), "format": fmt,
             "filters": json.dumps({k: v for k, v in vars(filters).items() if v}),
             "examples": report.examples, "max_request_id": up_to})
     if filters.none if advance_watermark is None else advance_watermark:
-        logstore.set_watermark(db, "export", up_to)
+        set_watermark(db, "export", up_to)
     return report

@@ -14,7 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from outpost.manifests.errors import BadRequest, OutpostError, RequestTooLarge
+from outpost.manifests.errors import BadRequest, OutpostError
+from outpost.manifests.schema import Sampling
+from outpost.models.backend import GenerationRequest
+
+from .errors import RequestTooLarge
 
 VERSION = 1
 
@@ -78,6 +82,23 @@ class ChatParams(_Strict):
         if self.tool_choice is None:
             return "auto" if self.tools else "none"
         return self.tool_choice
+
+    def wire_tool_choice(self) -> str | dict[str, Any] | None:
+        """tool_choice as the agent sent it, for another OpenAI-compatible server."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
+
+    def generation(self, sampling: Sampling) -> GenerationRequest:
+        """What the model is asked: this request, over the manifest's sampling defaults."""
+        return GenerationRequest(
+            messages=[m.model_dump(exclude_none=True) for m in self.messages],
+            tools=self.tools or None, tool_choice=self.choice_name(),
+            parallel_tool_calls=self.parallel_tool_calls, constrained=self.constrained,
+            max_tokens=self.max_completion_tokens or self.max_tokens or sampling.max_tokens,
+            temperature=sampling.temperature if self.temperature is None else self.temperature,
+            top_p=sampling.top_p if self.top_p is None else self.top_p,
+            top_k=sampling.top_k, seed=self.seed)
 
 
 class FeedbackParams(_Strict):

@@ -30,7 +30,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import ConfidenceSettings
+from outpost.models.backend import Generation
+
+from .settings import ConfidenceSettings
 
 
 def _soft(mean: float | None, low: float | None, cfg: ConfidenceSettings) -> float:
@@ -40,10 +42,10 @@ def _soft(mean: float | None, low: float | None, cfg: ConfidenceSettings) -> flo
     return math.exp(w * mean + (1 - w) * low / cfg.min_temperature)
 
 
-def score(gen: dict[str, Any], tool_choice: str | None,
+def score(gen: Generation, tool_choice: str | None,
           cfg: ConfidenceSettings) -> tuple[float, dict[str, Any]]:
-    """(confidence, its parts) for one local generation (the worker's reply dict)."""
-    calls = gen.get("validation") or []
+    """(confidence, its parts) for one local generation."""
+    calls = gen.validation
     if calls:
         softs = []
         for c in calls:
@@ -56,15 +58,15 @@ def score(gen: dict[str, Any], tool_choice: str | None,
             softs.append(_soft(mean, low, cfg))
         soft = min(softs)
     else:
-        lps = gen.get("logprobs") or []
+        lps = gen.logprobs
         soft = _soft(sum(lps) / len(lps) if lps else None, min(lps) if lps else None, cfg)
     required = tool_choice not in (None, "auto", "none")
     flags = {
         "invalid": any(not c.get("valid") for c in calls),
-        "dead_end": bool(gen.get("grammar_dead_end")),
-        "repaired": bool(gen.get("repaired")),
-        "truncated": gen.get("finish_reason") == "length",
-        "no_call": required and not gen.get("tool_calls"),
+        "dead_end": gen.grammar_dead_end,
+        "repaired": bool(gen.repaired),
+        "truncated": gen.finish_reason == "length",
+        "no_call": required and not gen.tool_calls,
     }
     gates = 1.0
     for name, hit in flags.items():

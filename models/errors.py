@@ -1,0 +1,43 @@
+"""Errors raised while running a model: bad tool schemas, a prompt too long, a model
+that will not load. Children of the root tree in `outpost.manifests.errors`; the whole
+tree is documented in `outpost/runtime/errors.py`.
+"""
+
+from __future__ import annotations
+
+from outpost.manifests.errors import BadRequest, OutpostError
+
+
+class InvalidSchema(BadRequest):
+    """A tool's `parameters` is not a valid JSON Schema."""
+
+    code = "invalid_schema"
+
+    def __init__(self, tool: str, reason: str) -> None:
+        super().__init__(f"tool {tool!r}: parameters is not a valid JSON Schema: {reason}",
+                         tool=tool, reason=reason)
+        self.tool, self.reason = tool, reason
+
+
+class UnsupportedSchema(BadRequest):
+    """Valid JSON Schema, but a part of it cannot be enforced while decoding."""
+
+    code = "unsupported_schema"
+
+    def __init__(self, tool: str, reason: str) -> None:
+        super().__init__(f"tool {tool!r}: schema cannot be enforced: {reason}",
+                         tool=tool, reason=reason)
+        self.tool, self.reason = tool, reason
+
+
+class ContextOverflow(OutpostError):
+    code = "context_overflow"
+
+    def __init__(self, n_tokens: int, n_ctx: int) -> None:
+        super().__init__(f"prompt is {n_tokens} tokens, the model's context is {n_ctx}",
+                         n_tokens=n_tokens, n_ctx=n_ctx)
+        self.n_tokens, self.n_ctx = n_tokens, n_ctx
+
+
+class ModelLoadFailed(OutpostError):
+    code = "model_load_failed"

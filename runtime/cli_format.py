@@ -1,0 +1,22 @@
+"""How the CLI prints: JSON for scripts, numbers for people."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+
+
+def share(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def num(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"

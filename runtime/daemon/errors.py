@@ -1,0 +1,63 @@
+"""Errors of the daemon core: a frame it will not read, a method it does not know, and
+the pool's refusals (no room in the budget, too many waiting, too long a wait, a dead
+worker). The whole tree is documented in `outpost/runtime/errors.py`.
+"""
+
+from __future__ import annotations
+
+from outpost.manifests.errors import BadRequest, OutpostError
+
+
+class RequestTooLarge(BadRequest):
+    code = "request_too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request is {size} bytes, the limit is {limit}", size=size, limit=limit)
+        self.size, self.limit = size, limit
+
+
+class UnknownMethod(BadRequest):
+    code = "unknown_method"
+
+    def __init__(self, method: str, known: list[str]) -> None:
+        super().__init__(f"unknown method {method!r}", method=method, known=known)
+        self.method = method
+
+
+class WorkerCrashed(OutpostError):
+    code = "worker_crashed"
+
+    def __init__(self, model: str, exitcode: int | None) -> None:
+        super().__init__(f"the worker for {model!r} exited (code {exitcode})",
+                         model=model, exitcode=exitcode)
+        self.model, self.exitcode = model, exitcode
+
+
+class BudgetExceeded(OutpostError):
+    """The model cannot fit the memory budget even with everything evictable gone."""
+
+    code = "budget_exceeded"
+
+    def __init__(self, model: str, needed: int, available: int) -> None:
+        super().__init__(f"{model} needs {needed / 2**20:.0f} MiB; the budget leaves at most "
+                         f"{available / 2**20:.0f} MiB for it", model=model, needed=needed,
+                         available=available)
+        self.model, self.needed, self.available = model, needed, available
+
+
+class Overloaded(OutpostError):
+    code = "overloaded"
+
+    def __init__(self, model: str, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} requests already wait for {model} (limit {limit})",
+                         model=model, queued=queued, limit=limit)
+        self.model, self.queued, self.limit = model, queued, limit
+
+
+class Timeout(OutpostError):
+    code = "timeout"
+
+    def __init__(self, model: str, waited_s: float, stage: str) -> None:
+        super().__init__(f"gave up on {model} after {waited_s:.1f} s waiting for {stage}",
+                         model=model, waited_s=waited_s, stage=stage)
+        self.model, self.waited_s, self.stage = model, waited_s, stage

@@ -1,0 +1,303 @@
+"""The daemon: a ZeroMQ ROUTER that answers agents.
+
+Each incoming message is handled in its own asyncio task, so requests for
+different models proceed at once while the socket keeps reading. A chat request's
+path, top to bottom in `Daemon.chat`: decode and check the frame (protocol.py) ->
+route to a manifest (explicit model, else task, else the default) -> resolve its
+escalation policy -> the escalation flow (escalation/flow.py), whose local attempt
+leases a worker from the pool and generates -> the log rows, awaiting the commit
+(replies.py shapes them) -> the reply. Any failure becomes an error reply with a
+stable code; nothing an agent sends can stop the loop.
+
+What this module must not do: decide who answers (escalation/), manage workers or
+memory (pool.py), or write SQL (logs/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from outpost.manifests.catalog import Catalog, model_row
+from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
+from outpost.manifests.schema import Manifest
+from outpost.manifests.store import ModelStore
+from outpost.models.backend import Generation
+from outpost.models.schemas import check_tools
+from outpost.runtime import VERSION
+from outpost.runtime.escalation.attempts import attempts, cloud_attempt
+from outpost.runtime.escalation.cloud import CloudClient
+from outpost.runtime.escalation.flow import Escalator, Turn
+from outpost.runtime.escalation.policy import resolve
+from outpost.runtime.escalation.settings import Policy
+from outpost.runtime.logs.records import AttemptRecord, RequestRecord
+from outpost.runtime.logs.store import LogStore
+
+from . import protocol, replies
+from .background import Background
+from .errors import UnknownMethod
+from .pool import ModelPool
+from .settings import DaemonSettings
+
+log = logging.getLogger("outpost.server")
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings, catalog: Catalog, store: ModelStore,
+                 cloud_transport: Any = None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.store = store
+        self.zmq = zmq.asyncio.Context()
+        self.logs = LogStore(settings.log_path, settings.logs.busy_timeout_s)
+        self.pool = ModelPool(settings, catalog, store, self.zmq, self.logs)
+        # `cloud_transport`: an httpx transport for tests that script the cloud's faults.
+        self.cloud = CloudClient(settings.cloud, transport=cloud_transport)
+        self.cloud.seed(*self.logs.cloud_spent_today())
+        self.escalator = Escalator(self.cloud, settings.confidence)
+        if not self.cloud.configured and (settings.escalation.policy is not Policy.OFF or any(
+                t.policy not in (None, Policy.OFF) for t in settings.escalation.tasks.values())):
+            log.warning("an escalation policy is set but [cloud] base_url is not: every "
+                        "escalation will answer locally, marked degraded (not_configured)")
+        self.started = time.time()
+        self.requests = 0
+        self.background = Background(log)  # request handlers, retention, shadow calls
+        self._stop = asyncio.Event()
+        self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "ping": self.ping, "status": self.status, "models.list": self.models_list,
+            "chat": self.chat, "feedback": self.feedback,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------
+    def bind(self) -> zmq.asyncio.Socket:
+        endpoint = self.settings.endpoint
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if path.exists():
+                if _answers(endpoint):
+                    raise ConfigError(f"another daemon is already serving on {endpoint}",
+                                      endpoint=endpoint)
+                path.unlink()  # a socket file left by a daemon that died
+        elif endpoint.startswith("tcp://"):
+            host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+            if host not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ConfigError(f"refusing to bind {endpoint}: TCP is loopback-only until "
+                                  "CURVE keys are configured", endpoint=endpoint)
+        else:
+            raise ConfigError(f"endpoint must be ipc://PATH or tcp://127.0.0.1:PORT, not {endpoint!r}",
+                              endpoint=endpoint)
+        sock = self.zmq.socket(zmq.ROUTER)
+        sock.linger = 0
+        # Hard cap far above the per-request limit: a peer sending more is cut off
+        # before we buffer it; anything between gets a request_too_large reply.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(self.settings.server.max_request_bytes * 16, 1 << 24))
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError(f"cannot bind {endpoint}: {exc.strerror}", endpoint=endpoint) from exc
+        return sock
+
+    async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
+        try:
+            sock = self.bind()
+        except OutpostError:
+            await self.pool.close()
+            self.logs.close()
+            self.zmq.term()
+            raise
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        try:
+            await self.pool.start()
+            for model_id in self.settings.preload or []:
+                await self.pool.acquire(self.catalog.get(model_id), reason="preload")
+            if on_ready:
+                on_ready(self.settings.endpoint)
+            self.background.spawn(self._retention(), "log retention")
+            stop = asyncio.ensure_future(self._stop.wait())
+            while not self._stop.is_set():
+                recv = asyncio.ensure_future(sock.recv_multipart())
+                done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if recv not in done:
+                    recv.cancel()
+                    break
+                self.background.spawn(self._handle(sock, recv.result()), "a request's handler")
+        finally:
+            self.background.cancel()
+            await self.pool.close()
+            await self.cloud.close()
+            self.logs.close()
+            sock.close(linger=0)
+            self.zmq.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _retention(self) -> None:
+        """Apply the log's retention caps now and every `prune_interval_s`."""
+        cfg = self.settings.logs
+        if cfg.max_age_days is None and cfg.max_size is None:
+            return
+        warned = False
+        while True:
+            try:
+                result = await self.logs.prune(cfg.max_age_days * 86400 if cfg.max_age_days else None,
+                                               int(cfg.max_size) if cfg.max_size else None)
+            except Exception:
+                log.exception("pruning the log failed; will try again")
+            else:
+                if result["deleted_by_age"] or result["deleted_by_size"]:
+                    log.info("log retention: deleted %d requests by age, %d by size",
+                             result["deleted_by_age"], result["deleted_by_size"])
+                over = cfg.max_size is not None and result["bytes"] > int(cfg.max_size)
+                if result["held"] and over and not warned:
+                    log.warning("the log is over its size cap, but %d requests have not been "
+                                "exported or synced yet and are kept: run `outpost logs export`",
+                                result["held"])
+                    warned = True
+            await asyncio.sleep(cfg.prune_interval_s)
+
+    # -- one message -----------------------------------------------------------------
+    async def _handle(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
+        # ROUTER gives [identity, (b"" from REQ sockets), payload...]; the envelope
+        # before the payload is mirrored back unchanged.
+        identity, rest = frames[0], frames[1:]
+        envelope = [identity]
+        if len(rest) >= 2 and rest[0] == b"":
+            envelope.append(b"")
+            rest = rest[1:]
+        request_id = None
+        try:
+            if len(rest) != 1:
+                raise BadRequest(f"expected one JSON frame, got {len(rest)}")
+            raw, env = protocol.decode_frame(rest[0], self.settings.server.max_request_bytes)
+            request_id = env.id
+            handler = self._methods.get(env.method)
+            if handler is None:
+                raise UnknownMethod(env.method, sorted(self._methods))
+            self.requests += 1
+            reply = protocol.reply_ok(request_id, await handler(env.params))
+        except OutpostError as exc:
+            reply = protocol.reply_error(request_id, exc)
+        except Exception as exc:  # a bug: report it and keep serving
+            log.exception("unhandled error in request %s", request_id)
+            reply = protocol.reply_error(request_id, InternalError(f"internal error: {exc!r}"))
+        await sock.send_multipart([*envelope, reply])
+
+    # -- methods ---------------------------------------------------------------------
+    async def ping(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "version": VERSION, "pid": os.getpid()}
+
+    async def status(self, params: dict[str, Any]) -> dict[str, Any]:
+        await self.pool.ready()  # Outpost's base memory includes the forkserver
+        used, snapshot = self.pool.measure()  # one read: the budget and the rows agree
+        return {"version": VERSION, "pid": os.getpid(), "endpoint": self.settings.endpoint,
+                "data_dir": str(self.settings.data_dir),
+                "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
+                "default_model": self.catalog.default, "budget": self.pool.budget(used),
+                "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status()}
+
+    def _escalation_status(self) -> dict[str, Any]:
+        cloud = self.cloud
+        cap = cloud.cap
+        cap.check()  # rolls the day over
+        return {"policy": self.settings.escalation.policy, "threshold": self.settings.escalation.threshold,
+                "cloud": None if not cloud.configured else {
+                    "model": self.settings.cloud.model, "breaker": cloud.breaker.state,
+                    "requests_today": cap.requests, "tokens_today": cap.tokens,
+                    "daily_max_requests": cap.max_requests, "daily_max_tokens": cap.max_tokens}}
+
+    async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}
+                           for m in self.catalog]}
+
+    def route(self, model: str | None, task: str | None) -> Manifest:
+        if model:
+            return self.catalog.get(model)
+        if task:
+            found = self.catalog.for_task(task)
+            if found is None:
+                raise UnknownModel(f"task:{task}", self.catalog.ids())
+            return found
+        return self.catalog.get_default()
+
+    async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        chat = protocol.parse_chat(params)
+        if chat.tools:
+            check_tools(chat.tools)  # refused here, before any model is chosen or loaded
+        manifest = self.route(chat.model, chat.task)
+        task = chat.task or (manifest.tasks[0] if manifest.tasks else None)
+        policy, threshold = resolve(self.settings, manifest, task, chat.escalation)
+        request = chat.generation(manifest.sampling)
+        turn = Turn(model=manifest.id, policy=policy, threshold=threshold, messages=request.messages,
+                    tools=request.tools, tool_choice=request.tool_choice,
+                    cloud_tool_choice=chat.wire_tool_choice(),
+                    parallel_tool_calls=chat.parallel_tool_calls, max_tokens=request.max_tokens)
+        waited: dict[str, float] = {}
+
+        async def local() -> Generation:
+            async with self.pool.lease(manifest) as (worker, lease_ms):
+                waited.update(lease_ms)
+                return await worker.generate(request, self.settings.server.request_timeout_s)
+
+        outcome = await self.escalator.run(turn, local)
+        timings_ms = replies.timings(waited, outcome, t0)
+        log_id = await self._log(
+            replies.request_record(chat, request, manifest, task, outcome, timings_ms),
+            attempts(outcome, manifest.id, manifest.version, self.settings.cloud.model))
+        if not outcome.answered:
+            error = outcome.local_error
+            assert error is not None, "an unanswered outcome carries the local error"
+            error.data.update(log_id=log_id, log_failed=log_id is None)
+            raise error
+        if outcome.shadow and log_id is not None:
+            self.background.spawn(self._shadow(log_id, turn), f"the shadow cloud call of request {log_id}")
+        return replies.chat_reply(outcome, manifest, log_id, timings_ms)
+
+    async def _shadow(self, request_id: int, turn: Turn) -> None:
+        """Shadow mode: the agent has its local answer; the cloud's goes to the log."""
+        answer, error = await self.escalator.ask(turn)
+        await self.logs.record_attempt(request_id, cloud_attempt(answer, error, self.settings.cloud.model))
+
+    async def feedback(self, params: dict[str, Any]) -> dict[str, Any]:
+        fb = protocol.parse_feedback(params)
+        feedback_id = await self.logs.record_feedback(fb.log_id, fb.outcome, fb.note)
+        return {"feedback_id": feedback_id, "log_id": fb.log_id, "outcome": fb.outcome}
+
+    async def _log(self, request: RequestRecord, tries: list[AttemptRecord]) -> int | None:
+        """Commit the log row; a failing log never costs the agent its answer."""
+        try:
+            return await self.logs.record(request, tries)
+        except Exception:
+            log.exception("could not write the log row")
+            return None
+
+
+def _answers(endpoint: str, timeout_ms: int = 500) -> bool:
+    """Is a daemon listening there? (A leftover socket file from a crash does not answer.)"""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(endpoint)
+        sock.send(protocol.ping_frame())
+        return bool(sock.poll(timeout_ms))
+    finally:
+        sock.close()
+        ctx.term()
