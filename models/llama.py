@@ -165,6 +165,8 @@ class LlamaModel:
             grammar=(f"xgrammar tool_choice={request.tool_choice} "
                      f"parallel={request.parallel_tool_calls}") if mask is not None else None)
 
+    # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
+    # splitting it would add a call per token and hide the order of mask, sample, accept.
     def _decode(self, run: _Run, mask: TokenMask | None, request: GenerationRequest,
                 rng: np.random.Generator) -> None:
         """Generate into `run`, one token per forward pass, until a stop token, the

@@ -3,6 +3,11 @@
 Settings are loaded once here and handed down. Output is for people by default and
 JSON with `--json`. Exit codes: 0 ok, 1 the daemon or the store reported an error,
 2 bad usage, 3 no daemon answered, 4 `models verify` found a bad file.
+The `logs` commands are in cli_logs.py; every command is described in docs/commands.md.
+
+What this module must not do: import the daemon at start-up (only `serve` needs it,
+and it pulls in llama.cpp's forkserver machinery), or format numbers by hand
+(cli_format.py).
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+# The command table, one block per command (63 lines): easier to scan whole than split.
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, metavar="FILE",

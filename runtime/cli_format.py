@@ -1,4 +1,7 @@
-"""How the CLI prints: JSON for scripts, numbers for people."""
+"""How the CLI prints: JSON for scripts, numbers for people.
+
+Nothing here talks to the daemon or reads the log: it only formats.
+"""
 
 from __future__ import annotations
 

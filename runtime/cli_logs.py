@@ -3,6 +3,9 @@
 The commands read the log file directly (WAL lets them beside a running daemon),
 except `feedback`, which goes through the daemon so the verdict is written by the
 log's one writer. docs/log.md describes what each command does with the log.
+
+What this module must not do: write the log itself, except through the
+log's own functions (export and prune record what they did), or talk to SQLite directly.
 """
 
 from __future__ import annotations

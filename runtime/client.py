@@ -6,6 +6,8 @@
 
 Error replies are raised as the same typed exceptions the daemon raised
 (`UnknownModel`, `ContextOverflow`, ...), rebuilt from their wire `code`.
+
+What this module must not do: import the daemon; a client process stays small.
 """
 
 from __future__ import annotations

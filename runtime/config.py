@@ -7,6 +7,9 @@ Precedence, highest first: command-line flags, `OUTPOST_*` environment variables
 Each layer owns its sections (daemon/settings.py, escalation/settings.py,
 logs/settings.py); this module composes them and does the loading. `Settings` is a
 `DaemonSettings`, so the daemon core takes it without importing the front door.
+
+What this module must not do: be imported by the daemon core, escalation or the
+log (they take their own sections, or a `DaemonSettings`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """The daemon inside another Python process: a real Daemon on its real socket, served
 from a background thread. For tools (the BFCL harness's --in-process) and tests; an
-agent talks to it with the same client as to `outpost serve`."""
+agent talks to it with the same client as to `outpost serve`.
+
+What this module must not do: start anything but the real daemon; tests and tools
+that need a fake cloud pass an httpx transport, nothing is patched.
+"""
 
 from __future__ import annotations
 

@@ -41,6 +41,9 @@ wire protocol sends. This module gathers them all, so a client knows every code
 Foreign exceptions are translated at exactly one boundary each: sqlite3 errors by
 their result code in `logs/errors.py`, httpx errors in `escalation/cloud.py`, and a
 worker's or a daemon's wire error by its code in `from_wire`.
+
+What this module must not do: define errors a lower layer raises (they live there),
+or be imported by the layers below the front door.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ class Sampler:
         return json.loads(self.out.read_text())
 
 
+# One scenario, sampled throughout; kept whole so its failure report shows the whole run.
 def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model_cache, gemma_cache):
     data = make_data_dir(tmp_path)
     link_models(data, model_cache, [SMOLLM2])

@@ -132,6 +132,7 @@ def gbnf_sampler(model: LlamaModel, schema: dict[str, Any]) -> Any:
                                                 grammar._root.encode())
 
 
+# A benchmark script read top to bottom (set up, each decoder, report): kept whole.
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m outpost.tools.bench_grammar",
                                  description=__doc__.splitlines()[0],

@@ -82,6 +82,7 @@ def direct_swap(old: Path, old_ctx: int, new: Path, new_ctx: int, rounds: int) -
     return statistics.median(times) * 1e3
 
 
+# A benchmark script read top to bottom (calibrate, baseline, swaps, report): kept whole.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs=2, default=["smollm2-135m-instruct", "gemma-3-270m"])

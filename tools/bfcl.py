@@ -344,6 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The harness's run read top to bottom (daemon, cloud, questions, report): kept whole.
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.escalation:

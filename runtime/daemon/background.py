@@ -3,6 +3,9 @@
 asyncio keeps only a weak reference to a task, and an exception nobody awaits is
 reported, if at all, when the task is garbage-collected. So each one is held here
 until it ends, and its failure is logged with what it was doing.
+
+What this module must not do: retry or swallow a failure; it only keeps the task
+and logs the exception.
 """
 
 from __future__ import annotations

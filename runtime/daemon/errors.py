@@ -1,6 +1,8 @@
 """Errors of the daemon core: a frame it will not read, a method it does not know, and
 the pool's refusals (no room in the budget, too many waiting, too long a wait, a dead
 worker). The whole tree is documented in `outpost/runtime/errors.py`.
+
+What this module must not do: import anything above `outpost.manifests.errors`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ worker adds its unique set (USS): the shared pages it maps are already counted.
 On Jetson-style unified memory the GPU allocates from the same RAM: there is no
 separate VRAM budget and GPU allocations are simply part of each process's memory.
 NVML is optional: without the `nvidia-ml-py` package or a driver, there is no GPU.
+
+What this module must not do: keep the budget or choose victims (ledger.py and
+eviction.py); it only reads the machine.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class ModelPool:
         self._released = asyncio.Condition()  # a lease ended or a worker went away
         self._reaper: asyncio.Task[None] | None = None
         self.forkserver: asyncio.Task[None] | None = None
-        self.background = Background(log)  # event and footprint writes in flight
+        self.background = Background(log)  # the reaper, the forkserver's start, log writes
         self.ledger = MemoryLedger(settings.budget, settings.llama, recorder.footprints())
         self.evictions = 0
         self._forkserver = Forkserver(zmq_ctx)
@@ -85,8 +85,8 @@ class ModelPool:
         # Start the forkserver now, in the background: its start-up (the preload, a few
         # seconds) is part of Outpost's base memory and must not be paid by the first
         # request, but the daemon answers pings, status and logged errors meanwhile.
-        self.forkserver = asyncio.create_task(self._start_forkserver())
-        self._reaper = asyncio.create_task(self._reap())
+        self.forkserver = self.background.spawn(self._start_forkserver(), "starting the forkserver")
+        self._reaper = self.background.spawn(self._reap(), "the pool's reaper")
 
     async def _start_forkserver(self) -> None:
         await self._forkserver.start()
@@ -397,11 +397,12 @@ class ModelPool:
                 "queued": {m: n for m, n in self._queued.items() if n}}
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
+        for task in (self._reaper, self.forkserver):
+            if task is not None:
+                task.cancel()
         for task in list(self._loading.values()):
             task.cancel()
         await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
-        await self.background.drain()
+        await self.background.drain()  # the log writes of the last evictions
         self.workers.clear()
         self._forkserver.close()

@@ -5,6 +5,8 @@ replies carry either `result` or `error` (`{code, message, data}`). Everything a
 agent sends is checked here with pydantic before anything else sees it, and every
 failure becomes a typed `BadRequest` with the field that was wrong. See
 docs/protocol.md for the agent-facing description.
+
+What this module must not do: route, generate or log; it parses and serialises.
 """
 
 from __future__ import annotations

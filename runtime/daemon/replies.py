@@ -4,6 +4,8 @@ Both are functions of the same data (the parsed request, the model it was routed
 the escalation outcome, the timings), so what the agent saw and what the log says it
 saw cannot drift apart. The reply is OpenAI's chat.completion, plus an `outpost`
 object (docs/protocol.md lists its fields).
+
+What this module must not do: decide anything; every choice is in the outcome.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ to the broker over a private DEALER socket with one JSON frame per message:
 A crash in native code kills only this process; the broker sees the exit and fails
 the in-flight request with `worker_crashed`. The worker exits by itself if the
 daemon that started it disappears.
+
+What this module must not do: import the daemon, the pool or the log; it runs in a
+child with nothing but its socket, its manifest and the store.
 """
 
 from __future__ import annotations

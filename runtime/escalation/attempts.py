@@ -2,6 +2,8 @@
 
 Every try at answering is kept, answered or failed, local or cloud: a failed local
 attempt beside a cloud answer is exactly the example a task adapter learns from.
+
+What this module must not do: write them; the daemon hands them to the log store.
 """
 
 from __future__ import annotations

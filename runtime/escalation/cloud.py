@@ -21,6 +21,8 @@ What makes it safe to call from a daemon on a poor link:
 
 The API key is read from the environment variable *named* in config, at call
 time; it is never logged or stored.
+
+What this module must not do: decide when to ask (flow.py) or log (the daemon does).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ gates are hard evidence, each a factor from config (0 rules the answer out):
     no_call        a call was required (tool_choice required or named) and none came
 
 The parts are returned with the score, logged with the attempt, and sent in the reply.
+
+What this module must not do: decide what a score leads to (flow.py compares it
+with the policy's threshold).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Why the cloud gave no usable answer. None of these reaches an agent: the reply
 carries the local answer, `degraded`, and the error's `reason`. The whole tree is
 documented in `outpost/runtime/errors.py`.
+
+What this module must not do: import anything above `outpost.manifests.errors`.
 """
 
 from __future__ import annotations

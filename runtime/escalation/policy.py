@@ -1,4 +1,4 @@
-"""Which policy a request runs under, and the cloud attempt as a log row.
+"""Which policy a request runs under, and the threshold it is judged by.
 
 Policies, from the one that exposes least to the cloud to the ones that expose all:
 
@@ -13,20 +13,20 @@ threshold (`escalation_threshold`), which config can override per model
 over both. A request may narrow its policy with `escalation` (e.g.
 "off" for private data) but never widen it: a request asking for more exposure
 than config allows is refused with `bad_request`.
+
+What this module must not do: call the cloud or score an answer (cloud.py,
+confidence.py); it only reads settings and the manifest.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from outpost.manifests.errors import BadRequest
 
-from .errors import CloudError
 from outpost.manifests.schema import Manifest
 
-from .cloud import CloudAnswer
 from .settings import EscalationSettings, Policy
 
 
@@ -64,19 +64,3 @@ def resolve(settings: EscalationConfig, manifest: Manifest, task: str | None,
                              configured=policy.value)
         policy = requested
     return policy, threshold
-
-
-def cloud_attempt(answer: CloudAnswer | None, error: CloudError | None, model: str) -> dict[str, Any]:
-    """The log row of one cloud attempt, answered or failed."""
-    if answer is None:
-        return {"kind": "cloud", "model": model, "model_version": "",
-                "error_code": error.code if error else None,
-                "error_message": error.message if error else None,
-                "validation": (error.data.get("validation") if error else None)}
-    return {
-        "kind": "cloud", "model": answer.model, "model_version": "",
-        "output": answer.content if answer.content is not None else json.dumps(answer.tool_calls),
-        "tool_calls": answer.tool_calls or None, "finish_reason": answer.finish_reason,
-        "validation": answer.validation or None, "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens, "decode_ms": round(answer.latency_ms, 2),
-        "cost_usd": round(answer.cost_usd, 8), "constrained": 0}

@@ -2,6 +2,8 @@
 
 Sections of the one Settings model (runtime/config.py composes them); they are
 plain frozen data, loaded once in `main()` and passed down.
+
+What this module must not do: load anything; runtime/config.py loads them.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ clusters. No model is downloaded: scikit-learn only (the `curate` extra).
 
 The suggestion per cluster follows the survey's S3 step: a large cluster that
 escalates often is where a fine-tuned SLM pays for itself.
+
+What this module must not do: write to the log; it only reads.
 """
 
 from __future__ import annotations

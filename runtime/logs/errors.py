@@ -2,6 +2,9 @@
 
 The kind comes from SQLite's result code (`sqlite_errorcode`), never from the text of
 the message. The whole tree is documented in `outpost/runtime/errors.py`.
+
+What this module must not do: map any other library's errors (each boundary maps
+its own: httpx in escalation/cloud.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ Formats, one JSON object per line:
           arguments are JSON strings (OpenAI's fine-tuning format).
   hf      {"messages": [...], "tools": [...]}; tool-call arguments are objects, as
           Hugging Face chat templates and TRL's SFTTrainer take them.
+
+What this module must not do: send anything off the device; it writes files, and
+the sync layer (later) decides what leaves.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Reading the log (the CLI's side, synchronous): recent requests, one request whole."""
+"""Reading the log (the CLI's side, synchronous): recent requests, one request whole.
+
+What this module must not do: write; the daemon's writer thread owns writes.
+"""
 
 from __future__ import annotations
 

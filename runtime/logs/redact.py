@@ -12,6 +12,9 @@ look like a phone number, an email's domain can look like a host name.
 What is not caught: names, postal addresses and free-form identifiers. Plain digit
 runs without separators or a leading `+` are not taken for phone numbers (order
 numbers and quantities look the same); configure a pattern for your own formats.
+
+What this module must not do: decide what is exported (export.py); it only rewrites
+strings.
 """
 
 from __future__ import annotations

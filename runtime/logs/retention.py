@@ -4,6 +4,8 @@ The watermark is the highest request id that an export or a sync has taken off t
 device. `prune` removes rows older than `max_age_days`, then the oldest rows while
 the file is over `max_size`, but only rows at or below the watermark: what has not
 left the device yet is never lost to a cap.
+
+What this module must not do: delete a row above the watermark.
 """
 
 from __future__ import annotations

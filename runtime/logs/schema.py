@@ -7,6 +7,8 @@ memory records), `watermarks` and `exports` (how far the log has left the device
 The typed records in records.py mirror `requests` and `attempts` column for column.
 
 Also the one prepared-INSERT helper every writer uses.
+
+What this module must not do: hold connections or threads (store.py does).
 """
 
 from __future__ import annotations

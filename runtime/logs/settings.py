@@ -1,6 +1,8 @@
 """Settings of the interaction log: locking and retention, export, prices for stats.
 
 Sections of the one Settings model (runtime/config.py composes them).
+
+What this module must not do: load anything; runtime/config.py loads them.
 """
 
 from __future__ import annotations

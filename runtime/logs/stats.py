@@ -11,6 +11,8 @@ latency, and cost per successful task. Definitions, so the figures can be checke
 - cost per successful task: (cloud cost, as logged per attempt, plus local tokens
   times `[costs] local_per_1k_tokens`) summed over all requests, divided by the
   successes; the price of the failures is part of the price of a success.
+
+What this module must not do: write to the log; it only reads.
 """
 
 from __future__ import annotations
