@@ -50,14 +50,13 @@ EXAMPLE_TOOLS = "examples/weather_tool.json"
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
+    if not hasattr(args, "run"):  # a command, or a command group's action, left out
+        getattr(args, "group", parser).print_help()
         return EXIT_USAGE
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        # A command group named without its action has none of its flags.
-        settings = Settings.load(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
+        settings = Settings.load(args.config, data_dir=args.data_dir,
                                  endpoint=getattr(args, "endpoint", None))
         return args.run(args, settings) or 0
     except DaemonUnreachable as exc:
@@ -136,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list, pull, verify and remove models",
                             description="The model store and catalog (docs/models.md).")
-    models.set_defaults(run=lambda args, settings: _usage(models))
+    models.set_defaults(group=models)
     _add_models_commands(models.add_subparsers(metavar="ACTION"), common, as_json)
 
     logs = sub.add_parser("logs", help="read, export and prune the interaction log",
                           description="Read, export, cluster and prune the interaction log "
                           "(docs/log.md).")
-    logs.set_defaults(run=lambda args, settings: _usage(logs))
+    logs.set_defaults(group=logs)
     add_logs_commands(logs.add_subparsers(metavar="ACTION"), common, client, as_json)
     return parser
 
@@ -164,12 +163,6 @@ def _add_models_commands(models: argparse._SubParsersAction, common: argparse.Ar
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _usage(parser: argparse.ArgumentParser) -> int:
-    """A command group named without its action: say what the actions are."""
-    parser.print_help(sys.stderr)
-    return EXIT_USAGE
-
-
 def _store_and_catalog(settings: Settings) -> tuple[ModelStore, Catalog]:
     store = ModelStore(settings.store_dir)
     return store, Catalog.load(store, settings.manifest_dirs, settings.default_model)
