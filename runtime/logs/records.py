@@ -15,10 +15,11 @@ a record (the daemon and the escalation flow build them).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 
 class AttemptKind(StrEnum):
@@ -35,22 +36,34 @@ class PoolEventKind(StrEnum):
 
 def _column(value: Any) -> Any:
     """A field's value as SQLite stores it: lists and dicts as JSON text."""
-    if isinstance(value, (dict, list)):
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is float:  # most columns
+        return value
+    if kind is dict or kind is list:
         return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool):
+    if kind is bool:
         return int(value)
     if isinstance(value, StrEnum):
         return value.value
     return value
 
 
+@functools.cache
+def _column_names(cls: type) -> tuple[str, ...]:
+    # Once per record type: `fields()` rebuilds its tuple on every call, and a record
+    # is written on every request's path.
+    return tuple(f.name for f in fields(cls) if f.name not in cls.NOT_COLUMNS)
+
+
 class _Row:
+    NOT_COLUMNS: ClassVar[frozenset[str]] = frozenset()  # fields stored elsewhere
+
     def columns(self) -> dict[str, Any]:
-        """column -> value, every field, ready for an INSERT."""
-        return {f.name: _column(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        """column -> value, every column field, ready for an INSERT."""
+        return {name: _column(getattr(self, name)) for name in _column_names(type(self))}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AttemptRecord(_Row):
     """One try at answering a request: the local model's, or the cloud's."""
 
@@ -79,7 +92,7 @@ class AttemptRecord(_Row):
     error_message: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RequestRecord(_Row):
     """What an agent asked, and the outcome it saw."""
 
@@ -105,13 +118,10 @@ class RequestRecord(_Row):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
-    def columns(self) -> dict[str, Any]:
-        out = super().columns()
-        del out["tools"]  # a column of its own table
-        return out
+    NOT_COLUMNS: ClassVar[frozenset[str]] = frozenset({"tools"})  # a table of their own, by hash
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PoolEvent(_Row):
     """A load, eviction, idle unload or crash, with its reason."""
 
