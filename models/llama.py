@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
 from .templates import TOOL_CALL_CLOSE, ChatTemplate
 from . import toolcalls
+from .decoding import LOOP_CLOSE_TOKENS, Run, call_stats, cut_quality, degenerate_loop, logsumexp, repeats_a_call, sample
 
 
 def gpu_offload_available() -> bool:
@@ -143,7 +143,7 @@ class LlamaModel:
         t0 = time.perf_counter()
         self._eval_prompt(prompt)
         t1 = time.perf_counter()
-        run = _Run(budget=budget, prompt_len=len(prompt))
+        run = Run(budget=budget, prompt_len=len(prompt))
         self._decode(run, mask, request, rng)
         t2 = time.perf_counter()
 
@@ -152,7 +152,7 @@ class LlamaModel:
         finish = run.finish
         if request.tools and request.tool_choice != "none":
             content, parsed = toolcalls.parse(text, loose=mask is None)
-            stats = _call_stats(run) if mask is not None else None
+            stats = call_stats(run) if mask is not None else None
             tool_calls, validation = toolcalls.to_openai(parsed, request.tools, stats)
             if tool_calls and finish == "stop":
                 finish = "tool_calls"
@@ -167,7 +167,7 @@ class LlamaModel:
 
     # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
     # splitting it would add a call per token and hide the order of mask, sample, accept.
-    def _decode(self, run: _Run, mask: TokenMask | None, request: GenerationRequest,
+    def _decode(self, run: Run, mask: TokenMask | None, request: GenerationRequest,
                 rng: np.random.Generator) -> None:
         """Generate into `run`, one token per forward pass, until a stop token, the
         grammar's end or max_tokens.
@@ -205,14 +205,14 @@ class LlamaModel:
                     run.finish = "stop"
                     return
             tok = (self._closing_token(logits, run.calls.in_string) if closing_left >= 0
-                   else _sample(logits, request, rng))
+                   else sample(logits, request, rng))
             if not np.isfinite(logits[tok]) or (mask is not None and not mask.accept(tok)):
                 run.finish, run.dead_end = "stop", True  # the grammar allowed nothing
                 return
             if llama_cpp.llama_vocab_is_eog(self._vocab_ptr, tok):
                 run.finish = "stop"
                 return
-            run.add(tok, self._piece(tok), float(logits[tok] - _logsumexp(logits)))
+            run.add(tok, self._piece(tok), float(logits[tok] - logsumexp(logits)))
             if mask is not None:
                 if closing_left >= 0 and not run.in_call:
                     closing_left = -1
@@ -222,30 +222,30 @@ class LlamaModel:
                         # have max_tokens cut it off invalid.
                         run.repairs.append((len(run.written), "length"))
                         closing_left = reserve
-                    elif loop := _degenerate_loop(run.out):
+                    elif loop := degenerate_loop(run.out):
                         tok = self._cut_loop(run, mask, *loop)
                         closing_left = LOOP_CLOSE_TOKENS
-                elif _repeats_a_call(run):
+                elif repeats_a_call(run):
                     # Greedy decoding also loops on whole calls; a repeat carries no
                     # information, so stop instead of burning max_tokens.
                     run.finish = "stop"
                     return
             self._llama.eval([tok])
 
-    def _cut_loop(self, run: _Run, mask: TokenMask, cut: int, period: int) -> int:
+    def _cut_loop(self, run: Run, mask: TokenMask, cut: int, period: int) -> int:
         """Drop a loop's repeats (keeping one copy) from the output, the grammar state
         and the KV cache; returns the token to evaluate next."""
         # Of the copy's phases, cut where the rest closes cleanly:
         # `["a", "a", ...` -> `["a", "a` + `"]`, not `["a", "` + `"]`.
         cut += min((k for k in range(period) if cut + k < len(run.out)),
-                   key=lambda k: _cut_quality(run.written, run.offsets[-(cut + k)]))
+                   key=lambda k: cut_quality(run.written, run.offsets[-(cut + k)]))
         mask.matcher.rollback(cut)
         run.truncate(len(run.out) - cut)
         run.repairs.append((len(run.written), "loop"))
         self._forget_tail(run.prompt_len + len(run.out) - 1)
         return run.out[-1]
 
-    def _jump(self, run: _Run, mask: TokenMask, forced: str) -> bool:
+    def _jump(self, run: Run, mask: TokenMask, forced: str) -> bool:
         """Take text the grammar forces in one batch: accepted by the grammar,
         tokenized, evaluated at once. False if it does not fit in max_tokens."""
         data = forced.encode("utf-8")
@@ -300,125 +300,6 @@ class LlamaModel:
             llama_cpp.llama_memory_clear(mem, True)
         llama.n_tokens = keep
         llama.eval(prompt[keep:])
-
-
-@dataclass
-class _Run:
-    """One generation's output as it grows: tokens, their bytes and log-probabilities."""
-
-    budget: int  # max_tokens, or what the context has left
-    prompt_len: int
-    out: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)  # chosen tokens, after the mask
-    offsets: list[int] = field(default_factory=list)  # each token's byte offset in `written`
-    written: bytearray = field(default_factory=bytearray)  # the exact bytes generated
-    repairs: list[tuple[int, str]] = field(default_factory=list)  # (byte offset, why) a call was cut
-    finish: str = "length"
-    dead_end: bool = False
-    calls: toolcalls.CallScanner = field(default_factory=toolcalls.CallScanner)
-
-    def add(self, tok: int, piece: bytes, logprob: float) -> None:
-        self.out.append(tok)
-        self.offsets.append(len(self.written))
-        self.written += piece
-        self.logprobs.append(logprob)
-        self.calls.feed(piece)
-
-    def truncate(self, n: int) -> None:
-        del self.written[self.offsets[n]:]
-        del self.out[n:], self.offsets[n:], self.logprobs[n:]
-        self.calls = toolcalls.CallScanner(bytes(self.written))
-
-    @property
-    def in_call(self) -> bool:
-        return self.calls.in_call
-
-
-# A loop is a run of tokens repeated back to back at least LOOP_MIN_REPEATS times and
-# over at least LOOP_MIN_TOKENS tokens, with a period of at most LOOP_MAX_PERIOD. Real
-# arguments rarely do that ("1000000000000" is 4 x "000" but only 4 tokens).
-LOOP_MIN_REPEATS = 4
-LOOP_MIN_TOKENS = 16
-LOOP_MAX_PERIOD = 24
-# Tokens kept for steering a cut call to its end; also how close to max_tokens an open
-# call is closed early.
-LOOP_CLOSE_TOKENS = 32
-
-
-def _degenerate_loop(tokens: list[int]) -> tuple[int, int] | None:
-    """(tokens to drop to leave one copy, the loop's period), or None if no loop."""
-    n = len(tokens)
-    for period in range(1, LOOP_MAX_PERIOD + 1):
-        need = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // period))
-        if n < period * need:
-            break
-        unit = tokens[n - period:]
-        reps = 1
-        while reps * period + period <= n and tokens[n - (reps + 1) * period: n - reps * period] == unit:
-            reps += 1
-        if reps >= need:
-            return (reps - 1) * period, period
-    return None
-
-
-def _cut_quality(written: bytearray, at: int) -> int:
-    """How cleanly a call cut at byte `at` can be closed: 0 best."""
-    kept, rest = written[:at], written[at:]
-    if toolcalls.CallScanner(bytes(kept)).in_string:
-        return 1 if rest.startswith(b'"') else 2  # `"abc` + `"...`: the string was whole
-    return 0 if kept.rstrip()[-1:] not in (b",", b":", b"[", b"{") else 3
-
-
-def _repeats_a_call(run: _Run) -> bool:
-    """Has the call that just closed been made before in this answer?"""
-    spans = run.calls.spans
-    if not spans or spans[-1][1] != len(run.written):
-        return False
-    block = lambda span: bytes(run.written[span[0]:span[1]]).strip()  # noqa: E731
-    return block(spans[-1]) in {block(s) for s in spans[:-1]}
-
-
-def _call_stats(run: _Run) -> list[dict[str, Any]]:
-    """Per tool call, in order: its tokens' log-probabilities (mean, min, count) and,
-    if it was cut short and closed, why ("loop" or "length"; else None)."""
-    stats = []
-    starts = np.asarray(run.offsets)
-    lp = np.asarray(run.logprobs)
-    for start, end in run.calls.spans:
-        end = len(run.written) if end is None else end
-        mine = lp[(starts >= start) & (starts < end)]
-        stats.append({
-            # `free`: tokens the grammar left a choice for (a forced token's log-prob is 0
-            # after the mask), the ones that carry the model's doubt.
-            "logprob": {"mean": float(mine.mean()) if mine.size else None,
-                        "min": float(mine.min()) if mine.size else None, "tokens": int(mine.size),
-                        "sum": float(mine.sum()), "free": int((mine < -1e-6).sum())},
-            "repaired": next((why for at, why in run.repairs if start <= at <= end), None)})
-    return stats
-
-
-def _sample(logits: np.ndarray, request: GenerationRequest, rng: np.random.Generator) -> int:
-    if request.temperature <= 0.0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / request.temperature
-    if 0 < request.top_k < scaled.shape[0]:
-        kth = np.partition(scaled, -request.top_k)[-request.top_k]
-        scaled[scaled < kth] = -np.inf
-    probs = np.exp(scaled - np.max(scaled))
-    probs /= probs.sum()
-    if request.top_p < 1.0:
-        order = np.argsort(-probs)
-        cut = np.searchsorted(np.cumsum(probs[order]), request.top_p) + 1
-        keep = np.zeros_like(probs, dtype=bool)
-        keep[order[:cut]] = True
-        probs[~keep] = 0.0
-        probs /= probs.sum()
-    return int(rng.choice(probs.shape[0], p=probs))
-
-
-def _logsumexp(x: np.ndarray) -> float:
-    m = float(np.max(x))
-    return m + float(np.log(np.sum(np.exp(x - m))))
 
 
 def default_threads() -> int:

@@ -14,7 +14,7 @@ import pytest
 
 from outpost.models import toolcalls
 from outpost.models.grammar import GrammarCache, TokenMask, Vocabulary
-from outpost.models.llama import _cut_quality, _degenerate_loop
+from outpost.models.decoding import cut_quality as _cut_quality, degenerate_loop as _degenerate_loop
 from outpost.models.templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 from .conftest import REPO, SMOLLM2, make_data_dir, start_daemon
