@@ -70,6 +70,11 @@ class ModelStore:
             return []
         return [Manifest.from_file(p) for p in sorted(self.manifests.glob("*.toml"))]
 
+    def pulled_manifest(self, model_id: str) -> Manifest | None:
+        """The manifest `model_id` was pulled with, if it was."""
+        path = self.manifests / f"{model_id}.toml"
+        return Manifest.from_file(path) if path.is_file() else None
+
     def weights_path(self, manifest: Manifest) -> Path:
         """Path of the file the backend loads; raises if the model is not pulled."""
         if not self.is_pulled(manifest):

@@ -36,6 +36,8 @@ wire protocol sends. This module gathers them all, so a client knows every code
     │   └── CloudInvalid              cloud_invalid_answer
     ├── ConfigError                   config_error            manifests/errors.py
     ├── DaemonUnreachable             daemon_unreachable      here (the client's)
+    ├── SyncError                     sync_failed             sync/errors.py (above runtime:
+    │   └── SyncUntrusted             sync_untrusted            not imported here)
     └── InternalError                 internal                manifests/errors.py
 
 Foreign exceptions are translated at exactly one boundary each: sqlite3 errors by

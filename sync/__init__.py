@@ -1,4 +1,5 @@
 """Field devices: pulling signed manifests and model files, pushing logs to the fleet.
 
-Empty in this release; the model store's sources (`outpost.manifests.sources`) already
-pull single models. May import `outpost.runtime` and below, never `outpost.tools`."""
+pull.py pulls a channel's models from a TUF-signed hub (a folder so far; S3 and HTTPS
+mirrors, resumable transfers, activation and the log push come next: docs/fleet.md).
+Needs the `fleet` extra. May import `outpost.runtime` and below, never `outpost.tools`."""

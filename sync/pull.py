@@ -1,0 +1,151 @@
+"""Models down: pull the manifests and files a fleet signed, verified with TUF.
+
+    hub (folder today; S3 and HTTPS mirrors later)
+      metadata/   1.root.json, N.targets.json, N.snapshot.json, timestamp.json
+      targets/    channels/<channel>/<hash>.index.json, channels/<channel>/<hash>.<id>.toml,
+                  blobs/<hash>.sha256-<hex>            (consistent snapshots: hash-prefixed)
+
+The device is provisioned with the fleet's root.json and trusts nothing else: python-tuf's
+ngclient refreshes the metadata (signatures, thresholds, versions, expiry, lengths) and
+checks every downloaded target's length and hashes against what was signed. A channel's
+index names its models; each model's manifest and files are targets too. A verified
+file goes into the model store through its existing install (tmp, fsync, size and
+sha256 checked again, rename), so nothing unverified ever becomes a model.
+
+What this module must not do: sign anything (the fleet's side is tools/fleet.py), or
+replace a model the daemon is serving without the activation step (a later slice:
+today a pull installs the new version as the store's manifest for that id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import FetcherInterface, Updater
+
+from outpost.manifests.schema import LocalPath, Manifest
+from outpost.manifests.sources import new_scratch, remove_scratch
+from outpost.manifests.store import ModelStore
+
+from .errors import SyncError, SyncUntrusted
+
+log = logging.getLogger("outpost.sync")
+CHUNK = 1 << 20
+
+
+def index_target(channel: str) -> str:
+    return f"channels/{channel}/index.json"
+
+
+def manifest_target(channel: str, model_id: str) -> str:
+    return f"channels/{channel}/{model_id}.toml"
+
+
+def blob_target(sha256: str) -> str:
+    return f"blobs/sha256-{sha256}"
+
+
+class FolderFetcher(FetcherInterface):
+    """ngclient's network, for a hub that is a folder (`file://`: NFS, a USB stick)."""
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        parsed = urlparse(url)
+        if parsed.scheme != "file":
+            raise tuf_errors.DownloadError(f"not a file:// URL: {url}")
+        path = Path(unquote(parsed.path))
+        if not path.is_file():
+            raise tuf_errors.DownloadHTTPError(f"{path} does not exist", 404)
+        return self._chunks(path)
+
+    @staticmethod
+    def _chunks(path: Path) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+
+@dataclass(frozen=True)
+class Pulled:
+    model: str
+    version: str
+    installed: bool  # False: this version was in the store already
+
+
+class ModelPuller:
+    """One device's view of one hub channel."""
+
+    def __init__(self, hub: str, channel: str, trust_dir: Path, store: ModelStore) -> None:
+        if not hub.startswith("file://"):
+            raise SyncError(f"hub {hub!r}: only file:// hubs are supported yet", hub=hub)
+        root = trust_dir / "root.json"
+        if not root.is_file():
+            raise SyncError(f"no trusted root at {root}: provision the device with the fleet's "
+                            "root.json (`outpost fleet init` writes it)", path=str(root))
+        self.hub = hub.rstrip("/")
+        self.channel = channel
+        self.store = store
+        self.metadata_dir = trust_dir / "metadata"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self._root = root.read_bytes()
+
+    def pull(self) -> list[Pulled]:
+        """Refresh the signed metadata, then install every model of the channel not yet here."""
+        try:
+            return self._pull()
+        # More bytes than signed (an endless-data attack) is a verification failure,
+        # though python-tuf files it under download errors.
+        except (tuf_errors.RepositoryError, tuf_errors.DownloadLengthMismatchError) as exc:
+            raise SyncUntrusted(f"the hub's data failed verification: {exc}",
+                                type(exc).__name__, hub=self.hub) from exc
+        except tuf_errors.DownloadError as exc:
+            raise SyncError(f"cannot read the hub {self.hub}: {exc}", hub=self.hub) from exc
+
+    def _pull(self) -> list[Pulled]:
+        updater = Updater(str(self.metadata_dir), f"{self.hub}/metadata/",
+                          target_base_url=f"{self.hub}/targets/", fetcher=FolderFetcher(),
+                          bootstrap=self._root)
+        updater.refresh()
+        scratch = new_scratch(self.store.tmp)
+        try:
+            index = json.loads(self._download(updater, index_target(self.channel), scratch))
+            return [self._pull_model(updater, model_id, scratch) for model_id in sorted(index["models"])]
+        finally:
+            remove_scratch(scratch)
+
+    def _download(self, updater: Updater, target: str, scratch: Path) -> bytes:
+        return self._download_to(updater, target, scratch / target.replace("/", "_")).read_bytes()
+
+    def _download_to(self, updater: Updater, target: str, path: Path) -> Path:
+        """A signed target into `path`, its length and hashes checked against the metadata."""
+        info = updater.get_targetinfo(target)
+        if info is None:
+            raise SyncError(f"the hub signs no {target}", target=target, hub=self.hub)
+        updater.download_target(info, str(path))
+        return path
+
+    def _pull_model(self, updater: Updater, model_id: str, scratch: Path) -> Pulled:
+        text = self._download(updater, manifest_target(self.channel, model_id), scratch).decode()
+        manifest = Manifest.from_toml(text, origin=f"{self.hub} {manifest_target(self.channel, model_id)}")
+        if manifest.id != model_id:
+            raise SyncUntrusted(f"the channel names {model_id} but its manifest is {manifest.id}",
+                                "wrong_manifest", model=model_id)
+        installed = self.store.pulled_manifest(model_id)
+        if installed is not None and installed.version == manifest.version \
+                and self.store.is_pulled(manifest):
+            return Pulled(model_id, manifest.version, installed=False)
+        files = []
+        for mf in manifest.files:
+            local = scratch / f"sha256-{mf.sha256}"
+            if not self.store.blob_path(mf.sha256).exists():
+                self._download_to(updater, blob_target(mf.sha256), local)
+            files.append(mf.model_copy(update={"sources": [LocalPath(kind="path", path=local)]}))
+        # The store checks size and sha256 once more as it installs (tmp, fsync, rename).
+        self.store.pull(manifest.model_copy(update={"files": files}), text)
+        log.info("pulled %s %s from %s (%s)", model_id, manifest.version, self.hub, self.channel)
+        return Pulled(model_id, manifest.version, installed=True)

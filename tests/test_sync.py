@@ -1,0 +1,166 @@
+"""Models down through a fleet hub in a folder (`file://`, the USB stick): a real TUF
+repository the test publishes, a device that trusts only the fleet's root.json, and
+attacks mounted against the real files. Every refusal leaves the installed models as
+they were."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata
+
+from outpost.manifests.store import ModelStore
+from outpost.sync.errors import SyncError, SyncUntrusted
+from outpost.sync.pull import ModelPuller
+from outpost.tools.fleet import FleetHub, provision
+from outpost.tools.tiny_gguf import write_tiny_gguf
+
+from .conftest import TINY, tiny_manifest_toml
+
+
+@pytest.fixture
+def fleet(tmp_path, tiny_gguf):
+    hub = FleetHub.create(tmp_path / "hub", tmp_path / "keys")
+    hub.add_model(tiny_manifest_toml(tiny_gguf), {"tiny.gguf": tiny_gguf})
+    return hub
+
+
+def device(tmp_path: Path, hub: FleetHub, name: str = "dev") -> tuple[ModelPuller, ModelStore]:
+    provision(hub.root_json, tmp_path / name / "trust")
+    store = ModelStore(tmp_path / name / "models")
+    return ModelPuller(f"file://{hub.hub}", "stable", tmp_path / name / "trust", store), store
+
+
+def installed(store: ModelStore) -> dict[str, bytes]:
+    """Everything the store holds: what a refusal must leave exactly as it was."""
+    return {str(p.relative_to(store.root)): p.read_bytes()
+            for p in sorted(store.root.rglob("*")) if p.is_file() and "tmp" not in p.parts}
+
+
+def test_a_device_pulls_a_signed_model_and_a_second_pull_changes_nothing(tmp_path, fleet, tiny_gguf):
+    puller, store = device(tmp_path, fleet)
+    [pulled] = puller.pull()
+    assert (pulled.model, pulled.version, pulled.installed) == (TINY, "1", True)
+    manifest = store.pulled_manifest(TINY)
+    assert store.weights_path(manifest).read_bytes() == tiny_gguf.read_bytes()
+    before = installed(store)
+    assert [p.installed for p in puller.pull()] == [False]
+    assert installed(store) == before
+
+
+def test_a_new_version_on_the_channel_is_pulled(tmp_path, fleet):
+    puller, store = device(tmp_path, fleet)
+    puller.pull()
+    other = write_tiny_gguf(tmp_path / "v2.gguf", seed=7)
+    text = tiny_manifest_toml(other).replace('version = "1"', 'version = "2"')
+    fleet.add_model(text, {"tiny.gguf": other})
+    [pulled] = puller.pull()
+    assert pulled.version == "2" and pulled.installed
+    assert store.weights_path(store.pulled_manifest(TINY)).read_bytes() == other.read_bytes()
+
+
+def test_a_tampered_blob_is_refused_and_nothing_is_installed(tmp_path, fleet):
+    [blob] = (fleet.targets_dir / "blobs").iterdir()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.code == "sync_untrusted" and store.pulled_manifest(TINY) is None
+    assert not (store.root / "blobs").exists() or not any((store.root / "blobs").iterdir())
+
+
+def test_a_blob_longer_than_signed_is_refused(tmp_path, fleet):
+    [blob] = (fleet.targets_dir / "blobs").iterdir()
+    blob.write_bytes(blob.read_bytes() + b"more")
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted):
+        puller.pull()
+    assert store.pulled_manifest(TINY) is None
+
+
+def _resign(path: Path, signer: CryptoSigner, **changes) -> None:
+    md = Metadata.from_file(str(path))
+    for key, value in changes.items():
+        setattr(md.signed, key, value)
+    md.sign(signer)
+    md.to_file(str(path))
+
+
+def test_metadata_signed_by_the_wrong_key_is_refused_and_the_models_stay(tmp_path, fleet, tiny_gguf):
+    puller, store = device(tmp_path, fleet)
+    puller.pull()
+    before = installed(store)
+    other = write_tiny_gguf(tmp_path / "evil.gguf", seed=9)
+    fleet.add_model(tiny_manifest_toml(other).replace('version = "1"', 'version = "2"'),
+                    {"tiny.gguf": other})
+    _resign(fleet.metadata / "timestamp.json", CryptoSigner.generate_ed25519())  # an attacker's key
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "UnsignedMetadataError"
+    assert installed(store) == before
+
+
+def test_a_replayed_older_timestamp_is_refused(tmp_path, fleet, tiny_gguf):
+    old = (fleet.metadata / "timestamp.json").read_bytes()
+    fleet.renew_timestamp()
+    puller, store = device(tmp_path, fleet)
+    puller.pull()
+    before = installed(store)
+    (fleet.metadata / "timestamp.json").write_bytes(old)  # rollback: a valid, older signature
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "BadVersionNumberError" and installed(store) == before
+
+
+def test_expired_metadata_is_refused(tmp_path, fleet):
+    fleet.renew_timestamp(expires_in=timedelta(seconds=-60))  # a frozen hub: validly signed, stale
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "ExpiredMetadataError" and store.pulled_manifest(TINY) is None
+
+
+def test_oversized_metadata_is_refused(tmp_path, fleet):
+    ts = fleet.metadata / "timestamp.json"
+    doc = json.loads(ts.read_text())
+    doc["padding"] = "x" * 20_000  # endless data: past the client's timestamp limit
+    ts.write_text(json.dumps(doc))
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "DownloadLengthMismatchError" and store.pulled_manifest(TINY) is None
+
+
+def test_a_device_without_the_fleets_root_or_with_an_unreachable_hub_gets_a_typed_error(tmp_path, fleet):
+    with pytest.raises(SyncError, match="root.json"):
+        ModelPuller(f"file://{fleet.hub}", "stable", tmp_path / "unprovisioned", ModelStore(tmp_path / "m"))
+    provision(fleet.root_json, tmp_path / "t")
+    gone = ModelPuller(f"file://{tmp_path / 'no-hub'}", "stable", tmp_path / "t", ModelStore(tmp_path / "m"))
+    with pytest.raises(SyncError) as err:
+        gone.pull()
+    assert type(err.value) is SyncError and err.value.code == "sync_failed"
+
+
+def test_a_tampered_manifest_is_refused(tmp_path, fleet):
+    [toml] = (fleet.targets_dir / "channels" / "stable").glob("*.toml")
+    toml.write_text(toml.read_text().replace("context_length = 2048", "context_length = 4096"))
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "LengthOrHashMismatchError" and store.pulled_manifest(TINY) is None
+
+
+def test_a_mix_of_versions_is_refused(tmp_path, fleet):
+    # Mix and match: the snapshot names targets version 2, the hub serves version 1's
+    # validly signed file under that name.
+    (fleet.metadata / "2.targets.json").write_bytes((fleet.metadata / "1.targets.json").read_bytes())
+    puller, store = device(tmp_path, fleet)
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "BadVersionNumberError" and store.pulled_manifest(TINY) is None
