@@ -8,9 +8,10 @@
 The device is provisioned with the fleet's root.json and trusts nothing else: python-tuf's
 ngclient refreshes the metadata (signatures, thresholds, versions, expiry, lengths) and
 checks every downloaded target's length and hashes against what was signed. A channel's
-index names its models; each model's manifest and files are targets too. A verified
-file goes into the model store through its existing install (tmp, fsync, size and
-sha256 checked again, rename), so nothing unverified ever becomes a model.
+index names its models; each model's manifest and files are targets too. Model files
+are fetched by transfer.py, resumably, and checked against their signed TargetFile; a
+verified file goes into the model store through its existing install (tmp, fsync, size
+and sha256 checked again, rename), so nothing unverified ever becomes a model.
 
 What this module must not do: sign anything (the fleet's side is tools/fleet.py), or
 replace a model the daemon is serving without the activation step (a later slice:
@@ -27,6 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater
 
 from outpost.manifests.schema import LocalPath, Manifest
@@ -34,6 +36,7 @@ from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
 
 from .errors import SyncError, SyncUntrusted
+from .transfer import BlobTransfer
 
 log = logging.getLogger("outpost.sync")
 CHUNK = 1 << 20
@@ -75,12 +78,14 @@ class Pulled:
     model: str
     version: str
     installed: bool  # False: this version was in the store already
+    transferred: int = 0  # bytes of model files read from the hub (less after a resume)
 
 
 class ModelPuller:
     """One device's view of one hub channel."""
 
-    def __init__(self, hub: str, channel: str, trust_dir: Path, store: ModelStore) -> None:
+    def __init__(self, hub: str, channel: str, trust_dir: Path, store: ModelStore,
+                 max_rate: float | None = None) -> None:
         if not hub.startswith("file://"):
             raise SyncError(f"hub {hub!r}: only file:// hubs are supported yet", hub=hub)
         root = trust_dir / "root.json"
@@ -93,6 +98,8 @@ class ModelPuller:
         self.metadata_dir = trust_dir / "metadata"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self._root = root.read_bytes()
+        # Model files resume across runs from a partial file each (transfer.py).
+        self.transfer = BlobTransfer(store.tmp / "resume", max_rate=max_rate)
 
     def pull(self) -> list[Pulled]:
         """Refresh the signed metadata, then install every model of the channel not yet here."""
@@ -123,11 +130,14 @@ class ModelPuller:
 
     def _download_to(self, updater: Updater, target: str, path: Path) -> Path:
         """A signed target into `path`, its length and hashes checked against the metadata."""
+        updater.download_target(self._signed(updater, target), str(path))
+        return path
+
+    def _signed(self, updater: Updater, target: str) -> TargetFile:
         info = updater.get_targetinfo(target)
         if info is None:
             raise SyncError(f"the hub signs no {target}", target=target, hub=self.hub)
-        updater.download_target(info, str(path))
-        return path
+        return info
 
     def _pull_model(self, updater: Updater, model_id: str, scratch: Path) -> Pulled:
         text = self._download(updater, manifest_target(self.channel, model_id), scratch).decode()
@@ -139,13 +149,24 @@ class ModelPuller:
         if installed is not None and installed.version == manifest.version \
                 and self.store.is_pulled(manifest):
             return Pulled(model_id, manifest.version, installed=False)
-        files = []
+        files, fetched = [], []
+        before = self.transfer.transferred
         for mf in manifest.files:
-            local = scratch / f"sha256-{mf.sha256}"
-            if not self.store.blob_path(mf.sha256).exists():
-                self._download_to(updater, blob_target(mf.sha256), local)
+            local = self.store.blob_path(mf.sha256)
+            if not local.exists():
+                info = self._signed(updater, blob_target(mf.sha256))
+                if info.length != mf.size or info.hashes.get("sha256") != mf.sha256:
+                    raise SyncUntrusted(f"{model_id}: the hub signed {mf.name} with another size or "
+                                        "hash than its manifest names", "manifest_mismatch",
+                                        model=model_id, file=mf.name)
+                folder, _, base = info.path.rpartition("/")
+                local = self.transfer.fetch(f"{self.hub}/targets/{folder}/{mf.sha256}.{base}", info)
+                fetched.append(info)
             files.append(mf.model_copy(update={"sources": [LocalPath(kind="path", path=local)]}))
         # The store checks size and sha256 once more as it installs (tmp, fsync, rename).
         self.store.pull(manifest.model_copy(update={"files": files}), text)
+        for info in fetched:
+            self.transfer.done(info)
         log.info("pulled %s %s from %s (%s)", model_id, manifest.version, self.hub, self.channel)
-        return Pulled(model_id, manifest.version, installed=True)
+        return Pulled(model_id, manifest.version, installed=True,
+                      transferred=self.transfer.transferred - before)

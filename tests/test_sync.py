@@ -5,7 +5,12 @@ they were."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -164,3 +169,58 @@ def test_a_mix_of_versions_is_refused(tmp_path, fleet):
     with pytest.raises(SyncUntrusted) as err:
         puller.pull()
     assert err.value.reason == "BadVersionNumberError" and store.pulled_manifest(TINY) is None
+
+
+def _partial_for(store: ModelStore, sha256: str) -> Path:
+    return store.tmp / "resume" / f"{sha256}.partial"
+
+
+def test_a_cut_transfer_resumes_from_its_partial_file(tmp_path, fleet, tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    puller, store = device(tmp_path, fleet)
+    half = len(data) // 2
+    partial = _partial_for(store, sha)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[:half])  # what a cut link left behind
+    [pulled] = puller.pull()
+    assert pulled.installed and pulled.transferred == len(data) - half
+    assert store.blob_path(sha).read_bytes() == data and not partial.exists()
+
+
+def test_a_resumed_partial_with_wrong_bytes_is_fetched_again_from_the_start(tmp_path, fleet, tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    puller, store = device(tmp_path, fleet)
+    partial = _partial_for(store, sha)
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\0" * 1000)  # a lost write: the right length so far, the wrong bytes
+    [pulled] = puller.pull()
+    assert pulled.transferred == (len(data) - 1000) + len(data)
+    assert store.blob_path(sha).read_bytes() == data and not partial.exists()
+
+
+def test_a_killed_puller_resumes_and_transfers_under_1_2x_the_blob(tmp_path, fleet, tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    provision(fleet.root_json, tmp_path / "dev" / "trust")
+    store = ModelStore(tmp_path / "dev" / "models")
+    partial = _partial_for(store, sha)
+    script = (f"from pathlib import Path; from outpost.manifests.store import ModelStore; "
+              f"from outpost.sync.pull import ModelPuller; "
+              f"ModelPuller('file://{fleet.hub}', 'stable', Path('{tmp_path / 'dev' / 'trust'}'), "
+              f"ModelStore(Path('{store.root}')), max_rate={len(data) // 4}).pull()")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while (not partial.exists() or partial.stat().st_size < len(data) // 8) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the throttled pull finished before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = partial.stat().st_size
+    assert 0 < kept < len(data) and store.pulled_manifest(TINY) is None  # nothing half-installed
+    puller = ModelPuller(f"file://{fleet.hub}", "stable", tmp_path / "dev" / "trust", store)
+    [pulled] = puller.pull()
+    assert pulled.transferred == len(data) - kept
+    assert kept + pulled.transferred <= 1.2 * len(data)
+    assert store.blob_path(sha).read_bytes() == data

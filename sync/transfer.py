@@ -1,0 +1,103 @@
+"""Resumable transfers of content-addressed blobs, checked against their signed length and hash.
+
+A blob's bytes go into one partial file per sha256 (`<store>/tmp/resume/<hex>.partial`)
+that outlives the process: a cut link or a killed puller leaves it, and the next pull
+asks only for the rest (a read from that offset; a Range request on HTTP hubs). Only
+content-addressed blobs are resumed: their name is their hash, so the bytes at an
+offset can never have changed. Metadata is never resumed; python-tuf fetches it whole.
+
+A finished partial is checked against the TUF-signed `TargetFile` (length and sha256).
+If a resumed file fails, the partial is discarded and the blob fetched once more from
+the start (a partial can be wrong if the disk lost a write); a second failure is the
+hub's, and is refused.
+
+What this module must not do: decide what to pull (pull.py) or install anything (the
+model store does, from the verified file).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+
+CHUNK = 1 << 16
+Reader = Callable[[str, int], Iterator[bytes]]  # (url, offset) -> the bytes from there on
+
+
+def read_file_url(url: str, offset: int) -> Iterator[bytes]:
+    """A `file://` blob from `offset` on (the folder hub's Range request)."""
+    path = Path(unquote(urlparse(url).path))
+    if not path.is_file():
+        raise tuf_errors.DownloadHTTPError(f"{path} does not exist", 404)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+class BlobTransfer:
+    def __init__(self, resume_dir: Path, reader: Reader = read_file_url,
+                 max_rate: float | None = None) -> None:
+        self.resume_dir = resume_dir
+        self.reader = reader
+        self.max_rate = max_rate  # bytes a second, None: as fast as the link goes
+        self.transferred = 0  # bytes read from the hub by this transfer object
+
+    def partial(self, info: TargetFile) -> Path:
+        return self.resume_dir / f"{info.hashes['sha256']}.partial"
+
+    def fetch(self, url: str, info: TargetFile) -> Path:
+        """The verified blob, as a local file (the partial, complete): install it, then `done`."""
+        path = self.partial(info)
+        resumed = path.exists() and path.stat().st_size > 0
+        try:
+            self._fill(url, info, path)
+            self._verify(info, path)
+        except tuf_errors.LengthOrHashMismatchError:
+            path.unlink(missing_ok=True)
+            if not resumed:
+                raise
+            self._fill(url, info, path)  # the kept bytes were bad: once more, from the start
+            self._verify(info, path)
+        return path
+
+    def done(self, info: TargetFile) -> None:
+        self.partial(info).unlink(missing_ok=True)
+
+    def _fill(self, url: str, info: TargetFile, path: Path) -> None:
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        have = path.stat().st_size if path.exists() else 0
+        if have > info.length:  # more than was signed: nothing in it can be trusted
+            path.unlink()
+            have = 0
+        if have == info.length:
+            return
+        start = time.monotonic()
+        got = 0
+        with open(path, "ab") as out:
+            for chunk in self.reader(url, have):
+                if have + got + len(chunk) > info.length:
+                    raise tuf_errors.DownloadLengthMismatchError(
+                        f"{url} is longer than the {info.length} bytes signed")
+                out.write(chunk)
+                got += len(chunk)
+                self.transferred += len(chunk)
+                if self.max_rate:
+                    # Never ahead of the cap: sleep off what this chunk ran ahead.
+                    ahead = got / self.max_rate - (time.monotonic() - start)
+                    if ahead > 0:
+                        out.flush()  # what arrived is kept, whenever the process dies
+                        time.sleep(ahead)
+            out.flush()
+            os.fsync(out.fileno())
+
+    @staticmethod
+    def _verify(info: TargetFile, path: Path) -> None:
+        with open(path, "rb") as f:
+            info.verify_length_and_hashes(f)
