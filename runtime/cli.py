@@ -19,6 +19,8 @@ import logging
 import sqlite3
 import sys
 import time
+import re
+from importlib.metadata import PackageNotFoundError, entry_points, requires, version
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +145,47 @@ def build_parser() -> argparse.ArgumentParser:
                           "(docs/log.md).")
     logs.set_defaults(group=logs)
     add_logs_commands(logs.add_subparsers(metavar="ACTION"), common, client, as_json)
+    _add_plugin_commands(sub, common, client, as_json)
     return parser
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction, *parents: argparse.ArgumentParser) -> None:
+    """Commands that live above runtime (`sync` in sync/, `fleet` in tools/) register through
+    the `outpost.commands` entry points, so the CLI finds them and runtime imports neither.
+    One whose extra is not installed still shows, and says which extra to install."""
+    for ep in sorted(entry_points(group="outpost.commands"), key=lambda e: e.name):
+        missing = _missing_requirements(ep.extras)
+        if missing:
+            extra = ",".join(ep.extras)
+            p = sub.add_parser(ep.name, parents=parents[:1], help=f"(needs the {extra} extra)")
+            p.set_defaults(run=_missing_extra(ep.name, extra, missing))
+            continue
+        # The registering modules import their heavy dependencies only when a command
+        # runs: `outpost serve` builds this parser too, and its memory is budgeted.
+        ep.load()(sub, *parents)
+
+
+def _missing_requirements(extras: list[str]) -> list[str]:
+    """The distributions an extra of Outpost needs that are not installed (metadata only)."""
+    missing = []
+    for req in requires("outpost") or []:
+        name, _, marker = req.partition(";")
+        if not any(f'extra == "{extra}"' in marker for extra in extras):
+            continue
+        dist = re.split(r"[\[<>=!~ ]", name.strip(), maxsplit=1)[0]
+        try:
+            version(dist)
+        except PackageNotFoundError:
+            missing.append(dist)
+    return missing
+
+
+def _missing_extra(name: str, extra: str, missing: list[str]) -> Any:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        print(f"outpost {name}: needs the {extra} extra ({', '.join(missing)} not installed): "
+              f"pip install 'outpost[{extra}]'", file=sys.stderr)
+        return EXIT_USAGE
+    return run
 
 
 def _add_models_commands(models: argparse._SubParsersAction, common: argparse.ArgumentParser,

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -32,8 +32,20 @@ from .logs.settings import CostSettings, ExportSettings, LogSettings
 
 __all__ = ["Settings", "BudgetSettings", "CloudSettings", "ConfidenceSettings", "CostSettings",
            "DaemonSettings", "EscalationSettings", "ExportSettings", "LlamaSettings",
-           "LogSettings", "ModelPolicy", "Policy", "PoolSettings", "ServerSettings",
+           "LogSettings", "ModelPolicy", "Policy", "PoolSettings", "ServerSettings", "SyncSettings",
            "TaskEscalation", "default_data_dir", "default_endpoint"]
+
+
+class SyncSettings(BaseModel):
+    """Field sync (`outpost sync …`, the `fleet` extra): where this device's fleet hub is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # The fleet's hub: file:///path (a folder, NFS, a USB stick); S3 and HTTPS mirrors later.
+    hub: str | None = None
+    channel: str = "stable"  # the fleet's rollout channel this device follows
+    # Bytes a second a model transfer may use (None: as fast as the link goes).
+    max_rate: Annotated[float, Field(gt=0)] | None = None
 
 
 class Settings(BaseSettings, DaemonSettings):
@@ -43,6 +55,13 @@ class Settings(BaseSettings, DaemonSettings):
     # Read by the CLI only (`outpost logs export`, `outpost logs stats`).
     export: ExportSettings = ExportSettings()
     costs: CostSettings = CostSettings()
+    # Read by `outpost sync` (the sync layer imports this module, never the reverse).
+    sync: SyncSettings = SyncSettings()
+
+    @property
+    def trust_dir(self) -> Path:
+        """The device's TUF state: the fleet's root.json and the metadata it verified."""
+        return self.data_dir / "sync"
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:

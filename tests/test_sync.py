@@ -224,3 +224,24 @@ def test_a_killed_puller_resumes_and_transfers_under_1_2x_the_blob(tmp_path, fle
     assert pulled.transferred == len(data) - kept
     assert kept + pulled.transferred <= 1.2 * len(data)
     assert store.blob_path(sha).read_bytes() == data
+
+
+def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsys):
+    from outpost.runtime.cli import main
+
+    hub, keys, data = tmp_path / "usb" / "hub", tmp_path / "keys", tmp_path / "device"
+    (tmp_path / "tiny.toml").write_text(tiny_manifest_toml(tiny_gguf))
+    assert main(["fleet", "init", "--hub", str(hub), "--keys", str(keys)]) == 0
+    assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--file", f"tiny.gguf={tiny_gguf}",
+                 "--hub", str(hub), "--keys", str(keys)]) == 0
+    assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--hub", str(hub), "--keys", str(keys)]) == 2
+    assert main(["sync", "pull", "--hub", f"file://{hub}", "--data-dir", str(data)]) == 1  # not provisioned
+    assert "root.json" in capsys.readouterr().err
+    assert main(["sync", "provision", str(hub / "metadata" / "1.root.json"), "--data-dir", str(data)]) == 0
+    assert main(["sync", "pull", "--hub", f"file://{hub}", "--data-dir", str(data), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["sync", "pull", "--hub", f"file://{hub}", "--data-dir", str(data)]) == 0
+    assert f"{TINY} 1: up to date" in capsys.readouterr().out
+    assert ModelStore(data / "models").pulled_manifest(TINY) is not None
+    assert main(["fleet", "renew", "--hub", str(hub), "--keys", str(keys)]) == 0
+    assert main(["sync"]) == 2  # the group's help

@@ -1,0 +1,73 @@
+"""`outpost fleet …`: the operator's side of the hub (registered through the
+`outpost.commands` entry point; runtime/cli.py finds it).
+
+What this module must not do: run on a device (`outpost sync`, sync/).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from outpost.manifests.errors import ConfigError
+from outpost.manifests.schema import Manifest
+from outpost.runtime.config import Settings
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+             client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    """Add `fleet`. Imports nothing heavy: every `outpost` run, `serve` included, builds
+    the parser, so python-tuf and cryptography load only inside the commands."""
+    fleet = sub.add_parser("fleet", help="create and publish the fleet's signed model hub",
+                           description="The fleet operator's side of the hub (docs/fleet.md).")
+    fleet.set_defaults(group=fleet)
+    actions = fleet.add_subparsers(metavar="ACTION")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--hub", type=Path, required=True, metavar="DIR", help="the hub folder devices read")
+    where.add_argument("--keys", type=Path, required=True, metavar="DIR",
+                       help="the operator's private keys (never published)")
+    p = actions.add_parser("init", parents=[common, where], help="a new, empty, signed hub and its keys")
+    p.set_defaults(run=cmd_init)
+    p = actions.add_parser("add", parents=[common, where],
+                           help="sign a model version (its manifest and files) into a channel")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the model's manifest TOML")
+    p.add_argument("--file", action="append", default=[], metavar="NAME=PATH",
+                   help="where each file the manifest names is (repeat per file)")
+    p.add_argument("--channel", default="stable", help="the rollout channel (default stable)")
+    p.set_defaults(run=cmd_add)
+    p = actions.add_parser("renew", parents=[common, where],
+                           help="re-sign the timestamp (run on a schedule: it expires daily)")
+    p.set_defaults(run=cmd_renew)
+
+
+def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
+    if (args.hub / "metadata").exists():
+        raise ConfigError(f"{args.hub} already holds a hub", path=str(args.hub))
+    from .fleet import FleetHub  # noqa: PLC0415 (see register)
+
+    hub = FleetHub.create(args.hub, args.keys)
+    print(f"created the hub {args.hub} (keys in {args.keys}); provision devices with "
+          f"`outpost sync provision {hub.root_json}`")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
+    text = args.manifest.read_text(encoding="utf-8")
+    manifest = Manifest.from_toml(text, origin=str(args.manifest))
+    given = dict(f.split("=", 1) for f in args.file if "=" in f)
+    missing = [mf.name for mf in manifest.files if mf.name not in given]
+    if missing or len(given) != len(args.file):
+        raise ConfigError(f"pass --file NAME=PATH for each file of {manifest.id}: missing {missing}")
+    from .fleet import FleetHub  # noqa: PLC0415 (see register)
+
+    FleetHub(args.hub, args.keys).add_model(text, {k: Path(v) for k, v in given.items()}, args.channel)
+    print(f"signed {manifest.id} {manifest.version} into {args.channel}")
+    return 0
+
+
+def cmd_renew(args: argparse.Namespace, settings: Settings) -> int:
+    from .fleet import FleetHub  # noqa: PLC0415 (see register)
+
+    FleetHub(args.hub, args.keys).renew_timestamp()
+    print(f"re-signed the timestamp of {args.hub}")
+    return 0
