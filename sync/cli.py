@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.store import ModelStore
@@ -52,9 +55,12 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("no hub: pass --hub or set [sync] hub")
     from .pull import ModelPuller  # noqa: PLC0415 (tuf loads only for this command; see register)
 
-    puller = ModelPuller(hub, args.channel or settings.sync.channel, settings.trust_dir,
-                         ModelStore(settings.store_dir), max_rate=args.max_rate or settings.sync.max_rate)
-    pulled = puller.pull()
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="sync pull", file=sys.stderr,
+              disable=args.json or None, leave=False) as bar:
+        puller = ModelPuller(hub, args.channel or settings.sync.channel, settings.trust_dir,
+                             ModelStore(settings.store_dir),
+                             max_rate=args.max_rate or settings.sync.max_rate, progress=bar.update)
+        pulled = puller.pull()
     if args.json:
         fmt.print_json([p.__dict__ for p in pulled])
         return 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -85,7 +85,7 @@ class ModelPuller:
     """One device's view of one hub channel."""
 
     def __init__(self, hub: str, channel: str, trust_dir: Path, store: ModelStore,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, progress: Callable[[int], None] | None = None) -> None:
         if not hub.startswith("file://"):
             raise SyncError(f"hub {hub!r}: only file:// hubs are supported yet", hub=hub)
         root = trust_dir / "root.json"
@@ -99,7 +99,7 @@ class ModelPuller:
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self._root = root.read_bytes()
         # Model files resume across runs from a partial file each (transfer.py).
-        self.transfer = BlobTransfer(store.tmp / "resume", max_rate=max_rate)
+        self.transfer = BlobTransfer(store.tmp / "resume", max_rate=max_rate, progress=progress)
 
     def pull(self) -> list[Pulled]:
         """Refresh the signed metadata, then install every model of the channel not yet here."""

@@ -17,7 +17,9 @@ model store does, from the verified file).
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from urllib.parse import unquote, urlparse
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 
+log = logging.getLogger("outpost.sync")
 CHUNK = 1 << 16
 Reader = Callable[[str, int], Iterator[bytes]]  # (url, offset) -> the bytes from there on
 
@@ -42,12 +45,22 @@ def read_file_url(url: str, offset: int) -> Iterator[bytes]:
 
 
 class BlobTransfer:
+    """Fetches blobs resumably. A transfer the link cuts is retried from where it stopped,
+    `retries` times, after a delay that doubles from `backoff_s` (full jitter, at most
+    `max_backoff_s`); a refusal by the hub (4xx) or more bytes than signed is not retried."""
+
     def __init__(self, resume_dir: Path, reader: Reader = read_file_url,
-                 max_rate: float | None = None) -> None:
+                 max_rate: float | None = None, retries: int = 5, backoff_s: float = 0.5,
+                 max_backoff_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.resume_dir = resume_dir
         self.reader = reader
         self.max_rate = max_rate  # bytes a second, None: as fast as the link goes
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.sleep = sleep
+        self.progress = progress  # called with each chunk's size (a progress bar's update)
         self.transferred = 0  # bytes read from the hub by this transfer object
+        self.retried = 0  # cut transfers resumed by a retry
 
     def partial(self, info: TargetFile) -> Path:
         return self.resume_dir / f"{info.hashes['sha256']}.partial"
@@ -57,15 +70,35 @@ class BlobTransfer:
         path = self.partial(info)
         resumed = path.exists() and path.stat().st_size > 0
         try:
-            self._fill(url, info, path)
+            self._fill_retrying(url, info, path)
             self._verify(info, path)
         except tuf_errors.LengthOrHashMismatchError:
             path.unlink(missing_ok=True)
             if not resumed:
                 raise
-            self._fill(url, info, path)  # the kept bytes were bad: once more, from the start
+            self._fill_retrying(url, info, path)  # the kept bytes were bad: from the start
             self._verify(info, path)
         return path
+
+    def _fill_retrying(self, url: str, info: TargetFile, path: Path) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                self._fill(url, info, path)
+                return
+            except tuf_errors.DownloadLengthMismatchError:
+                raise
+            except tuf_errors.DownloadHTTPError as exc:
+                if 400 <= exc.status_code < 500 or attempt == self.retries:
+                    raise
+                error: Exception = exc
+            except tuf_errors.DownloadError as exc:
+                if attempt == self.retries:
+                    raise
+                error = exc
+            delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
+            log.info("transfer of %s cut (%s); resuming in %.1f s", url, error, delay)
+            self.retried += 1
+            self.sleep(delay)
 
     def done(self, info: TargetFile) -> None:
         self.partial(info).unlink(missing_ok=True)
@@ -88,6 +121,8 @@ class BlobTransfer:
                 out.write(chunk)
                 got += len(chunk)
                 self.transferred += len(chunk)
+                if self.progress is not None:
+                    self.progress(len(chunk))
                 if self.max_rate:
                     # Never ahead of the cap: sleep off what this chunk ran ahead.
                     ahead = got / self.max_rate - (time.monotonic() - start)

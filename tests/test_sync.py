@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from tuf.api.exceptions import DownloadError
 from tuf.api.metadata import Metadata
 
 from outpost.manifests.store import ModelStore
 from outpost.sync.errors import SyncError, SyncUntrusted
 from outpost.sync.pull import ModelPuller
+from outpost.sync.transfer import BlobTransfer, read_file_url
 from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
@@ -245,3 +247,42 @@ def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsy
     assert ModelStore(data / "models").pulled_manifest(TINY) is not None
     assert main(["fleet", "renew", "--hub", str(hub), "--keys", str(keys)]) == 0
     assert main(["sync"]) == 2  # the group's help
+
+
+class CuttingReader:
+    """A link that drops: each connection carries at most `cut` bytes, then fails."""
+
+    def __init__(self, cut: int) -> None:
+        self.cut, self.connections = cut, 0
+
+    def __call__(self, url: str, offset: int):
+        self.connections += 1
+        sent = 0
+        for chunk in read_file_url(url, offset):
+            if sent + len(chunk) > self.cut:
+                yield chunk[: self.cut - sent]
+                raise DownloadError("connection reset")
+            sent += len(chunk)
+            yield chunk
+
+
+def test_a_link_that_keeps_dropping_is_resumed_until_the_blob_is_whole(tmp_path, fleet, tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    puller, store = device(tmp_path, fleet)
+    reader, slept = CuttingReader(cut=len(data) // 5 + 1), []
+    puller.transfer = BlobTransfer(store.tmp / "resume", reader=reader, retries=10, sleep=slept.append)
+    [pulled] = puller.pull()
+    assert pulled.installed and pulled.transferred == len(data)  # no byte fetched twice
+    assert reader.connections == 5 and puller.transfer.retried == 4 and len(slept) == 4
+    assert store.blob_path(hashlib.sha256(data).hexdigest()).read_bytes() == data
+
+
+def test_a_link_down_for_longer_than_the_retries_is_a_sync_error_and_keeps_the_partial(tmp_path, fleet, tiny_gguf):
+    data = tiny_gguf.read_bytes()
+    puller, store = device(tmp_path, fleet)
+    puller.transfer = BlobTransfer(store.tmp / "resume", reader=CuttingReader(cut=1000), retries=2,
+                                   sleep=lambda s: None)
+    with pytest.raises(SyncError) as err:
+        puller.pull()
+    assert type(err.value) is SyncError and store.pulled_manifest(TINY) is None
+    assert _partial_for(store, hashlib.sha256(data).hexdigest()).stat().st_size == 3000  # kept for next time
