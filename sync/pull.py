@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
@@ -36,10 +36,9 @@ from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
 
 from .errors import SyncError, SyncUntrusted
-from .transfer import BlobTransfer
+from .transfer import BlobTransfer, read_file_url
 
 log = logging.getLogger("outpost.sync")
-CHUNK = 1 << 20
 
 
 def index_target(channel: str) -> str:
@@ -58,19 +57,9 @@ class FolderFetcher(FetcherInterface):
     """ngclient's network, for a hub that is a folder (`file://`: NFS, a USB stick)."""
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        parsed = urlparse(url)
-        if parsed.scheme != "file":
+        if urlparse(url).scheme != "file":
             raise tuf_errors.DownloadError(f"not a file:// URL: {url}")
-        path = Path(unquote(parsed.path))
-        if not path.is_file():
-            raise tuf_errors.DownloadHTTPError(f"{path} does not exist", 404)
-        return self._chunks(path)
-
-    @staticmethod
-    def _chunks(path: Path) -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                yield chunk
+        return read_file_url(url, 0)  # a missing file is a 404: ngclient's end of root updates
 
 
 @dataclass(frozen=True)

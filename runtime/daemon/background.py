@@ -32,9 +32,6 @@ class Background:
         if not task.cancelled() and task.exception() is not None:
             self._log.error("%s failed", what, exc_info=task.exception())
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def drain(self) -> None:
         """Let the tasks in flight finish (their failures are logged, not raised)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
