@@ -237,6 +237,15 @@ def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsy
     assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--file", f"tiny.gguf={tiny_gguf}",
                  "--hub", str(hub), "--keys", str(keys)]) == 0
     assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--hub", str(hub), "--keys", str(keys)]) == 2
+    # Bad input is a typed error (exit 2, a message), never a traceback, and changes nothing.
+    assert main(["fleet", "init", "--hub", str(hub), "--keys", str(keys)]) == 2
+    assert main(["fleet", "add", str(tmp_path / "none.toml"), "--hub", str(hub), "--keys", str(keys)]) == 2
+    assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--file", "tiny.gguf=/no/such/file",
+                 "--hub", str(hub), "--keys", str(keys)]) == 2
+    assert main(["fleet", "renew", "--hub", str(tmp_path / "not-a-hub"), "--keys", str(keys)]) == 2
+    assert main(["sync", "provision", str(tmp_path / "none.json"), "--data-dir", str(data)]) == 2
+    assert main(["sync", "pull", "--data-dir", str(data)]) == 2  # no hub anywhere
+    assert "not a fleet hub" in capsys.readouterr().err
     assert main(["sync", "pull", "--hub", f"file://{hub}", "--data-dir", str(data)]) == 1  # not provisioned
     assert "root.json" in capsys.readouterr().err
     assert main(["sync", "provision", str(hub / "metadata" / "1.root.json"), "--data-dir", str(data)]) == 0

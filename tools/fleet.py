@@ -29,6 +29,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
 from outpost.sync.pull import blob_target, index_target, manifest_target
 
@@ -45,12 +46,12 @@ def _expiry(role: str, days: dict[str, timedelta] | None = None) -> datetime:
 
 
 class FleetHub:
-    def __init__(self, hub: Path, keys: Path) -> None:
+    def __init__(self, hub: Path, keys: Path, signers: dict[str, CryptoSigner] | None = None) -> None:
         self.hub = hub
         self.keys = keys
         self.metadata = hub / "metadata"
         self.targets_dir = hub / "targets"
-        self.signers = {role: self._load_signer(role) for role in ROLES}
+        self.signers = signers or {role: self._load_signer(role) for role in ROLES}
 
     # -- creating ----------------------------------------------------------------------
     @classmethod
@@ -65,19 +66,19 @@ class FleetHub:
         root = Root(expires=_expiry(Root.type), consistent_snapshot=True)
         for role, signer in signers.items():
             root.add_key(signer.public_key, role)
-        (hub / "metadata").mkdir(parents=True, exist_ok=True)
-        (hub / "targets").mkdir(parents=True, exist_ok=True)
-        fleet = cls.__new__(cls)
-        fleet.hub, fleet.keys = hub, keys
-        fleet.metadata, fleet.targets_dir = hub / "metadata", hub / "targets"
-        fleet.signers = signers
+        fleet = cls(hub, keys, signers)
+        fleet.metadata.mkdir(parents=True, exist_ok=True)
+        fleet.targets_dir.mkdir(parents=True, exist_ok=True)
         fleet._write(Metadata(root))
         fleet._publish(Targets(expires=_expiry(Targets.type)))
         return fleet
 
     def _load_signer(self, role: str) -> CryptoSigner:
-        pem = (self.keys / f"{role}.pem").read_bytes()
-        return CryptoSigner(load_pem_private_key(pem, password=None))
+        path = self.keys / f"{role}.pem"
+        if not path.is_file() or not (self.metadata / "1.root.json").is_file():
+            raise ConfigError(f"{self.hub} with keys {self.keys} is not a fleet hub "
+                              "(`outpost fleet init` makes one)", hub=str(self.hub), keys=str(self.keys))
+        return CryptoSigner(load_pem_private_key(path.read_bytes(), password=None))
 
     @property
     def root_json(self) -> Path:

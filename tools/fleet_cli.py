@@ -52,12 +52,17 @@ def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.manifest.is_file():
+        raise ConfigError(f"{args.manifest} does not exist", path=str(args.manifest))
     text = args.manifest.read_text(encoding="utf-8")
     manifest = Manifest.from_toml(text, origin=str(args.manifest))
     given = dict(f.split("=", 1) for f in args.file if "=" in f)
     missing = [mf.name for mf in manifest.files if mf.name not in given]
     if missing or len(given) != len(args.file):
         raise ConfigError(f"pass --file NAME=PATH for each file of {manifest.id}: missing {missing}")
+    absent = [path for path in given.values() if not Path(path).is_file()]
+    if absent:
+        raise ConfigError(f"no such file: {', '.join(absent)}", paths=absent)
     from .fleet import FleetHub  # noqa: PLC0415 (see register)
 
     FleetHub(args.hub, args.keys).add_model(text, {k: Path(v) for k, v in given.items()}, args.channel)
