@@ -41,11 +41,23 @@ class SyncSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # The fleet's hub: file:///path (a folder, NFS, a USB stick); S3 and HTTPS mirrors later.
+    # The fleet's hub: file:///path (a folder, NFS, a USB stick), s3://bucket/prefix (any
+    # S3-compatible store; credentials from boto3's usual places, anonymous without), or
+    # https://host/path (a static mirror: models only).
     hub: str | None = None
     channel: str = "stable"  # the fleet's rollout channel this device follows
+    # This device's name in the hub's log folder (default: the host name).
+    device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # Bytes a second a model transfer may use (None: as fast as the link goes).
     max_rate: Annotated[float, Field(gt=0)] | None = None
+    # A transfer that receives nothing this long is cut and resumed.
+    stall_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # An S3-compatible store's endpoint (MinIO, SeaweedFS, R2); None: AWS, or AWS_ENDPOINT_URL.
+    s3_endpoint: str | None = None
+    # A CA bundle for an HTTPS mirror with its own certificate authority.
+    ca_bundle: Path | None = None
+    # Log rows per pushed batch: a dropped link costs at most one batch.
+    push_batch_rows: Annotated[int, Field(ge=1, le=100_000)] = 500
 
 
 class Settings(BaseSettings, DaemonSettings):

@@ -11,12 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
-
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.store import ModelStore
 from outpost.runtime import cli_format as fmt
 from outpost.runtime.config import Settings
+from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
@@ -33,7 +32,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.set_defaults(run=cmd_provision)
     p = actions.add_parser("pull", parents=[common, as_json],
                            help="verify the hub's signed metadata and install the channel's new models")
-    p.add_argument("--hub", metavar="URL", help="file:///path of the hub (default: [sync] hub)")
+    p.add_argument("--hub", metavar="URL", help="the hub: file:///path, s3://bucket/prefix or "
+                   "https://host/path (default: [sync] hub)")
     p.add_argument("--channel", metavar="NAME", help="the rollout channel (default: [sync] channel)")
     p.add_argument("--max-rate", type=float, metavar="BYTES_PER_S",
                    help="cap the bandwidth of model transfers (default: [sync] max_rate)")
@@ -54,11 +54,12 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     if not hub:
         raise ConfigError("no hub: pass --hub or set [sync] hub")
     from .pull import ModelPuller  # noqa: PLC0415 (tuf loads only for this command; see register)
+    from .remotes import RemoteOptions  # noqa: PLC0415
 
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="sync pull", file=sys.stderr,
               disable=args.json or None, leave=False) as bar:
         puller = ModelPuller(hub, args.channel or settings.sync.channel, settings.trust_dir,
-                             ModelStore(settings.store_dir),
+                             ModelStore(settings.store_dir), RemoteOptions.from_settings(settings.sync),
                              max_rate=args.max_rate or settings.sync.max_rate, progress=bar.update)
         pulled = puller.pull()
     if args.json:

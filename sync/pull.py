@@ -1,6 +1,6 @@
 """Models down: pull the manifests and files a fleet signed, verified with TUF.
 
-    hub (folder today; S3 and HTTPS mirrors later)
+    hub (file:// folder, s3:// bucket or https:// mirror; remotes.py)
       metadata/   1.root.json, N.targets.json, N.snapshot.json, timestamp.json
       targets/    channels/<channel>/<hash>.index.json, channels/<channel>/<hash>.<id>.toml,
                   blobs/<hash>.sha256-<hex>            (consistent snapshots: hash-prefixed)
@@ -22,21 +22,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
-
-from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import TargetFile
-from tuf.ngclient import FetcherInterface, Updater
 
 from outpost.manifests.schema import LocalPath, Manifest
 from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface, Updater
 
 from .errors import SyncError, SyncUntrusted
-from .transfer import BlobTransfer, read_file_url
+from .remotes import Remote, RemoteOptions, open_remote
+from .transfer import BlobTransfer, backoff, retryable
 
 log = logging.getLogger("outpost.sync")
 
@@ -53,13 +53,41 @@ def blob_target(sha256: str) -> str:
     return f"blobs/sha256-{sha256}"
 
 
-class FolderFetcher(FetcherInterface):
-    """ngclient's network, for a hub that is a folder (`file://`: NFS, a USB stick)."""
+class RemoteFetcher(FetcherInterface):
+    """ngclient's network: the hub's remote. Metadata and the small targets (indexes,
+    manifests) are read whole, never resumed (timestamp.json is mutable): a cut read is
+    retried from the start, a few times. ngclient checks each file's length against its
+    own cap; MAX_WHOLE is the fetcher's, so no file can fill the memory first."""
+
+    MAX_WHOLE = 32 << 20
+
+    def __init__(self, remote: Remote, retries: int = 3, backoff_s: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.remote = remote
+        self.base = remote.url + "/"
+        self.retries, self.backoff_s, self.sleep = retries, backoff_s, sleep
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        if urlparse(url).scheme != "file":
-            raise tuf_errors.DownloadError(f"not a file:// URL: {url}")
-        return read_file_url(url, 0)  # a missing file is a 404: ngclient's end of root updates
+        if not url.startswith(self.base):
+            raise tuf_errors.DownloadError(f"{url} is not on the hub {self.remote.url}")
+        name = url[len(self.base):]
+        for attempt in range(self.retries + 1):
+            try:
+                return iter([self._whole(name)])
+            except tuf_errors.DownloadError as exc:
+                # A missing file is a 404, not retried: how ngclient learns there is no newer root.
+                if not retryable(exc) or attempt == self.retries:
+                    raise
+                self.sleep(backoff(attempt, self.backoff_s, 8.0))
+        raise AssertionError("unreachable")
+
+    def _whole(self, name: str) -> bytes:
+        data = bytearray()
+        for chunk in self.remote.read(name, 0):
+            data += chunk
+            if len(data) > self.MAX_WHOLE:
+                raise tuf_errors.DownloadLengthMismatchError(f"{name} is over {self.MAX_WHOLE} bytes")
+        return bytes(data)
 
 
 @dataclass(frozen=True)
@@ -74,21 +102,21 @@ class ModelPuller:
     """One device's view of one hub channel."""
 
     def __init__(self, hub: str, channel: str, trust_dir: Path, store: ModelStore,
-                 max_rate: float | None = None, progress: Callable[[int], None] | None = None) -> None:
-        if not hub.startswith("file://"):
-            raise SyncError(f"hub {hub!r}: only file:// hubs are supported yet", hub=hub)
+                 options: RemoteOptions | None = None, max_rate: float | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.remote = open_remote(hub, options)
         root = trust_dir / "root.json"
         if not root.is_file():
             raise SyncError(f"no trusted root at {root}: provision the device with the fleet's "
                             "root.json (`outpost fleet init` writes it)", path=str(root))
-        self.hub = hub.rstrip("/")
+        self.hub = self.remote.url
         self.channel = channel
         self.store = store
         self.metadata_dir = trust_dir / "metadata"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self._root = root.read_bytes()
         # Model files resume across runs from a partial file each (transfer.py).
-        self.transfer = BlobTransfer(store.tmp / "resume", max_rate=max_rate, progress=progress)
+        self.transfer = BlobTransfer(store.tmp / "resume", self.remote, max_rate=max_rate, progress=progress)
 
     def pull(self) -> list[Pulled]:
         """Refresh the signed metadata, then install every model of the channel not yet here."""
@@ -100,11 +128,17 @@ class ModelPuller:
             raise SyncUntrusted(f"the hub's data failed verification: {exc}",
                                 type(exc).__name__, hub=self.hub) from exc
         except tuf_errors.DownloadError as exc:
+            # ngclient wraps what its fetcher raised; a SyncError in there says it better.
+            cause = exc.__cause__
+            while cause is not None and not isinstance(cause, SyncError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
             raise SyncError(f"cannot read the hub {self.hub}: {exc}", hub=self.hub) from exc
 
     def _pull(self) -> list[Pulled]:
         updater = Updater(str(self.metadata_dir), f"{self.hub}/metadata/",
-                          target_base_url=f"{self.hub}/targets/", fetcher=FolderFetcher(),
+                          target_base_url=f"{self.hub}/targets/", fetcher=RemoteFetcher(self.remote),
                           bootstrap=self._root)
         updater.refresh()
         scratch = new_scratch(self.store.tmp)
@@ -149,7 +183,7 @@ class ModelPuller:
                                         "hash than its manifest names", "manifest_mismatch",
                                         model=model_id, file=mf.name)
                 folder, _, base = info.path.rpartition("/")
-                local = self.transfer.fetch(f"{self.hub}/targets/{folder}/{mf.sha256}.{base}", info)
+                local = self.transfer.fetch(f"targets/{folder}/{mf.sha256}.{base}", info)
                 fetched.append(info)
             files.append(mf.model_copy(update={"sources": [LocalPath(kind="path", path=local)]}))
         # The store checks size and sha256 once more as it installs (tmp, fsync, rename).

@@ -2,7 +2,7 @@
 
 A blob's bytes go into one partial file per sha256 (`<store>/tmp/resume/<hex>.partial`)
 that outlives the process: a cut link or a killed puller leaves it, and the next pull
-asks only for the rest (a read from that offset; a Range request on HTTP hubs). Only
+asks only for the rest (a read from that offset: a Range request on S3 and HTTPS). Only
 content-addressed blobs are resumed: their name is their hash, so the bytes at an
 offset can never have changed. Metadata is never resumed; python-tuf fetches it whole.
 
@@ -21,27 +21,28 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import TargetFile
 
+from .remotes import Remote
+
 log = logging.getLogger("outpost.sync")
-CHUNK = 1 << 16
-Reader = Callable[[str, int], Iterator[bytes]]  # (url, offset) -> the bytes from there on
 
 
-def read_file_url(url: str, offset: int) -> Iterator[bytes]:
-    """A `file://` blob from `offset` on (the folder hub's Range request)."""
-    path = Path(unquote(urlparse(url).path))
-    if not path.is_file():
-        raise tuf_errors.DownloadHTTPError(f"{path} does not exist", 404)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while chunk := f.read(CHUNK):
-            yield chunk
+def retryable(exc: tuf_errors.DownloadError) -> bool:
+    """A cut, stalled or failing link is worth another try; a refusal by the hub (4xx)
+    or more bytes than were signed is not."""
+    if isinstance(exc, tuf_errors.DownloadLengthMismatchError):
+        return False
+    return not (isinstance(exc, tuf_errors.DownloadHTTPError) and 400 <= exc.status_code < 500)
+
+
+def backoff(attempt: int, base_s: float, max_s: float) -> float:
+    """Full jitter: devices that lost the hub together do not return together."""
+    return random.uniform(0, min(max_s, base_s * 2 ** attempt))
 
 
 class BlobTransfer:
@@ -49,12 +50,12 @@ class BlobTransfer:
     `retries` times, after a delay that doubles from `backoff_s` (full jitter, at most
     `max_backoff_s`); a refusal by the hub (4xx) or more bytes than signed is not retried."""
 
-    def __init__(self, resume_dir: Path, reader: Reader = read_file_url,
+    def __init__(self, resume_dir: Path, remote: Remote,
                  max_rate: float | None = None, retries: int = 5, backoff_s: float = 0.5,
                  max_backoff_s: float = 30.0, sleep: Callable[[float], None] = time.sleep,
                  progress: Callable[[int], None] | None = None) -> None:
         self.resume_dir = resume_dir
-        self.reader = reader
+        self.remote = remote
         self.max_rate = max_rate  # bytes a second, None: as fast as the link goes
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep = sleep
@@ -65,45 +66,38 @@ class BlobTransfer:
     def partial(self, info: TargetFile) -> Path:
         return self.resume_dir / f"{info.hashes['sha256']}.partial"
 
-    def fetch(self, url: str, info: TargetFile) -> Path:
+    def fetch(self, name: str, info: TargetFile) -> Path:
         """The verified blob, as a local file (the partial, complete): install it, then `done`."""
         path = self.partial(info)
         resumed = path.exists() and path.stat().st_size > 0
         try:
-            self._fill_retrying(url, info, path)
+            self._fill_retrying(name, info, path)
             self._verify(info, path)
         except tuf_errors.LengthOrHashMismatchError:
             path.unlink(missing_ok=True)
             if not resumed:
                 raise
-            self._fill_retrying(url, info, path)  # the kept bytes were bad: from the start
+            self._fill_retrying(name, info, path)  # the kept bytes were bad: from the start
             self._verify(info, path)
         return path
 
-    def _fill_retrying(self, url: str, info: TargetFile, path: Path) -> None:
+    def _fill_retrying(self, name: str, info: TargetFile, path: Path) -> None:
         for attempt in range(self.retries + 1):
             try:
-                self._fill(url, info, path)
+                self._fill(name, info, path)
                 return
-            except tuf_errors.DownloadLengthMismatchError:
-                raise
-            except tuf_errors.DownloadHTTPError as exc:
-                if 400 <= exc.status_code < 500 or attempt == self.retries:
-                    raise
-                error: Exception = exc
             except tuf_errors.DownloadError as exc:
-                if attempt == self.retries:
+                if not retryable(exc) or attempt == self.retries:
                     raise
-                error = exc
-            delay = random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt))
-            log.info("transfer of %s cut (%s); resuming in %.1f s", url, error, delay)
-            self.retried += 1
-            self.sleep(delay)
+                delay = backoff(attempt, self.backoff_s, self.max_backoff_s)
+                log.info("transfer of %s cut (%s); resuming in %.1f s", name, exc, delay)
+                self.retried += 1
+                self.sleep(delay)
 
     def done(self, info: TargetFile) -> None:
         self.partial(info).unlink(missing_ok=True)
 
-    def _fill(self, url: str, info: TargetFile, path: Path) -> None:
+    def _fill(self, name: str, info: TargetFile, path: Path) -> None:
         self.resume_dir.mkdir(parents=True, exist_ok=True)
         have = path.stat().st_size if path.exists() else 0
         if have > info.length:  # more than was signed: nothing in it can be trusted
@@ -114,10 +108,10 @@ class BlobTransfer:
         start = time.monotonic()
         got = 0
         with open(path, "ab") as out:
-            for chunk in self.reader(url, have):
+            for chunk in self.remote.read(name, have):
                 if have + got + len(chunk) > info.length:
                     raise tuf_errors.DownloadLengthMismatchError(
-                        f"{url} is longer than the {info.length} bytes signed")
+                        f"{name} is longer than the {info.length} bytes signed")
                 out.write(chunk)
                 got += len(chunk)
                 self.transferred += len(chunk)

@@ -22,7 +22,8 @@ from tuf.api.metadata import Metadata
 from outpost.manifests.store import ModelStore
 from outpost.sync.errors import SyncError, SyncUntrusted
 from outpost.sync.pull import ModelPuller
-from outpost.sync.transfer import BlobTransfer, read_file_url
+from outpost.sync.remotes import FolderRemote
+from outpost.sync.transfer import BlobTransfer
 from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
@@ -258,16 +259,21 @@ def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsy
     assert main(["sync"]) == 2  # the group's help
 
 
-class CuttingReader:
-    """A link that drops: each connection carries at most `cut` bytes, then fails."""
+class CuttingRemote(FolderRemote):
+    """A folder behind a link that drops: each read carries at most `cut` bytes, then
+    fails. (The network remotes meet the same faults from a real proxy: test_remotes.py.)"""
 
-    def __init__(self, cut: int) -> None:
+    def __init__(self, url: str, cut: int) -> None:
+        super().__init__(url)
         self.cut, self.connections = cut, 0
 
-    def __call__(self, url: str, offset: int):
+    def read(self, name: str, offset: int = 0):
         self.connections += 1
+        return self._cut(super().read(name, offset))
+
+    def _cut(self, chunks):
         sent = 0
-        for chunk in read_file_url(url, offset):
+        for chunk in chunks:
             if sent + len(chunk) > self.cut:
                 yield chunk[: self.cut - sent]
                 raise DownloadError("connection reset")
@@ -278,8 +284,8 @@ class CuttingReader:
 def test_a_link_that_keeps_dropping_is_resumed_until_the_blob_is_whole(tmp_path, fleet, tiny_gguf):
     data = tiny_gguf.read_bytes()
     puller, store = device(tmp_path, fleet)
-    reader, slept = CuttingReader(cut=len(data) // 5 + 1), []
-    puller.transfer = BlobTransfer(store.tmp / "resume", reader=reader, retries=10, sleep=slept.append)
+    reader, slept = CuttingRemote(puller.hub, cut=len(data) // 5 + 1), []
+    puller.transfer = BlobTransfer(store.tmp / "resume", reader, retries=10, sleep=slept.append)
     [pulled] = puller.pull()
     assert pulled.installed and pulled.transferred == len(data)  # no byte fetched twice
     assert reader.connections == 5 and puller.transfer.retried == 4 and len(slept) == 4
@@ -289,7 +295,7 @@ def test_a_link_that_keeps_dropping_is_resumed_until_the_blob_is_whole(tmp_path,
 def test_a_link_down_for_longer_than_the_retries_is_a_sync_error_and_keeps_the_partial(tmp_path, fleet, tiny_gguf):
     data = tiny_gguf.read_bytes()
     puller, store = device(tmp_path, fleet)
-    puller.transfer = BlobTransfer(store.tmp / "resume", reader=CuttingReader(cut=1000), retries=2,
+    puller.transfer = BlobTransfer(store.tmp / "resume", CuttingRemote(puller.hub, cut=1000), retries=2,
                                    sleep=lambda s: None)
     with pytest.raises(SyncError) as err:
         puller.pull()

@@ -6,6 +6,7 @@
                                           the manifest and its files become signed targets,
                                           the channel's index names the model; then
                                           targets, snapshot and timestamp are re-signed
+    hub.publish_to(remote)                the folder copied to an S3 bucket or a mirror
 
 The hub folder is what devices read (sync/pull.py describes the layout); the keys
 folder stays with the operator (private keys, mode 0600) and is never published.
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -32,6 +34,7 @@ from tuf.api.serialization.json import JSONSerializer
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
 from outpost.sync.pull import blob_target, index_target, manifest_target
+from outpost.sync.remotes import Remote
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 # How long each role's signature stays valid: the root rarely changes; the timestamp
@@ -132,6 +135,26 @@ class FleetHub:
                               expires=_expiry(Timestamp.type),
                               snapshot_meta=MetaFile(version=snapshot.version))
         self._write(Metadata(timestamp))
+
+    def publish_to(self, remote: Remote, progress: Callable[[int], None] | None = None) -> int:
+        """Copy the hub to a remote (an S3 bucket, a mirror's folder); returns files sent.
+        Targets and versioned metadata first, never overwritten (they are immutable), and
+        timestamp.json last: a device reading mid-publish still sees the previous set."""
+        have = set(remote.list("metadata/")) | set(remote.list("targets/"))
+        files = sorted(p for p in self.targets_dir.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+        # Versioned metadata in version order, roots first (a device walks roots upward).
+        versioned = sorted((p for p in self.metadata.glob("*.*.json") if p.name[0].isdigit()),
+                           key=lambda p: (p.name.split(".")[1] != Root.type, int(p.name.split(".")[0])))
+        sent = 0
+        for path in files + versioned:
+            name = str(path.relative_to(self.hub))
+            if name not in have:
+                remote.write(name, path, exclusive=True)
+                sent += 1
+            if progress is not None:
+                progress(1)
+        remote.write("metadata/timestamp.json", self._file(Timestamp.type), exclusive=False)
+        return sent + 1
 
     def renew_timestamp(self, expires_in: timedelta | None = None) -> None:
         """Re-sign the timestamp (a fleet does it on a schedule, before it expires)."""

@@ -38,6 +38,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p = actions.add_parser("renew", parents=[common, where],
                            help="re-sign the timestamp (run on a schedule: it expires daily)")
     p.set_defaults(run=cmd_renew)
+    p = actions.add_parser("publish", parents=[common, where],
+                           help="copy the signed hub to where devices read it (S3, a mirror's folder)")
+    p.add_argument("--to", required=True, metavar="URL", dest="to",
+                   help="s3://bucket/prefix or file:///path ([sync] s3_endpoint names a non-AWS store)")
+    p.set_defaults(run=cmd_publish)
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -75,4 +80,17 @@ def cmd_renew(args: argparse.Namespace, settings: Settings) -> int:
 
     FleetHub(args.hub, args.keys).renew_timestamp()
     print(f"re-signed the timestamp of {args.hub}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from outpost.sync.remotes import RemoteOptions, open_remote  # noqa: PLC0415 (see register)
+
+    from .fleet import FleetHub  # noqa: PLC0415
+
+    remote = open_remote(args.to, RemoteOptions.from_settings(settings.sync))
+    if not remote.writable:
+        raise ConfigError(f"{args.to} is read-only: publish to s3:// or file:// and serve that folder")
+    sent = FleetHub(args.hub, args.keys).publish_to(remote)
+    print(f"published {args.hub} to {args.to} ({sent} files sent)")
     return 0

@@ -1,0 +1,166 @@
+"""Models down from network hubs: a real S3-compatible store (SeaweedFS) and a real
+HTTPS mirror (nginx) on 127.0.0.1, with a loopback proxy between the device and the
+server that cuts, stalls or fails connections. The client runs unpatched."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from outpost.manifests.store import ModelStore
+from outpost.sync.errors import SyncError
+from outpost.sync.pull import ModelPuller
+from outpost.sync.remotes import RemoteOptions, open_remote
+from outpost.tools.faultproxy import Fault, FaultProxy
+from outpost.tools.fleet import FleetHub, provision
+from outpost.tools.hubs import NginxMirror, SeaweedS3, nginx_binary
+
+from .conftest import TINY, tiny_manifest_toml
+
+BLOB = 3 << 20  # big enough that a cut lands inside the blob, not the metadata
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
+        server.create_bucket("fleet")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def blob(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("blob") / "tiny.gguf"
+    path.write_bytes(os.urandom(BLOB))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, blob):
+    root = tmp_path_factory.mktemp("fleet")
+    hub = FleetHub.create(root / "hub", root / "keys")
+    hub.add_model(tiny_manifest_toml(blob), {"tiny.gguf": blob})
+    return hub
+
+
+@pytest.fixture
+def operator_credentials(monkeypatch):
+    """The operator writes with keys (SeaweedFS without an identity config takes any);
+    devices read anonymously."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fleet")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fleet-secret")
+    yield
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(scope="module")
+def s3_hub(seaweed, fleet):
+    """The fleet's hub published to s3://fleet/hub (once for the module)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "fleet")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "fleet-secret")
+    try:
+        remote = open_remote("s3://fleet/hub", RemoteOptions(s3_endpoint=seaweed.endpoint))
+        fleet.publish_to(remote)
+    finally:
+        mp.undo()
+    return "s3://fleet/hub"
+
+
+def device(tmp_path: Path, fleet: FleetHub, hub: str, options: RemoteOptions) -> tuple[ModelPuller, ModelStore]:
+    provision(fleet.root_json, tmp_path / "trust")
+    store = ModelStore(tmp_path / "models")
+    puller = ModelPuller(hub, "stable", tmp_path / "trust", store, options)
+    puller.transfer.sleep = lambda s: None  # blob retries at once (metadata's back off < 4 s)
+    return puller, store
+
+
+def assert_installed(store: ModelStore, blob: Path) -> None:
+    manifest = store.pulled_manifest(TINY)
+    assert manifest is not None
+    assert store.weights_path(manifest).read_bytes() == blob.read_bytes()
+
+
+def test_publishing_twice_sends_only_the_timestamp(seaweed, fleet, s3_hub, operator_credentials):
+    remote = open_remote(s3_hub, RemoteOptions(s3_endpoint=seaweed.endpoint))
+    assert fleet.publish_to(remote) == 1
+    assert "metadata/1.root.json" in remote.list("metadata/")
+
+
+def test_an_exclusive_write_never_replaces_an_object(seaweed, operator_credentials):
+    remote = open_remote("s3://fleet/scratch", RemoteOptions(s3_endpoint=seaweed.endpoint))
+    assert remote.write("a/x", b"first", exclusive=True) is True
+    assert remote.write("a/x", b"second", exclusive=True) is False
+    assert b"".join(remote.read("a/x")) == b"first"
+    assert b"".join(remote.read("a/x", 2)) == b"rst"
+    assert remote.list("a/") == ["a/x"]
+
+
+def test_a_device_pulls_from_s3_anonymously(tmp_path, seaweed, fleet, s3_hub, blob):
+    puller, store = device(tmp_path, fleet, s3_hub, RemoteOptions(s3_endpoint=seaweed.endpoint))
+    [pulled] = puller.pull()
+    assert pulled.installed and pulled.transferred == BLOB
+    assert_installed(store, blob)
+
+
+def test_cuts_stalls_and_503s_on_the_way_to_s3_are_resumed(tmp_path, seaweed, fleet, s3_hub, blob):
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    faults = [Fault("status", status=503), Fault("cut", after=BLOB // 3),
+              Fault("stall", after=BLOB // 2), Fault("status", status=500), Fault("cut", after=1000)]
+    with FaultProxy(port, faults) as proxy:
+        options = RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=1.0)
+        puller, store = device(tmp_path, fleet, s3_hub, options)
+        [pulled] = puller.pull()
+    assert pulled.installed
+    assert_installed(store, blob)
+    assert puller.transfer.retried >= 2  # the blob's cuts (metadata fetches took the others)
+    assert pulled.transferred < 1.2 * BLOB  # resumed, not restarted
+    assert not list((store.tmp / "resume").glob("*.partial"))
+
+
+def test_a_hub_that_stays_down_is_a_sync_error_and_keeps_what_arrived(tmp_path, seaweed, fleet, s3_hub):
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    # Every connection dies after 200 kB: the metadata gets through, the blob never does.
+    with FaultProxy(port, default=Fault("cut", after=200_000)) as proxy:
+        options = RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=1.0)
+        puller, store = device(tmp_path, fleet, s3_hub, options)
+        puller.transfer.retries = 2
+        with pytest.raises(SyncError) as err:
+            puller.pull()
+    assert type(err.value) is SyncError and store.pulled_manifest(TINY) is None
+    [partial] = (store.tmp / "resume").glob("*.partial")
+    assert 0 < partial.stat().st_size < BLOB  # kept: the next pull resumes from there
+
+
+@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs it)")
+def test_a_device_pulls_from_an_https_mirror_through_a_cutting_link(tmp_path, fleet, blob):
+    with NginxMirror(fleet.hub, tmp_path / "nginx") as mirror, FaultProxy(mirror.port) as proxy:
+        proxy.plan(Fault("cut", after=BLOB // 4), Fault("stall", after=BLOB // 4), Fault("cut", after=BLOB // 4))
+        options = RemoteOptions(ca_bundle=str(mirror.ca_bundle), stall_timeout_s=1.0)
+        puller, store = device(tmp_path, fleet, f"https://127.0.0.1:{proxy.port}", options)
+        [pulled] = puller.pull()
+    assert pulled.installed and pulled.transferred < 1.2 * BLOB
+    assert_installed(store, blob)
+    ranges = [line for line in (tmp_path / "nginx" / "access.log").read_text().splitlines() if " 206 " in line]
+    assert ranges  # the resumes were Range requests the server honoured
+
+
+@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs it)")
+def test_an_https_mirror_with_an_unknown_certificate_is_refused(tmp_path, fleet):
+    with NginxMirror(fleet.hub, tmp_path / "nginx") as mirror:
+        puller, store = device(tmp_path, fleet, mirror.url, RemoteOptions(stall_timeout_s=1.0))
+        with pytest.raises(SyncError) as err:
+            puller.pull()
+    assert "ca_bundle" in str(err.value) and store.pulled_manifest(TINY) is None
+
+
+def test_a_mirror_is_read_only(tmp_path):
+    remote = open_remote("https://127.0.0.1:9/hub")
+    with pytest.raises(SyncError):
+        remote.write("logs/x", b"", exclusive=True)
+
+
+def test_an_unknown_scheme_is_a_typed_error():
+    with pytest.raises(SyncError):
+        open_remote("ftp://example/hub")
