@@ -300,8 +300,21 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     elif esc.get("policy", "off") != "off":
         line += "; no cloud configured: answers stay local"
     print(line)
+    _print_sync(status.get("sync"))
     _print_workers(status["loaded"])
     return 0
+
+
+def _print_sync(sync: dict[str, Any] | None) -> None:
+    """One line per direction: when it last worked, and why it failed since, if it did."""
+    for kind, label in (("pull", "models last verified"), ("push", "logs last pushed")):
+        entry = (sync or {}).get(kind)
+        if not entry:
+            continue
+        line = f"sync: {label} {fmt.ago(entry.get('ok_at'))}"
+        if entry.get("error"):
+            line += f"; the last try failed ({entry['error']['code']}: {entry['error']['message']})"
+        print(line)
 
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,6 +6,7 @@ Nothing here talks to the daemon or reads the log: it only formats.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 
@@ -23,3 +24,14 @@ def num(v: float | None, digits: int) -> str:
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def ago(at: float | None) -> str:
+    """A past unix time as 'never', '42 s ago', '5 min ago', '3 h ago', '2 days ago'."""
+    if not at:
+        return "never"
+    s = max(0.0, time.time() - at)
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.0f} {unit} ago"
+    return f"{s:.0f} s ago"

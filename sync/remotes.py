@@ -17,6 +17,7 @@ or retry (transfer.py and push.py decide what is worth another try).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -123,7 +124,8 @@ class FolderRemote:
         except OSError as exc:
             raise SyncError(f"cannot write {path}: {exc}", hub=self.url, name=name) from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix

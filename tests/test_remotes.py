@@ -4,7 +4,12 @@ server that cuts, stalls or fails connections. The client runs unpatched."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +169,94 @@ def test_a_mirror_is_read_only(tmp_path):
 def test_an_unknown_scheme_is_a_typed_error():
     with pytest.raises(SyncError):
         open_remote("ftp://example/hub")
+
+
+PULLER = """
+import sys
+from outpost.runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def store_is_sound(store: ModelStore) -> None:
+    """No corrupt install: every blob in the store is the file its name says."""
+    for path in store.blobs.glob("sha256-*"):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name[len("sha256-"):], path
+
+
+@pytest.mark.slow
+def test_a_hundred_interrupted_pulls_install_the_model_or_leave_the_previous_one(tmp_path, seaweed, fleet, blob):
+    """The acceptance run. A 4 MiB model behind a 2 MB/s link; each of 100 pulls (the
+    real CLI, a process of its own) meets a connection cut at a random byte, a SIGKILL
+    at a random moment, both, or neither. After every run the device has either the new
+    version, verified, or the previous one exactly as it was; each time a version lands
+    the operator publishes the next, and the bytes the link carried for it are counted."""
+    rng = random.Random(20261129)
+    size = 4 << 20
+    hub = f"s3://fleet/{tmp_path.name}"
+    data = tmp_path / "device"
+    provision(fleet.root_json, data / "sync")
+    store = ModelStore(data / "models")
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    operator = pytest.MonkeyPatch()
+
+    def publish(version: int) -> bytes:
+        payload = os.urandom(size)
+        path = tmp_path / f"v{version}.gguf"
+        path.write_bytes(payload)
+        fleet.add_model(tiny_manifest_toml(path).replace('version = "1"', f'version = "{version}"'),
+                        {"tiny.gguf": path})
+        operator.setenv("AWS_ACCESS_KEY_ID", "fleet")
+        operator.setenv("AWS_SECRET_ACCESS_KEY", "fleet-secret")
+        try:
+            fleet.publish_to(open_remote(hub, RemoteOptions(s3_endpoint=seaweed.endpoint)))
+        finally:
+            operator.undo()
+        path.unlink()
+        return payload
+
+    version, payload = 1, publish(1)
+    previous: tuple[str, bytes] | None = None  # (version, bytes) installed before this cycle
+    cycles: list[int] = []  # link bytes per landed version
+    outcomes = {"installed": 0, "kept": 0}
+    with FaultProxy(port, rate=2_000_000) as proxy:
+        env = {**os.environ, "OUTPOST_SYNC__S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
+               "OUTPOST_SYNC__STALL_TIMEOUT_S": "5"}
+        env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # devices read anonymously
+        cycle_start = 0
+        for run in range(100):
+            cut, kill = rng.random() < 0.5, rng.random() < 0.5
+            if cut:
+                proxy.plan(Fault("cut", after=rng.randint(0, size)))
+            proc = subprocess.Popen([sys.executable, "-c", PULLER, "sync", "pull", "--hub", hub,
+                                     "--data-dir", str(data)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if kill:
+                try:
+                    proc.wait(rng.uniform(0.5, 4.0))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGKILL)
+            proc.wait(120)
+            proxy.faults.clear()
+            store_is_sound(store)
+            manifest = store.pulled_manifest(TINY)
+            if manifest is not None and manifest.version == str(version):
+                assert store.weights_path(manifest).read_bytes() == payload, f"run {run}"
+                outcomes["installed"] += 1
+                cycles.append(proxy.bytes_down - cycle_start)
+                previous = (manifest.version, payload)
+                version += 1
+                payload = publish(version)
+                cycle_start = proxy.bytes_down
+            else:  # the previous state, intact
+                outcomes["kept"] += 1
+                if previous is None:
+                    assert manifest is None, f"run {run}"
+                else:
+                    assert manifest is not None and manifest.version == previous[0], f"run {run}"
+                    assert store.weights_path(manifest).read_bytes() == previous[1], f"run {run}"
+    ratio = sum(cycles) / (len(cycles) * size)
+    print(f"100 pulls: {outcomes}, {len(cycles)} versions landed, link bytes per version "
+          f"{ratio:.3f}x the blob (worst {max(cycles) / size:.3f}x); faults {dict(proxy.fired)}")
+    assert outcomes["kept"] >= 10 and len(cycles) >= 10
+    assert ratio < 1.2

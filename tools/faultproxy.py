@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections import deque
+import time
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Literal, Self
 
@@ -33,12 +34,17 @@ class Fault:
 
 class FaultProxy:
     def __init__(self, upstream_port: int, faults: list[Fault] | None = None,
-                 default: Fault | None = None) -> None:
+                 default: Fault | None = None, rate: float | None = None) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
         self.faults: deque[Fault] = deque(faults or [])
         self.default = default
+        # The link's speed down, bytes a second per connection (None: loopback speed). A
+        # slow link keeps the client's socket buffer near empty, as in the field, so a
+        # killed client loses what was in flight, not megabytes queued on loopback.
+        self.rate = rate
         self.connections = 0
         self.bytes_down = 0  # server-to-client bytes forwarded, all connections together
+        self.fired: Counter[str] = Counter()  # faults that met a connection, by kind
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -72,6 +78,8 @@ class FaultProxy:
             with self._lock:
                 self.connections += 1
                 fault = self.faults.popleft() if self.faults else self.default
+                if fault is not None:
+                    self.fired[fault.kind] += 1
                 self._open.add(client)
             threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
 
@@ -110,8 +118,14 @@ class FaultProxy:
 
     def _pump_down(self, upstream: socket.socket, client: socket.socket, fault: Fault | None) -> None:
         budget = fault.after if fault is not None else None
+        start, sent = time.monotonic(), 0
         try:
-            while data := upstream.recv(65536):
+            while data := upstream.recv(16384 if self.rate else 65536):
+                if self.rate:
+                    sent += len(data)
+                    ahead = sent / self.rate - (time.monotonic() - start)
+                    if ahead > 0 and self._closed.wait(ahead):
+                        break
                 if budget is not None and len(data) >= budget:
                     client.sendall(data[:budget])
                     self._count(budget)

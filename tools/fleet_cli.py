@@ -7,11 +7,14 @@ What this module must not do: run on a device (`outpost sync`, sync/).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
+from outpost.runtime import cli_format as fmt
 from outpost.runtime.config import Settings
+from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
@@ -43,6 +46,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.add_argument("--to", required=True, metavar="URL", dest="to",
                    help="s3://bucket/prefix or file:///path ([sync] s3_endpoint names a non-AWS store)")
     p.set_defaults(run=cmd_publish)
+    p = actions.add_parser("collect", parents=[common, as_json],
+                           help="the devices' pushed logs as one training JSONL (with each device's id)")
+    p.add_argument("--from", required=True, metavar="URL", dest="source",
+                   help="the hub devices push to: s3://bucket/prefix or file:///path")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the JSONL to write")
+    p.add_argument("--format", choices=("openai", "hf"), default="openai",
+                   help="as `outpost logs export` writes it (default openai)")
+    p.add_argument("--min-confidence", type=float, metavar="P",
+                   help="a local answer without feedback is kept from this confidence "
+                        "(default: [export] min_confidence)")
+    p.set_defaults(run=cmd_collect)
 
 
 def cmd_init(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,4 +107,26 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"{args.to} is read-only: publish to s3:// or file:// and serve that folder")
     sent = FleetHub(args.hub, args.keys).publish_to(remote)
     print(f"published {args.hub} to {args.to} ({sent} files sent)")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
+    from outpost.sync.remotes import RemoteOptions, open_remote  # noqa: PLC0415 (see register)
+
+    from .fleet_collect import collect  # noqa: PLC0415
+
+    remote = open_remote(args.source, RemoteOptions.from_settings(settings.sync))
+    min_confidence = settings.export.min_confidence if args.min_confidence is None else args.min_confidence
+    with tqdm(unit=" batches", desc="collect", file=sys.stderr, disable=args.json or None, leave=False) as bar:
+        report = collect(remote, args.out, args.format, min_confidence, progress=bar.update)
+    if args.json:
+        fmt.print_json(report.to_dict())
+        return 0
+    print(f"{report.examples} examples from {report.requests} requests of {len(report.devices)} devices "
+          f"({report.batches} batches) -> {args.out}; {report.duplicates} duplicates dropped")
+    if report.skipped:
+        print("skipped: " + ", ".join(f"{n} {why}" for why, n in report.skipped.most_common()))
+    if report.unreadable:
+        print(f"{len(report.unreadable)} batches could not be read: {', '.join(report.unreadable[:5])}",
+              file=sys.stderr)
     return 0

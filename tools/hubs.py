@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import shutil
 import socket
 import subprocess
@@ -18,22 +19,11 @@ from pathlib import Path
 from typing import Self
 
 
-def free_port(also_free: int = 0) -> int:
-    """A loopback port nobody holds (and, with `also_free`, port + also_free too:
-    SeaweedFS puts each gRPC port 10000 above its HTTP port)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not also_free:
-            return port
-        if port + also_free < 65536:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + also_free))
-                return port
-            except OSError:
-                continue
+def free_port() -> int:
+    """A loopback port nobody holds (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
@@ -84,16 +74,22 @@ class SeaweedS3:
 
     def __enter__(self) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port(also_free=10000) for name in ("master", "volume", "filer")}
+        # Every port explicit: SeaweedFS would put each gRPC port 10000 above its HTTP one.
+        ports = {name: free_port() for name in ("master", "volume", "filer")}
+        grpc = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         self.port = free_port()
         log = self.workdir / "weed.log"
         args = [weed_binary(), "server", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-dir={self.workdir}", "-master.volumeSizeLimitMB=64", "-volume.max=16",
                 f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                 f"-filer.port={ports['filer']}", f"-s3.port={self.port}",
+                *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
                 f"-filer.localSocket={self.workdir}/filer.sock", f"-debug.port={free_port()}"]
+        # SeaweedFS turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into its one identity: the
+        # server gets none, so it keeps its open, keyless mode whatever the caller's env holds.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self.process = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=env)
         _wait_for_port(self.port, self.process, log)
         return self
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import json
 import os
 import signal
 import time
@@ -210,7 +211,17 @@ class Daemon:
                 "data_dir": str(self.settings.data_dir),
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "default_model": self.catalog.default, "budget": self.pool.budget(used),
-                "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status()}
+                "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status(),
+                "sync": self._sync_status()}
+
+    def _sync_status(self) -> dict[str, Any] | None:
+        """The last field sync's outcome, as `outpost sync` recorded it (a JSON file the
+        daemon reads; the daemon never imports the sync layer). None on a device that
+        has never synced."""
+        try:
+            return json.loads((self.settings.data_dir / "sync" / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def _escalation_status(self) -> dict[str, Any]:
         cloud = self.cloud

@@ -1,7 +1,7 @@
 """Retention: how far the log has left the device, and pruning what has.
 
 The watermark is the highest request id that an export or a sync has taken off the
-device. `prune` removes rows older than `max_age_days`, then the oldest rows while
+device (the sync's alone once the device pushes to a fleet hub). `prune` removes rows older than `max_age_days`, then the oldest rows while
 the file is over `max_size`, but only rows at or below the watermark: what has not
 left the device yet is never lost to a cap.
 
@@ -17,8 +17,12 @@ from typing import Any
 import sqlite_utils
 
 def watermark(db: sqlite_utils.Database) -> int:
-    """The highest request id that has left the device (exported or synced)."""
-    row = db.execute("select max(request_id) from watermarks").fetchone()
+    """The highest request id that has left the device. On a device that pushes its log
+    to the fleet, that is the sync watermark alone: a row exported to a local file has
+    not reached the hub yet. Otherwise, the highest of any export's."""
+    row = db.execute("select request_id from watermarks where name = 'sync'").fetchone()
+    if row is None:
+        row = db.execute("select max(request_id) from watermarks").fetchone()
     return int(row[0] or 0)
 
 
