@@ -64,6 +64,13 @@ class Catalog:
                 return self._entries[model_id].manifest
         return None
 
+    def put(self, text: str, origin: str) -> Manifest:
+        """Serve another version of a model from now on (an activation or a rollback):
+        requests routed after this see it; one already routed keeps what it had."""
+        manifest = Manifest.from_toml(text, origin)
+        self._entries[manifest.id] = Entry(manifest, text, origin)
+        return manifest
+
     def get_default(self) -> Manifest:
         return self.get(self.default)
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import ConfigError
 
@@ -84,6 +91,26 @@ class Sampling(_Frozen):
     max_tokens: Annotated[int, Field(gt=0)] = 256
 
 
+# The canned request of a version's smoke test when its manifest names none: one call
+# to a one-argument tool, required. Constrained decoding makes any sound model answer
+# it validly, so it fails only on a model that does not load, crashes or breaks the
+# grammar: what activation must catch.
+SMOKE_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+class SmokeTest(_Frozen):
+    """The canned request a new version must answer validly before it serves."""
+
+    messages: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"role": "user", "content": "What time is it in Paris?"}], min_length=1)
+    tools: list[dict[str, Any]] = Field(default_factory=lambda: [SMOKE_TOOL])  # []: answer in text
+    tool_choice: str = "required"
+    max_tokens: Annotated[int, Field(gt=0, le=4096)] = 64
+
+
 class Manifest(_Frozen):
     id: Annotated[str, Field(pattern=MANIFEST_ID)]
     version: str
@@ -98,6 +125,8 @@ class Manifest(_Frozen):
     memory_estimate: ByteSize
     # Escalate this model's answers below this confidence; config can override it.
     escalation_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    # What a new version must answer before a sync activates it (docs/fleet.md).
+    smoke_test: SmokeTest = SmokeTest()
 
     @field_validator("chat_template")
     @classmethod

@@ -3,7 +3,10 @@
 Layout under `<data dir>/models/`:
 
     blobs/sha256-<hex>      one file per distinct content, read-only once in place
-    manifests/<id>.toml     the manifest each pulled model was pulled with
+    manifests/<id>.toml     the active version's manifest: what the daemon serves
+    versions/<id>/<v>.toml  every version installed (pulled, staged by a sync, once active)
+    versions/<id>/history   the versions active before, oldest first (`models rollback`)
+    versions/<id>/<v>.failed  why a staged version was refused at activation (JSON)
     verified/<hex>.json     the stat of a blob when its sha256 last matched
     cache/                  derived data keyed by sha256 (e.g. vocabularies)
     tmp/                    downloads in progress; never read as a model
@@ -24,11 +27,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote, unquote
 
-from .errors import ChecksumMismatch, FetchError, ModelFileError, ModelNotPulled
+from .errors import (
+    ChecksumMismatch,
+    FetchError,
+    ModelFileError,
+    ModelNotPulled,
+    NotFound,
+)
 from .schema import Manifest, ModelFile
 from .sources import Sink, describe, fetch, fsync_dir, new_scratch, remove_scratch
 
@@ -56,6 +67,7 @@ class ModelStore:
         self.tmp = root / "tmp"
         self.stamps = root / "verified"
         self.cache = root / "cache"
+        self.versions = root / "versions"
 
     # -- queries -------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -76,21 +88,84 @@ class ModelStore:
         return Manifest.from_file(path) if path.is_file() else None
 
     def weights_path(self, manifest: Manifest) -> Path:
-        """Path of the file the backend loads; raises if the model is not pulled."""
-        if not self.is_pulled(manifest):
+        """Path of the file the backend loads; raises unless all its files are here (a
+        staged version's are, before it is active: its smoke test loads it)."""
+        if not all(self.blob_path(f.sha256).exists() for f in manifest.files):
             raise ModelNotPulled(manifest.id)
         return self.blob_path(manifest.weights.sha256)
 
     # -- pull ----------------------------------------------------------------------
     def pull(self, manifest: Manifest, manifest_text: str,
              progress: ProgressFactory = _no_progress) -> list[Path]:
-        """Fetch every missing file of `manifest`, verify it, and record the manifest."""
-        paths = [self._pull_file(f, progress) for f in manifest.files]
-        self.manifests.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifests / f".{manifest.id}.toml.tmp"
-        tmp.write_text(manifest_text, encoding="utf-8")
-        os.replace(tmp, self.manifests / f"{manifest.id}.toml")
+        """Fetch every missing file of `manifest`, verify it, and make it the active version."""
+        paths = self.stage(manifest, manifest_text, progress)
+        self.activate(manifest.id, manifest.version)
         return paths
+
+    # -- versions ------------------------------------------------------------------
+    def _version_path(self, model_id: str, version: str, suffix: str = ".toml") -> Path:
+        return self.versions / model_id / f"{quote(version, safe='')}{suffix}"
+
+    def stage(self, manifest: Manifest, manifest_text: str,
+              progress: ProgressFactory = _no_progress) -> list[Path]:
+        """Install a version's files and manifest without making it active (a sync's
+        pull: it is activated after its smoke test)."""
+        paths = [self._pull_file(f, progress) for f in manifest.files]
+        _write_atomic(self._version_path(manifest.id, manifest.version), manifest_text)
+        self._version_path(manifest.id, manifest.version, ".failed").unlink(missing_ok=True)
+        return paths
+
+    def staged(self, model_id: str, version: str) -> tuple[Manifest, str]:
+        """A version's manifest and its TOML, if its files are all here."""
+        path = self._version_path(model_id, version)
+        if not path.is_file():
+            raise ModelNotPulled(f"{model_id} {version}")
+        text = path.read_text(encoding="utf-8")
+        manifest = Manifest.from_toml(text, origin=str(path))
+        if not all(self.blob_path(f.sha256).exists() for f in manifest.files):
+            raise ModelNotPulled(f"{model_id} {version}")
+        return manifest, text
+
+    def history(self, model_id: str) -> list[str]:
+        path = self.versions / model_id / "history"
+        return path.read_text().split() if path.is_file() else []
+
+    def activate(self, model_id: str, version: str) -> str | None:
+        """Make a staged version the active one; returns the version it replaced."""
+        _, text = self.staged(model_id, version)
+        current = self.pulled_manifest(model_id)
+        previous = current.version if current is not None else None
+        if previous is not None and previous != version:
+            # The version's own record too: a model pulled before versions existed has none.
+            if not self._version_path(model_id, previous).is_file():
+                _write_atomic(self._version_path(model_id, previous),
+                              (self.manifests / f"{model_id}.toml").read_text(encoding="utf-8"))
+            _write_atomic(self.versions / model_id / "history",
+                          "".join(f"{v}\n" for v in [*self.history(model_id), quote(previous, safe="")]))
+        _write_atomic(self.manifests / f"{model_id}.toml", text)
+        return previous
+
+    def rollback(self, model_id: str) -> tuple[str, str]:
+        """Return to the version active before this one: (from, to)."""
+        current = self.pulled_manifest(model_id)
+        if current is None:
+            raise ModelNotPulled(model_id)
+        history = self.history(model_id)
+        if not history:
+            raise NotFound("earlier version of", model_id)
+        back = unquote(history[-1])
+        _, text = self.staged(model_id, back)
+        _write_atomic(self.manifests / f"{model_id}.toml", text)
+        _write_atomic(self.versions / model_id / "history", "".join(f"{v}\n" for v in history[:-1]))
+        return current.version, back
+
+    def mark_failed(self, model_id: str, version: str, reason: dict) -> None:
+        _write_atomic(self._version_path(model_id, version, ".failed"), json.dumps(reason))
+
+    def failed(self, model_id: str, version: str) -> dict | None:
+        """Why this version was refused at activation, if it was (a new stage clears it)."""
+        path = self._version_path(model_id, version, ".failed")
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def _pull_file(self, mf: ModelFile, progress: ProgressFactory) -> Path:
         target = self.blob_path(mf.sha256)
@@ -166,11 +241,16 @@ class ModelStore:
         record = self.manifests / f"{manifest_id}.toml"
         if not record.exists():
             raise ModelNotPulled(manifest_id)
-        gone = Manifest.from_file(record)
+        gone = [Manifest.from_file(record)]
+        versions = self.versions / manifest_id
+        if versions.is_dir():  # every version of it goes, staged and earlier ones too
+            gone += [Manifest.from_file(p) for p in versions.glob("*.toml")]
+            shutil.rmtree(versions)
         record.unlink()
-        still_used = {f.sha256 for m in self.pulled() for f in m.files}
+        others = [Manifest.from_file(p) for p in self.versions.glob("*/*.toml")] if self.versions.is_dir() else []
+        still_used = {f.sha256 for m in [*self.pulled(), *others] for f in m.files}
         removed = []
-        for f in gone.files:
+        for f in {f.sha256: f for m in gone for f in m.files}.values():
             path = self.blob_path(f.sha256)
             if f.sha256 not in still_used and path.exists():
                 path.unlink()
@@ -178,6 +258,13 @@ class ModelStore:
                 for derived in [self.stamps / f"{f.sha256}.json", *self.cache.glob(f"*{f.sha256}*")]:
                     derived.unlink(missing_ok=True)
         return removed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _stat_key(path: Path) -> list[int]:

@@ -69,6 +69,14 @@ class OutpostClient:
     def models(self) -> list[dict[str, Any]]:
         return self.request("models.list")["models"]
 
+    def activate(self, model: str, version: str) -> dict[str, Any]:
+        """Smoke-test a staged version in a worker, then serve it (or ActivationFailed)."""
+        return self.request("models.activate", {"model": model, "version": version})
+
+    def rollback(self, model: str) -> dict[str, Any]:
+        """Serve the version active before this one again."""
+        return self.request("models.rollback", {"model": model})
+
     def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
              tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
              **params: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
     ├── Overloaded                    overloaded              runtime/daemon/errors.py
     ├── Timeout                       timeout                 runtime/daemon/errors.py
+    ├── ActivationFailed              activation_failed       runtime/daemon/errors.py
     ├── NotFound                      not_found               manifests/errors.py
     ├── LogUnavailable                log_unavailable         runtime/logs/errors.py
     │   ├── LogLocked                 log_locked              runtime/logs/errors.py
@@ -55,7 +56,7 @@ from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError,
                                       OutpostError, UnknownModel, error_class, from_wire)
 from outpost.models.errors import ContextOverflow, InvalidSchema, ModelLoadFailed, UnsupportedSchema
 
-from .daemon.errors import (BudgetExceeded, Overloaded, RequestTooLarge, Timeout, UnknownMethod,
+from .daemon.errors import (ActivationFailed, BudgetExceeded, Overloaded, RequestTooLarge, Timeout, UnknownMethod,
                             WorkerCrashed)
 from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
                                 CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
@@ -65,7 +66,7 @@ __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
     "FetchError", "ContextOverflow", "ModelLoadFailed", "WorkerCrashed", "BudgetExceeded",
-    "Overloaded", "Timeout", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
+    "Overloaded", "Timeout", "ActivationFailed", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",
     "InternalError", "error_class", "from_wire",

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.add_argument("--channel", metavar="NAME", help="the rollout channel (default: [sync] channel)")
     p.add_argument("--max-rate", type=float, metavar="BYTES_PER_S",
                    help="cap the bandwidth of model transfers (default: [sync] max_rate)")
+    p.add_argument("--no-activate", action="store_true",
+                   help="stage new versions only (`outpost models activate ID VERSION` later)")
     p.set_defaults(run=cmd_pull)
     p = actions.add_parser("push", parents=[common, as_json],
                            help="send the log's new rows to the hub, redacted, in batches")
@@ -79,17 +81,39 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         except OutpostError as exc:
             state.record(settings.trust_dir, "pull", error=exc)
             raise
-    state.record(settings.trust_dir, "pull", {"hub": hub, "channel": puller.channel,
-                                              "models": {p.model: p.version for p in pulled}})
+    activations = [] if args.no_activate else _activate(settings, pulled)
+    refused = [a for a in activations if not a.active]
+    state.record(settings.trust_dir, "pull", {
+        "hub": hub, "channel": puller.channel,
+        "models": {p.model: p.version for p in pulled},
+        "refused": {**{p.model: {"version": p.version, "reason": p.refused} for p in pulled if p.refused},
+                    **{a.model: {"version": a.version, "reason": a.refused} for a in refused}}})
     if args.json:
-        fmt.print_json([p.__dict__ for p in pulled])
-        return 0
+        fmt.print_json([{**p.__dict__, "activation": next((a.__dict__ for a in activations
+                                                             if a.model == p.model), None)}
+                        for p in pulled])
+        return 1 if refused else 0
     if not pulled:
         print("the channel has no models")
     for p in pulled:
-        done = f"installed ({fmt.mib(p.transferred)} transferred)" if p.installed else "up to date"
-        print(f"{p.model} {p.version}: {done}")
-    return 0
+        a = next((a for a in activations if a.model == p.model), None)
+        if p.active:
+            line = "up to date"
+        elif p.refused is not None:
+            line = f"refused at an earlier activation ({p.refused}); waiting for another version"
+        else:
+            line = f"staged ({fmt.mib(p.transferred)} transferred)" if p.installed else "staged"
+            if a is not None:
+                line += (f", passed its smoke test, active (was {a.previous})" if a.active
+                         else f", failed its smoke test ({a.refused}); the active version keeps serving")
+        print(f"{p.model} {p.version}: {line}")
+    return 1 if refused else 0
+
+
+def _activate(settings: Settings, pulled: list) -> list:
+    from outpost.runtime.activation import activate  # noqa: PLC0415
+
+    return [activate(settings, p.model, p.version) for p in pulled if p.to_activate]
 
 
 def device_id(settings: Settings, given: str | None) -> str:

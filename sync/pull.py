@@ -14,12 +14,13 @@ verified file goes into the model store through its existing install (tmp, fsync
 and sha256 checked again, rename), so nothing unverified ever becomes a model.
 
 What this module must not do: sign anything (the fleet's side is tools/fleet.py), or
-replace a model the daemon is serving without the activation step (a later slice:
-today a pull installs the new version as the store's manifest for that id).
+make a version active: it stages it (files and manifest in the store, not served), and
+activate.py makes it active once it passed its smoke test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from outpost.manifests.errors import ModelNotPulled
 from outpost.manifests.schema import LocalPath, Manifest
 from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
@@ -94,8 +96,14 @@ class RemoteFetcher(FetcherInterface):
 class Pulled:
     model: str
     version: str
-    installed: bool  # False: this version was in the store already
+    installed: bool  # its files and manifest were staged now (False: they were here already)
     transferred: int = 0  # bytes of model files read from the hub (less after a resume)
+    active: bool = False  # it is the version the daemon serves already
+    refused: str | None = None  # an earlier activation refused it (its smoke test failed)
+
+    @property
+    def to_activate(self) -> bool:
+        return not self.active and self.refused is None
 
 
 class ModelPuller:
@@ -168,10 +176,15 @@ class ModelPuller:
         if manifest.id != model_id:
             raise SyncUntrusted(f"the channel names {model_id} but its manifest is {manifest.id}",
                                 "wrong_manifest", model=model_id)
-        installed = self.store.pulled_manifest(model_id)
-        if installed is not None and installed.version == manifest.version \
-                and self.store.is_pulled(manifest):
-            return Pulled(model_id, manifest.version, installed=False)
+        active = self.store.pulled_manifest(model_id)
+        if active is not None and active.version == manifest.version and self.store.is_pulled(manifest):
+            return Pulled(model_id, manifest.version, installed=False, active=True)
+        refused = self.store.failed(model_id, manifest.version)
+        if refused is not None:  # not again: the hub must publish another version
+            return Pulled(model_id, manifest.version, installed=False, refused=refused.get("reason"))
+        with contextlib.suppress(ModelNotPulled):
+            if self.store.staged(model_id, manifest.version)[1] == text:  # staged, not yet active
+                return Pulled(model_id, manifest.version, installed=False)
         files, fetched = [], []
         before = self.transfer.transferred
         for mf in manifest.files:
@@ -186,8 +199,9 @@ class ModelPuller:
                 local = self.transfer.fetch(f"targets/{folder}/{mf.sha256}.{base}", info)
                 fetched.append(info)
             files.append(mf.model_copy(update={"sources": [LocalPath(kind="path", path=local)]}))
-        # The store checks size and sha256 once more as it installs (tmp, fsync, rename).
-        self.store.pull(manifest.model_copy(update={"files": files}), text)
+        # The store checks size and sha256 once more as it installs (tmp, fsync, rename);
+        # staged, not active: activation (activate.py) follows the smoke test.
+        self.store.stage(manifest.model_copy(update={"files": files}), text)
         for info in fetched:
             self.transfer.done(info)
         log.info("pulled %s %s from %s (%s)", model_id, manifest.version, self.hub, self.channel)

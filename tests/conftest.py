@@ -45,6 +45,11 @@ chat_template = "chatml"
 context_length = {context_length}
 memory_estimate = "{memory_estimate}"
 
+# Random weights cannot be trusted to finish a JSON call: the smoke test asks for text.
+[smoke_test]
+tools = []
+max_tokens = 8
+
 [[files]]
 name = "tiny.gguf"
 size = {len(data)}

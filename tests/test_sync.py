@@ -52,8 +52,9 @@ def installed(store: ModelStore) -> dict[str, bytes]:
 def test_a_device_pulls_a_signed_model_and_a_second_pull_changes_nothing(tmp_path, fleet, tiny_gguf):
     puller, store = device(tmp_path, fleet)
     [pulled] = puller.pull()
-    assert (pulled.model, pulled.version, pulled.installed) == (TINY, "1", True)
-    manifest = store.pulled_manifest(TINY)
+    assert (pulled.model, pulled.version, pulled.installed, pulled.to_activate) == (TINY, "1", True, True)
+    manifest, _ = store.staged(TINY, "1")  # staged: activation (test_activation.py) serves it
+    assert store.pulled_manifest(TINY) is None
     assert store.weights_path(manifest).read_bytes() == tiny_gguf.read_bytes()
     before = installed(store)
     assert [p.installed for p in puller.pull()] == [False]
@@ -68,7 +69,7 @@ def test_a_new_version_on_the_channel_is_pulled(tmp_path, fleet):
     fleet.add_model(text, {"tiny.gguf": other})
     [pulled] = puller.pull()
     assert pulled.version == "2" and pulled.installed
-    assert store.weights_path(store.pulled_manifest(TINY)).read_bytes() == other.read_bytes()
+    assert store.weights_path(store.staged(TINY, "2")[0]).read_bytes() == other.read_bytes()
 
 
 def test_a_tampered_blob_is_refused_and_nothing_is_installed(tmp_path, fleet):

@@ -63,3 +63,13 @@ class Timeout(OutpostError):
         super().__init__(f"gave up on {model} after {waited_s:.1f} s waiting for {stage}",
                          model=model, waited_s=waited_s, stage=stage)
         self.model, self.waited_s, self.stage = model, waited_s, stage
+
+
+class ActivationFailed(OutpostError):
+    """A staged model version failed its smoke test; the active version keeps serving."""
+
+    code = "activation_failed"
+
+    def __init__(self, model: str, version: str, reason: str) -> None:
+        super().__init__(f"{model} {version} failed its smoke test: {reason}; the active "
+                         "version keeps serving", model=model, version=version, reason=reason)

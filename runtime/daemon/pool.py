@@ -33,11 +33,11 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import zmq.asyncio
-
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
+from outpost.models.backend import Generation, GenerationRequest
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
@@ -153,7 +153,8 @@ class ModelPool:
                     raise Timeout(model, time.monotonic() - t0, "the model to load") from None
                 # acquire() resumes us on a later loop turn; check and lease in one step,
                 # so no eviction can fall between them.
-                if self.workers.get(model) is worker and worker.state in LIVE and not worker.draining:
+                if self.workers.get(model) is worker and worker.state in LIVE and not worker.draining \
+                        and worker.manifest.version == manifest.version:
                     worker.leases += 1
                     break
                 # It is being evicted to make room: wait for that, then load it again.
@@ -198,6 +199,14 @@ class ModelPool:
     async def acquire(self, manifest: Manifest, reason: str = "request") -> WorkerHandle:
         """A ready worker for `manifest`, loading it (once, however many ask) if needed."""
         current = self.workers.get(manifest.id)
+        if current is not None and current.manifest.version != manifest.version:
+            # Another version is active now: the old worker takes no new leases and goes
+            # once its own requests are done (lease() waits for that, then asks again).
+            current.draining = True
+            if current.leases or current.state is WorkerState.LOADING:
+                return current
+            await self.evict(current, f"replaced by version {manifest.version}", PoolEventKind.REPLACE)
+            current = None
         if current is not None and current.state in LIVE and current.process.is_alive():
             return current
         if current is not None and current.state is not WorkerState.LOADING:
@@ -247,6 +256,32 @@ class ModelPool:
                  worker.load_ms, worker.reserve / 2**20, self.ledger.ram / 2**20)
         self._note(PoolEventKind.LOAD, manifest, reason, worker.reserve, worker.load_ms)
         return worker
+
+    async def trial(self, manifest: Manifest, manifest_toml: str, request: GenerationRequest) -> Generation:
+        """Load a version in a worker of its own, which no request can reach, answer
+        `request` with it, and stop it: an activation's smoke test. It is admitted like
+        any load (room is made under the budget), and holds admission until it is done,
+        so no other load can count on memory the trial is using."""
+        self.store.weights_path(manifest)
+        need = self.ledger.estimate(manifest)
+        await self.ready()
+        async with self._admit:
+            await self._make_room(manifest, need)
+            llama = self.settings.llama
+            options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
+                       "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values())}
+            worker = self._forkserver.spawn(manifest, manifest_toml, str(self.store.root), options,
+                                            need, False, None)
+            try:
+                await worker.wait_ready(self.settings.server.load_timeout_s)
+                return await worker.generate(request, self.settings.server.request_timeout_s)
+            except WorkerCrashed as exc:
+                raise ModelLoadFailed(f"the worker for {manifest.id} {manifest.version} died "
+                                      f"(exit code {exc.exitcode})", model=manifest.id) from exc
+            finally:
+                await worker.stop(grace_s=0)
+                async with self._released:
+                    self._released.notify_all()
 
     def _note(self, kind: PoolEventKind, manifest: Manifest, reason: str, ram: int | None = None,
               load_ms: float | None = None) -> None:

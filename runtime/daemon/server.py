@@ -16,8 +16,8 @@ memory (pool.py), or write SQL (logs/).
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import os
 import signal
 import time
@@ -27,12 +27,17 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from outpost.manifests.catalog import Catalog, model_row
-from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
+from outpost.manifests.errors import (
+    BadRequest,
+    ConfigError,
+    InternalError,
+    OutpostError,
+    UnknownModel,
+)
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import Generation
+from outpost.models.backend import Generation, GenerationRequest
 from outpost.models.schemas import check_tools
 from outpost.runtime import VERSION
 from outpost.runtime.escalation.attempts import attempts, cloud_attempt
@@ -40,16 +45,47 @@ from outpost.runtime.escalation.cloud import CloudClient
 from outpost.runtime.escalation.flow import Escalator, Turn
 from outpost.runtime.escalation.policy import resolve
 from outpost.runtime.escalation.settings import Policy
-from outpost.runtime.logs.records import AttemptRecord, RequestRecord
+from outpost.runtime.logs.records import (
+    AttemptRecord,
+    PoolEvent,
+    PoolEventKind,
+    RequestRecord,
+)
 from outpost.runtime.logs.store import LogStore
 
 from . import protocol, replies
 from .background import Background
-from .errors import UnknownMethod
+from .errors import ActivationFailed, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
 
 log = logging.getLogger("outpost.server")
+
+
+def _text(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"`{name}` must be a non-empty string", field=name)
+    return value
+
+
+def smoke_request(manifest: Manifest) -> GenerationRequest:
+    smoke = manifest.smoke_test
+    return GenerationRequest(messages=smoke.messages, tools=smoke.tools or None,
+                             tool_choice=smoke.tool_choice if smoke.tools else "auto",
+                             max_tokens=smoke.max_tokens)
+
+
+def smoke_problem(generation: Generation) -> str | None:
+    """Why a smoke test's answer is not valid, or None when it is."""
+    if generation.grammar_dead_end:
+        return "the grammar left no token to choose"
+    invalid = [v for v in generation.validation if not v.get("valid")]
+    if invalid:
+        return f"invalid call {invalid[0].get('name')}: {invalid[0].get('errors')}"
+    if not generation.tool_calls and not (generation.content or "").strip():
+        return "an empty answer"
+    return None
 
 
 class Daemon:
@@ -75,6 +111,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "ping": self.ping, "status": self.status, "models.list": self.models_list,
+            "models.activate": self.models_activate, "models.rollback": self.models_rollback,
             "chat": self.chat, "feedback": self.feedback,
         }
 
@@ -236,6 +273,42 @@ class Daemon:
     async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}
                            for m in self.catalog]}
+
+    async def models_activate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Make a staged version active once it has answered its smoke test in a worker
+        of its own; new requests then go to it and the old version's worker drains."""
+        model_id, version = _text(params, "model"), _text(params, "version")
+        manifest, text = self.store.staged(model_id, version)
+        t0 = time.perf_counter()
+        try:
+            problem = smoke_problem(await self.pool.trial(manifest, text, smoke_request(manifest)))
+        except OutpostError as exc:
+            problem = f"{exc.code}: {exc}"
+        smoke_ms = round((time.perf_counter() - t0) * 1e3, 1)
+        await self._note_trial(manifest, problem or "passed")
+        if problem:
+            self.store.mark_failed(model_id, version, {"reason": problem, "at": time.time()})
+            raise ActivationFailed(model_id, version, problem)
+        previous = self.store.activate(model_id, version)
+        self.catalog.put(text, f"{self.store.manifests / model_id}.toml")
+        log.info("activated %s %s (was %s) after a %.0f ms smoke test", model_id, version, previous, smoke_ms)
+        return {"model": model_id, "version": version, "previous": previous, "smoke_ms": smoke_ms}
+
+    async def models_rollback(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Return a model to the version active before this one (no smoke test: it served)."""
+        model_id = _text(params, "model")
+        current, back = self.store.rollback(model_id)
+        self.catalog.put((self.store.manifests / f"{model_id}.toml").read_text(encoding="utf-8"),
+                         f"{self.store.manifests / model_id}.toml")
+        log.info("rolled %s back from %s to %s", model_id, current, back)
+        return {"model": model_id, "version": back, "previous": current}
+
+    async def _note_trial(self, manifest: Manifest, outcome: str) -> None:
+        try:
+            await self.logs.record_event(PoolEvent(kind=PoolEventKind.TRIAL, model=manifest.id,
+                                                   version=manifest.version, reason=outcome))
+        except Exception:
+            log.exception("could not log the smoke test of %s %s", manifest.id, manifest.version)
 
     def route(self, model: str | None, task: str | None) -> Manifest:
         if model:

@@ -32,6 +32,8 @@ class PoolEventKind(StrEnum):
     EVICT = "evict"  # unloaded to make room for another
     UNLOAD = "unload"  # unloaded after its idle TTL
     CRASH = "crash"  # its worker died; it will be reloaded on demand
+    REPLACE = "replace"  # a new version became active; the old one drained and went
+    TRIAL = "trial"  # a version's smoke test before activation (reason: passed or why not)
 
 
 def _column(value: Any) -> Any:

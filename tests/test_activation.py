@@ -1,0 +1,111 @@
+"""Activation: a version pulled from the fleet serves only after its smoke test in a
+worker, a broken one is refused while the active one keeps serving, and rollback
+returns to the version before. A real daemon on a real socket answers throughout;
+the whole round trip runs through a `file://` hub (the USB stick)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from outpost.manifests.store import ModelStore
+from outpost.runtime.cli import main
+from outpost.runtime.logs import schema
+from outpost.tools.fleet import FleetHub
+from outpost.tools.tiny_gguf import write_tiny_gguf
+
+from .conftest import TINY, make_data_dir, start_daemon, tiny_manifest_toml
+
+
+def version_toml(gguf: Path, version: str) -> str:
+    return tiny_manifest_toml(gguf).replace('version = "1"', f'version = "{version}"')
+
+
+def broken_gguf(path: Path) -> Path:
+    """A file a hub can sign like any other, which no worker can load."""
+    path.write_bytes(b"GGUF" + b"\xff" * 4096)
+    return path
+
+
+@pytest.fixture
+def device(tmp_path, tiny_gguf, monkeypatch):
+    """A device serving tiny-random version 1, provisioned for a fleet hub in a folder."""
+    data = make_data_dir(tmp_path / "device", tiny_gguf)
+    monkeypatch.setenv("OUTPOST_ENDPOINT", f"ipc://{data}/outpost.sock")
+    hub = FleetHub.create(tmp_path / "usb" / "hub", tmp_path / "keys")
+    assert main(["sync", "provision", str(hub.root_json), "--data-dir", str(data)]) == 0
+    return data, hub
+
+
+def served_version(client) -> str:
+    return client.chat([{"role": "user", "content": "hi"}], model=TINY, max_tokens=2)["outpost"]["model_version"]
+
+
+def test_a_round_trip_through_a_usb_hub(tmp_path, device, capsys):
+    """Acceptance: the device pushes its log, the operator collects it and publishes a
+    new version, the device pulls it and activates it after the smoke test; a broken
+    version is refused at activation and the old one keeps serving."""
+    data, hub = device
+    usb = f"file://{hub.hub.parent}"
+    with start_daemon(data, TINY) as daemon, daemon.client() as client:
+        assert served_version(client) == "1"
+        # Logs up, then collected into one training file.
+        assert main(["sync", "push", "--hub", usb, "--device", "rover-1", "--data-dir", str(data)]) == 0
+        capsys.readouterr()
+        out = tmp_path / "fleet.jsonl"
+        assert main(["fleet", "collect", "--from", usb, "--out", str(out), "--json",
+                     "--min-confidence", "0"]) == 0
+        assert json.loads(capsys.readouterr().out)["devices"] == ["rover-1"]
+        # A new version down: staged, smoke-tested in a worker, then served.
+        v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=2)
+        hub.add_model(version_toml(v2, "2"), {"tiny.gguf": v2})
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
+        assert "passed its smoke test, active (was 1)" in capsys.readouterr().out
+        assert served_version(client) == "2"  # no restart
+        # A broken version: refused at activation; version 2 keeps serving.
+        bad = broken_gguf(tmp_path / "v3.gguf")
+        hub.add_model(version_toml(bad, "3"), {"tiny.gguf": bad})
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 1
+        assert "failed its smoke test" in capsys.readouterr().out
+        assert served_version(client) == "2"
+        store = ModelStore(data / "models")
+        assert store.pulled_manifest(TINY).version == "2" and store.failed(TINY, "3") is not None
+        # Not retried on every pull: it waits for the hub's next version.
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
+        assert "refused at an earlier activation" in capsys.readouterr().out
+        assert main(["sync", "status", "--data-dir", str(data), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["pull"]["refused"][TINY]["version"] == "3"
+        # Rollback, live: back to 1.
+        assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 0
+        assert "the daemon serves it now" in capsys.readouterr().out
+        assert served_version(client) == "1"
+        assert main(["models", "versions", TINY, "--data-dir", str(data), "--json"]) == 0
+        states = {r["version"]: r["state"] for r in json.loads(capsys.readouterr().out)}
+        assert states == {"1": "active", "2": "staged", "3": "refused"}
+    db = schema.open_db(data / "logs.db")
+    events = [(r["kind"], r["version"], r["reason"]) for r in
+              db.query("select kind, version, reason from pool_events where kind in ('trial', 'replace') order by id")]
+    assert ("trial", "2", "passed") in events and any(k == "trial" and v == "3" and r != "passed"
+                                                       for k, v, r in events)
+    assert [e for e in events if e[0] == "replace"]  # the old version's worker drained and went
+
+
+def test_without_a_daemon_activation_runs_its_own_and_rollback_edits_the_store(tmp_path, device, capsys):
+    data, hub = device
+    v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=2)
+    hub.add_model(version_toml(v2, "2"), {"tiny.gguf": v2})
+    assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data), "--json"]) == 0
+    [pulled] = json.loads(capsys.readouterr().out)
+    assert pulled["activation"]["active"] and pulled["activation"]["where"] == "private"
+    store = ModelStore(data / "models")
+    assert store.pulled_manifest(TINY).version == "2"
+    assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 0
+    assert "the next `outpost serve` serves it" in capsys.readouterr().out
+    assert store.pulled_manifest(TINY).version == "1"
+    assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 1  # nothing earlier
+    assert "no earlier version" in capsys.readouterr().err
+    assert main(["models", "activate", TINY, "9", "--data-dir", str(data)]) == 1  # never staged
+    with start_daemon(data, TINY) as daemon, daemon.client() as client:
+        assert served_version(client) == "1"  # what the store says after a restart
