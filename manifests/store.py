@@ -102,6 +102,26 @@ class ModelStore:
         self.activate(manifest.id, manifest.version)
         return paths
 
+    def adopt(self, path: Path, mf: ModelFile, sha256: str) -> Path:
+        """Make a downloaded file a blob by renaming it in (no copy), given the sha256 its
+        downloader computed while writing it (sync/transfer.py, streaming). The size and
+        digest must match the manifest; `path` must be on the store's filesystem."""
+        target = self.blob_path(mf.sha256)
+        if target.exists():
+            path.unlink(missing_ok=True)
+            return target
+        size = path.stat().st_size
+        if size != mf.size or sha256 != mf.sha256:
+            raise ChecksumMismatch(mf.name, mf.sha256, sha256) if size == mf.size else ModelFileError(
+                f"{mf.name}: {size} bytes, the manifest says {mf.size}", file=mf.name, size=size,
+                expected_size=mf.size)
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        path.chmod(0o444)
+        os.replace(path, target)
+        fsync_dir(self.blobs)
+        self._stamp(target, mf)
+        return target
+
     # -- versions ------------------------------------------------------------------
     def _version_path(self, model_id: str, version: str, suffix: str = ".toml") -> Path:
         return self.versions / model_id / f"{quote(version, safe='')}{suffix}"
@@ -109,7 +129,7 @@ class ModelStore:
     def stage(self, manifest: Manifest, manifest_text: str,
               progress: ProgressFactory = _no_progress) -> list[Path]:
         """Install a version's files and manifest without making it active (a sync's
-        pull: it is activated after its smoke test)."""
+        pull: it is activated after its smoke test). Files already adopted are kept."""
         paths = [self._pull_file(f, progress) for f in manifest.files]
         _write_atomic(self._version_path(manifest.id, manifest.version), manifest_text)
         self._version_path(manifest.id, manifest.version, ".failed").unlink(missing_ok=True)

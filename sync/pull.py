@@ -10,8 +10,9 @@ ngclient refreshes the metadata (signatures, thresholds, versions, expiry, lengt
 checks every downloaded target's length and hashes against what was signed. A channel's
 index names its models; each model's manifest and files are targets too. Model files
 are fetched by transfer.py, resumably, and checked against their signed TargetFile; a
-verified file goes into the model store through its existing install (tmp, fsync, size
-and sha256 checked again, rename), so nothing unverified ever becomes a model.
+verified file is renamed into the model store (`ModelStore.adopt`: size and the digest
+computed while it streamed checked against the manifest), so nothing unverified ever
+becomes a model.
 
 What this module must not do: sign anything (the fleet's side is tools/fleet.py), or
 make a version active: it stages it (files and manifest in the store, not served), and
@@ -185,7 +186,7 @@ class ModelPuller:
         with contextlib.suppress(ModelNotPulled):
             if self.store.staged(model_id, manifest.version)[1] == text:  # staged, not yet active
                 return Pulled(model_id, manifest.version, installed=False)
-        files, fetched = [], []
+        files = []
         before = self.transfer.transferred
         for mf in manifest.files:
             local = self.store.blob_path(mf.sha256)
@@ -196,14 +197,13 @@ class ModelPuller:
                                         "hash than its manifest names", "manifest_mismatch",
                                         model=model_id, file=mf.name)
                 folder, _, base = info.path.rpartition("/")
-                local = self.transfer.fetch(f"targets/{folder}/{mf.sha256}.{base}", info)
-                fetched.append(info)
+                partial, sha256 = self.transfer.fetch(f"targets/{folder}/{mf.sha256}.{base}", info)
+                # Verified as it streamed in: the store renames it into place (no copy),
+                # after checking its size and that digest against the manifest.
+                local = self.store.adopt(partial, mf, sha256)
             files.append(mf.model_copy(update={"sources": [LocalPath(kind="path", path=local)]}))
-        # The store checks size and sha256 once more as it installs (tmp, fsync, rename);
-        # staged, not active: activation (activate.py) follows the smoke test.
+        # Staged, not active: activation (runtime/activation.py) follows the smoke test.
         self.store.stage(manifest.model_copy(update={"files": files}), text)
-        for info in fetched:
-            self.transfer.done(info)
         log.info("pulled %s %s from %s (%s)", model_id, manifest.version, self.hub, self.channel)
         return Pulled(model_id, manifest.version, installed=True,
                       transferred=self.transfer.transferred - before)

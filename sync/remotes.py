@@ -31,7 +31,7 @@ from tuf.api import exceptions as tuf_errors
 
 from .errors import SyncError
 
-CHUNK = 1 << 16
+CHUNK = 1 << 18  # 256 KiB: few Python steps per MB, and little lost to a kill
 
 
 @dataclass(frozen=True)

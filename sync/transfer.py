@@ -6,7 +6,9 @@ asks only for the rest (a read from that offset: a Range request on S3 and HTTPS
 content-addressed blobs are resumed: their name is their hash, so the bytes at an
 offset can never have changed. Metadata is never resumed; python-tuf fetches it whole.
 
-A finished partial is checked against the TUF-signed `TargetFile` (length and sha256).
+A finished partial is checked against the TUF-signed `TargetFile`: its length, and the
+sha256 computed as the bytes were written (a resumed file's kept bytes are hashed once,
+when the run starts), so the file is never read a second time.
 If a resumed file fails, the partial is discarded and the blob fetched once more from
 the start (a partial can be wrong if the disk lost a write); a second failure is the
 hub's, and is refused.
@@ -17,10 +19,13 @@ model store does, from the verified file).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,25 +71,28 @@ class BlobTransfer:
     def partial(self, info: TargetFile) -> Path:
         return self.resume_dir / f"{info.hashes['sha256']}.partial"
 
-    def fetch(self, name: str, info: TargetFile) -> Path:
-        """The verified blob, as a local file (the partial, complete): install it, then `done`."""
+    def fetch(self, name: str, info: TargetFile) -> tuple[Path, str]:
+        """The verified blob, as a local file (the partial, complete), and its sha256,
+        computed as it was written: `ModelStore.adopt` moves it into the store."""
         path = self.partial(info)
         resumed = path.exists() and path.stat().st_size > 0
+        digest = _Digest()
         try:
-            self._fill_retrying(name, info, path)
-            self._verify(info, path)
+            self._fill_retrying(name, info, path, digest)
+            self._verify(info, path, digest)
         except tuf_errors.LengthOrHashMismatchError:
             path.unlink(missing_ok=True)
             if not resumed:
                 raise
-            self._fill_retrying(name, info, path)  # the kept bytes were bad: from the start
-            self._verify(info, path)
-        return path
+            digest = _Digest()
+            self._fill_retrying(name, info, path, digest)  # the kept bytes were bad: from the start
+            self._verify(info, path, digest)
+        return path, digest.hexdigest()
 
-    def _fill_retrying(self, name: str, info: TargetFile, path: Path) -> None:
+    def _fill_retrying(self, name: str, info: TargetFile, path: Path, digest: _Digest) -> None:
         for attempt in range(self.retries + 1):
             try:
-                self._fill(name, info, path)
+                self._fill(name, info, path, digest)
                 return
             except tuf_errors.DownloadError as exc:
                 if not retryable(exc) or attempt == self.retries:
@@ -94,25 +102,28 @@ class BlobTransfer:
                 self.retried += 1
                 self.sleep(delay)
 
-    def done(self, info: TargetFile) -> None:
-        self.partial(info).unlink(missing_ok=True)
-
-    def _fill(self, name: str, info: TargetFile, path: Path) -> None:
+    def _fill(self, name: str, info: TargetFile, path: Path, digest: _Digest) -> None:
         self.resume_dir.mkdir(parents=True, exist_ok=True)
         have = path.stat().st_size if path.exists() else 0
         if have > info.length:  # more than was signed: nothing in it can be trusted
             path.unlink()
             have = 0
+        digest.catch_up(path, have)  # bytes a killed run left: hashed once, here
         if have == info.length:
             return
         start = time.monotonic()
         got = 0
-        with open(path, "ab") as out:
+        # Writing and hashing run on a thread of their own, in order, while the next
+        # chunk arrives (both release the GIL): the check costs no time of its own.
+        with open(path, "ab") as out, ThreadPoolExecutor(1, "outpost-sink") as sink:
+            pending: deque[Future[None]] = deque()
             for chunk in self.remote.read(name, have):
                 if have + got + len(chunk) > info.length:
                     raise tuf_errors.DownloadLengthMismatchError(
                         f"{name} is longer than the {info.length} bytes signed")
-                out.write(chunk)
+                pending.append(sink.submit(_sink, out, digest, chunk))
+                while len(pending) > 8 or (pending and pending[0].done()):
+                    pending.popleft().result()  # a write error surfaces here
                 got += len(chunk)
                 self.transferred += len(chunk)
                 if self.progress is not None:
@@ -121,12 +132,53 @@ class BlobTransfer:
                     # Never ahead of the cap: sleep off what this chunk ran ahead.
                     ahead = got / self.max_rate - (time.monotonic() - start)
                     if ahead > 0:
-                        out.flush()  # what arrived is kept, whenever the process dies
                         time.sleep(ahead)
+            for done in pending:
+                done.result()
             out.flush()
             os.fsync(out.fileno())
 
     @staticmethod
-    def _verify(info: TargetFile, path: Path) -> None:
+    def _verify(info: TargetFile, path: Path, digest: _Digest) -> None:
+        """Length and hashes against what was signed: the sha256 from the running digest
+        (no second read of the file); any other algorithm the hub signed, by reading it."""
+        size = path.stat().st_size
+        if size != info.length:
+            raise tuf_errors.LengthOrHashMismatchError(f"{path.name}: {size} bytes, {info.length} signed")
+        if info.hashes.get("sha256") != digest.hexdigest():
+            raise tuf_errors.LengthOrHashMismatchError(f"{path.name}: sha256 is not the one signed")
+        if set(info.hashes) - {"sha256"}:
+            with open(path, "rb") as f:
+                info.verify_length_and_hashes(f)
+
+
+def _sink(out, digest: _Digest, chunk: bytes) -> None:
+    out.write(chunk)
+    out.flush()  # what arrived is kept, whenever the process dies
+    digest.update(chunk)
+
+
+class _Digest:
+    """A sha256 of a partial file, kept as bytes are appended; `catch_up` hashes what
+    the file holds beyond what was hashed (the bytes an earlier run left)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.hashed = 0
+
+    def catch_up(self, path: Path, size: int) -> None:
+        if size < self.hashed:  # the file was restarted
+            self._h, self.hashed = hashlib.sha256(), 0
+        if size == self.hashed:
+            return
         with open(path, "rb") as f:
-            info.verify_length_and_hashes(f)
+            f.seek(self.hashed)
+            while self.hashed < size and (chunk := f.read(min(1 << 20, size - self.hashed))):
+                self.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._h.update(chunk)
+        self.hashed += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
