@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -257,8 +258,22 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print(f"    outpost call --endpoint {endpoint} --tools {EXAMPLE_TOOLS} "
               f"\"What is the weather in Paris?\"", flush=True)
 
-    asyncio.run(daemon.serve(on_ready=ready))
+    schedule = None
+    if settings.sync.interval_s and settings.sync.hub:
+        from .sync_schedule import SyncSchedule  # noqa: PLC0415
+
+        schedule = SyncSchedule(settings, args.config or _env_config())
+        schedule.start()
+    try:
+        asyncio.run(daemon.serve(on_ready=ready))
+    finally:
+        if schedule is not None:
+            schedule.stop()
     return 0
+
+
+def _env_config() -> Path | None:
+    return Path(p) if (p := os.environ.get("OUTPOST_CONFIG")) else None
 
 
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:

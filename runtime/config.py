@@ -58,6 +58,9 @@ class SyncSettings(BaseModel):
     ca_bundle: Path | None = None
     # Log rows per pushed batch: a dropped link costs at most one batch.
     push_batch_rows: Annotated[int, Field(ge=1, le=100_000)] = 500
+    # `outpost serve` pulls and pushes this often (jittered; backs off after failures).
+    # None: never on its own (run `outpost sync pull|push` from cron or by hand).
+    interval_s: Annotated[float, Field(ge=1)] | None = None
 
 
 class Settings(BaseSettings, DaemonSettings):

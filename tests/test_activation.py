@@ -6,6 +6,7 @@ the whole round trip runs through a `file://` hub (the USB stick)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,13 @@ from outpost.runtime.logs import schema
 from outpost.tools.fleet import FleetHub
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
-from .conftest import TINY, make_data_dir, start_daemon, tiny_manifest_toml
+from .conftest import (
+    TINY,
+    ServeProcess,
+    make_data_dir,
+    start_daemon,
+    tiny_manifest_toml,
+)
 
 
 def version_toml(gguf: Path, version: str) -> str:
@@ -109,3 +116,24 @@ def test_without_a_daemon_activation_runs_its_own_and_rollback_edits_the_store(t
     assert main(["models", "activate", TINY, "9", "--data-dir", str(data)]) == 1  # never staged
     with start_daemon(data, TINY) as daemon, daemon.client() as client:
         assert served_version(client) == "1"  # what the store says after a restart
+
+
+def test_serve_syncs_on_its_own_schedule(tmp_path, device):
+    """`[sync] interval_s`: the daemon's process pulls (and activates through itself)
+    and pushes on a schedule, in child processes, while it answers requests."""
+    data, hub = device
+    v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=2)
+    hub.add_model(version_toml(v2, "2"), {"tiny.gguf": v2})
+    config = (f'manifest_dirs = ["{data / "manifests"}"]\ndefault_model = "{TINY}"\n'
+              f'[sync]\nhub = "file://{hub.hub}"\ninterval_s = 1\ndevice_id = "rover-9"\n')
+    with ServeProcess(data, config) as serve, serve.client() as client:
+        client.chat([{"role": "user", "content": "hi"}], model=TINY, max_tokens=2)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            sync = client.status().get("sync") or {}
+            if (sync.get("push") or {}).get("rows") and served_version(client) == "2":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no sync round finished: {client.status().get('sync')}\n{serve.output()}")
+    assert (hub.hub / "logs" / "rover-9").is_dir()

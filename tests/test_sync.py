@@ -15,17 +15,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from securesystemslib.signer import CryptoSigner
-from tuf.api.exceptions import DownloadError
-from tuf.api.metadata import Metadata
-
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from outpost.manifests.store import ModelStore
+from outpost.runtime.cli import main
 from outpost.sync.errors import SyncError, SyncUntrusted
 from outpost.sync.pull import ModelPuller
 from outpost.sync.remotes import FolderRemote
 from outpost.sync.transfer import BlobTransfer
 from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.tiny_gguf import write_tiny_gguf
+from securesystemslib.signer import CryptoSigner
+from tuf.api.exceptions import DownloadError
+from tuf.api.metadata import Metadata
 
 from .conftest import TINY, tiny_manifest_toml
 
@@ -231,7 +232,6 @@ def test_a_killed_puller_resumes_and_transfers_under_1_2x_the_blob(tmp_path, fle
 
 
 def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsys):
-    from outpost.runtime.cli import main
 
     hub, keys, data = tmp_path / "usb" / "hub", tmp_path / "keys", tmp_path / "device"
     (tmp_path / "tiny.toml").write_text(tiny_manifest_toml(tiny_gguf))
@@ -302,3 +302,44 @@ def test_a_link_down_for_longer_than_the_retries_is_a_sync_error_and_keeps_the_p
         puller.pull()
     assert type(err.value) is SyncError and store.pulled_manifest(TINY) is None
     assert _partial_for(store, hashlib.sha256(data).hexdigest()).stat().st_size == 3000  # kept for next time
+
+
+def test_rotated_keys_reach_devices_through_the_root_chain_and_retired_ones_are_refused(tmp_path, fleet, capsys):
+    puller, store = device(tmp_path, fleet)
+    puller.pull()
+    retired_timestamp = CryptoSigner(load_pem_private_key(
+        (fleet.keys / "timestamp.pem").read_bytes(), password=None))
+    for role in ("root", "targets", "snapshot", "timestamp"):
+        assert main(["fleet", "rotate", role, "--hub", str(fleet.hub), "--keys", str(fleet.keys)]) == 0
+    assert sorted(p.name for p in fleet.keys.glob("*.retired")) == [
+        "root.pem.1.retired", "snapshot.pem.3.retired", "targets.pem.2.retired", "timestamp.pem.4.retired"]
+    fleet = FleetHub(fleet.hub, fleet.keys)  # the operator's next session: the keys on disk
+    other = write_tiny_gguf(tmp_path / "v2.gguf", seed=5)
+    fleet.add_model(tiny_manifest_toml(other).replace('version = "1"', 'version = "2"'), {"tiny.gguf": other})
+    [pulled] = puller.pull()  # the device walks roots 2..5 and trusts the new keys
+    assert pulled.version == "2" and pulled.installed
+    before = installed(store)
+    fleet.renew_timestamp()
+    _resign(fleet.metadata / "timestamp.json", retired_timestamp)  # a leaked, retired key
+    with pytest.raises(SyncUntrusted) as err:
+        puller.pull()
+    assert err.value.reason == "UnsignedMetadataError" and installed(store) == before
+    with pytest.raises(SystemExit) as bad:  # argparse refuses a role that does not exist
+        main(["fleet", "rotate", "nobody", "--hub", str(fleet.hub), "--keys", str(fleet.keys)])
+    assert bad.value.code == 2
+
+
+def test_a_device_that_cannot_refresh_keeps_its_models_and_says_why(tmp_path, fleet, capsys, monkeypatch):
+    data = tmp_path / "device"
+    monkeypatch.setenv("OUTPOST_ENDPOINT", f"ipc://{data}/none.sock")  # no daemon: activation runs its own
+    assert main(["sync", "provision", str(fleet.root_json), "--data-dir", str(data)]) == 0
+    assert main(["sync", "pull", "--hub", f"file://{fleet.hub}", "--data-dir", str(data)]) == 0
+    verified_at = json.loads((data / "sync" / "state.json").read_text())["pull"]["ok_at"]
+    fleet.renew_timestamp(expires_in=timedelta(seconds=-60))  # the hub froze (or the clock is wrong)
+    assert main(["sync", "pull", "--hub", f"file://{fleet.hub}", "--data-dir", str(data)]) == 1
+    capsys.readouterr()
+    assert main(["sync", "status", "--data-dir", str(data), "--json"]) == 0
+    pull = json.loads(capsys.readouterr().out)["pull"]
+    assert pull["ok_at"] == verified_at and pull["error"]["code"] == "sync_untrusted"
+    assert "ExpiredMetadataError" in pull["error"]["message"] or "expired" in pull["error"]["message"]
+    assert ModelStore(data / "models").pulled_manifest(TINY).version == "1"  # still serving what it verified

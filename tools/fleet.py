@@ -7,6 +7,7 @@
                                           the channel's index names the model; then
                                           targets, snapshot and timestamp are re-signed
     hub.publish_to(remote)                the folder copied to an S3 bucket or a mirror
+    hub.rotate(role)                      a new key for a role, announced by a new root
 
 The hub folder is what devices read (sync/pull.py describes the layout); the keys
 folder stays with the operator (private keys, mode 0600) and is never published.
@@ -22,19 +23,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import datetime, timedelta, timezone
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.serialization.json import JSONSerializer
-
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
 from outpost.sync.pull import blob_target, index_target, manifest_target
 from outpost.sync.remotes import Remote
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 # How long each role's signature stays valid: the root rarely changes; the timestamp
@@ -123,9 +131,10 @@ class FleetHub:
         folder, _, base = info.path.rpartition("/")
         return self.targets_dir / folder / f"{info.hashes['sha256']}.{base}"
 
-    def _publish(self, targets: Targets) -> None:
+    def _publish(self, targets: Targets, targets_written: bool = False) -> None:
         """Sign this targets version, then a snapshot naming it, then a timestamp naming that."""
-        self._write(Metadata(targets))
+        if not targets_written:
+            self._write(Metadata(targets))
         old = self._load_optional(Snapshot.type)
         snapshot = Snapshot(version=old.signed.version + 1 if old else 1, expires=_expiry(Snapshot.type),
                             meta={f"{Targets.type}.json": MetaFile(version=targets.version)})
@@ -155,6 +164,45 @@ class FleetHub:
                 progress(1)
         remote.write("metadata/timestamp.json", self._file(Timestamp.type), exclusive=False)
         return sent + 1
+
+    def rotate(self, role: str) -> None:
+        """Replace `role`'s key: a new root version names the new key (signed by the old
+        root key, and by the new one too when the root key itself rotates, as TUF's root
+        chain requires), then the role's metadata is re-signed with it. Devices walk the
+        root versions on their next refresh and trust only the new key from then on; the
+        old private key is kept as `<role>.pem.<version>.retired`."""
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}", role=role)
+        root_md = self._load(Root.type)
+        root = root_md.signed
+        new = CryptoSigner.generate_ed25519()
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(new.public_key, role)
+        root.version += 1
+        root.expires = _expiry(Root.type)
+        md = Metadata(root)
+        md.sign(self.signers[Root.type])  # the old root key vouches for the new root
+        if role == Root.type:
+            md.sign(new, append=True)  # and the new root key signs its own root
+        path = self._file(Root.type, root.version)
+        tmp = path.with_name(path.name + ".tmp")
+        md.to_file(str(tmp), JSONSerializer(compact=False))
+        key = self.keys / f"{role}.pem"
+        retired = key.with_name(f"{role}.pem.{root.version - 1}.retired")
+        os.replace(key, retired)
+        key.write_bytes(new.private_bytes)
+        key.chmod(0o600)
+        os.replace(tmp, path)
+        self.signers[role] = new
+        if role == Targets.type:  # re-sign what the role signs, with its new key
+            targets = self._load(Targets.type).signed
+            targets.version += 1
+            self._publish(targets)
+        elif role == Snapshot.type:
+            self._publish(self._load(Targets.type).signed, targets_written=True)
+        elif role == Timestamp.type:
+            self.renew_timestamp()
 
     def renew_timestamp(self, expires_in: timedelta | None = None) -> None:
         """Re-sign the timestamp (a fleet does it on a schedule, before it expires)."""

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p = actions.add_parser("renew", parents=[common, where],
                            help="re-sign the timestamp (run on a schedule: it expires daily)")
     p.set_defaults(run=cmd_renew)
+    p = actions.add_parser("rotate", parents=[common, where],
+                           help="replace a role's signing key (a new root announces it to devices)")
+    p.add_argument("role", choices=("root", "targets", "snapshot", "timestamp"))
+    p.set_defaults(run=cmd_rotate)
     p = actions.add_parser("publish", parents=[common, where],
                            help="copy the signed hub to where devices read it (S3, a mirror's folder)")
     p.add_argument("--to", required=True, metavar="URL", dest="to",
@@ -129,4 +133,13 @@ def cmd_collect(args: argparse.Namespace, settings: Settings) -> int:
     if report.unreadable:
         print(f"{len(report.unreadable)} batches could not be read: {', '.join(report.unreadable[:5])}",
               file=sys.stderr)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from .fleet import FleetHub  # noqa: PLC0415 (see register)
+
+    FleetHub(args.hub, args.keys).rotate(args.role)
+    print(f"rotated the {args.role} key of {args.hub}; the old one is retired in {args.keys}. "
+          "Publish the hub; devices trust the new key from their next pull")
     return 0
