@@ -18,16 +18,32 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
-                               TomlConfigSettingsSource)
-
 from outpost.manifests.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
-from .daemon.settings import (BudgetSettings, DaemonSettings, LlamaSettings, ModelPolicy,
-                              PoolSettings, ServerSettings, default_data_dir, default_endpoint)
-from .escalation.settings import (CloudSettings, ConfidenceSettings, EscalationSettings, Policy,
-                                  TaskEscalation)
+from .daemon.settings import (
+    BudgetSettings,
+    DaemonSettings,
+    LlamaSettings,
+    ModelPolicy,
+    PoolSettings,
+    ServerSettings,
+    default_data_dir,
+    default_endpoint,
+)
+from .escalation.settings import (
+    CloudSettings,
+    ConfidenceSettings,
+    EscalationSettings,
+    Policy,
+    TaskEscalation,
+)
 from .logs.settings import CostSettings, ExportSettings, LogSettings
 
 __all__ = ["Settings", "BudgetSettings", "CloudSettings", "ConfidenceSettings", "CostSettings",
@@ -45,6 +61,9 @@ class SyncSettings(BaseModel):
     # S3-compatible store; credentials from boto3's usual places, anonymous without), or
     # https://host/path (a static mirror: models only).
     hub: str | None = None
+    # Where `sync push` sends the log, when not the hub (models from an HTTPS mirror or a
+    # CDN, logs to an S3 bucket).
+    push_hub: str | None = None
     channel: str = "stable"  # the fleet's rollout channel this device follows
     # This device's name in the hub's log folder (default: the host name).
     device_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")

@@ -34,7 +34,8 @@ class SyncSchedule:
     def __init__(self, settings: Settings, config_file: Path | None) -> None:
         assert settings.sync.interval_s and settings.sync.hub, "only for a configured schedule"
         self.interval_s = settings.sync.interval_s
-        self.push = not settings.sync.hub.startswith(("https://", "http://"))  # mirrors are read-only
+        push_hub = settings.sync.push_hub or settings.sync.hub
+        self.push = not push_hub.startswith(("https://", "http://"))  # mirrors are read-only
         self.env = {**os.environ, "OUTPOST_DATA_DIR": str(settings.data_dir),
                     "OUTPOST_ENDPOINT": settings.endpoint}
         if config_file is not None:

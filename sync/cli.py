@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.set_defaults(run=cmd_pull)
     p = actions.add_parser("push", parents=[common, as_json],
                            help="send the log's new rows to the hub, redacted, in batches")
-    p.add_argument("--hub", metavar="URL", help="file:///path or s3://bucket/prefix (default: [sync] hub)")
+    p.add_argument("--hub", metavar="URL", help="file:///path or s3://bucket/prefix "
+                   "(default: [sync] push_hub, else hub)")
     p.add_argument("--device", metavar="ID", help="this device's name on the hub "
                    "(default: [sync] device_id, else the host name)")
     p.set_defaults(run=cmd_push)
@@ -125,9 +126,9 @@ def device_id(settings: Settings, given: str | None) -> str:
 
 
 def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
-    hub = args.hub or settings.sync.hub
+    hub = args.hub or settings.sync.push_hub or settings.sync.hub
     if not hub:
-        raise ConfigError("no hub: pass --hub or set [sync] hub")
+        raise ConfigError("no hub: pass --hub or set [sync] push_hub or hub")
     device = device_id(settings, args.device)
     if not settings.log_path.is_file():
         raise ConfigError(f"no log at {settings.log_path}: nothing to push", path=str(settings.log_path))

@@ -25,8 +25,8 @@ import os
 import random
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_errors

@@ -343,3 +343,19 @@ def test_a_device_that_cannot_refresh_keeps_its_models_and_says_why(tmp_path, fl
     assert pull["ok_at"] == verified_at and pull["error"]["code"] == "sync_untrusted"
     assert "ExpiredMetadataError" in pull["error"]["message"] or "expired" in pull["error"]["message"]
     assert ModelStore(data / "models").pulled_manifest(TINY).version == "1"  # still serving what it verified
+
+
+def test_a_rollout_staged_by_channel_reaches_canary_devices_first(tmp_path, fleet):
+    stable, stable_store = device(tmp_path, fleet, "stable-dev")
+    provision(fleet.root_json, tmp_path / "canary-dev" / "trust")
+    canary_store = ModelStore(tmp_path / "canary-dev" / "models")
+    canary = ModelPuller(f"file://{fleet.hub}", "canary", tmp_path / "canary-dev" / "trust", canary_store)
+    with pytest.raises(SyncError, match="canary"):  # no such channel yet: said, not silently empty
+        canary.pull()
+    v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=3)
+    fleet.add_model(tiny_manifest_toml(v2).replace('version = "1"', 'version = "2"'), {"tiny.gguf": v2},
+                    channel="canary")
+    assert [p.version for p in canary.pull()] == ["2"]
+    assert [p.version for p in stable.pull()] == ["1"]  # stable devices still get version 1
+    fleet.add_model(tiny_manifest_toml(v2).replace('version = "1"', 'version = "2"'), {"tiny.gguf": v2})
+    assert [p.version for p in stable.pull()] == ["2"]

@@ -34,7 +34,7 @@ from outpost.runtime.logs import schema
 from outpost.runtime.logs.store import LogStore
 from outpost.sync.pull import ModelPuller, blob_target
 from outpost.sync.push import LogPusher
-from outpost.sync.remotes import RemoteOptions, open_remote
+from outpost.sync.remotes import CHUNK, RemoteOptions, open_remote
 
 from .bench_log import TOOLS, row
 from .faultproxy import Fault, FaultProxy
@@ -87,7 +87,7 @@ def pull_vs_plain(work: Path, server: SeaweedS3, hub: FleetHub, key: str, size: 
         t = time.perf_counter()
         body = client.get_object(Bucket="bench", Key=key)["Body"]
         with open(work / f"plain-{r}", "wb") as f:
-            for chunk in body.iter_chunks(1 << 16):
+            for chunk in body.iter_chunks(CHUNK):  # the chunk size Outpost reads with
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())

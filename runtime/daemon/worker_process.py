@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-
 from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore

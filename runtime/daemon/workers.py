@@ -28,7 +28,6 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-
 from outpost.manifests.errors import from_wire
 from outpost.manifests.schema import Manifest
 from outpost.models.backend import Generation, GenerationRequest

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
-
 from outpost.manifests.errors import ConfigError
 
 MAX_K = 8

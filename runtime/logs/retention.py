@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlite_utils
 
+
 def watermark(db: sqlite_utils.Database) -> int:
     """The highest request id that has left the device. On a device that pushes its log
     to the fleet, that is the sync watermark alone: a row exported to a local file has

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-
 from outpost.manifests.errors import NotFound
 
 from .errors import from_sqlite
