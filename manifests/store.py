@@ -33,13 +33,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, unquote
 
-from .errors import (
-    ChecksumMismatch,
-    FetchError,
-    ModelFileError,
-    ModelNotPulled,
-    NotFound,
-)
+from .errors import ChecksumMismatch, FetchError, ModelFileError, ModelNotPulled, NotFound
 from .schema import Manifest, ModelFile
 from .sources import Sink, describe, fetch, fsync_dir, new_scratch, remove_scratch
 

@@ -14,6 +14,7 @@ What this module must not do: load a model itself (the daemon's workers do).
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,20 @@ from .config import Settings
 from .errors import DaemonUnreachable
 
 log = logging.getLogger("outpost")
+PING_S = 10.0  # a daemon loading a model can take seconds to answer
+
+
+def _socket_present(endpoint: str) -> bool:
+    """Something listens on this ipc:// socket (a daemon busy or starting), as opposed to
+    a file a dead daemon left, which refuses connections. TCP cannot tell without a reply."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(endpoint[len("ipc://"):])
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -40,10 +55,14 @@ class Activation:
 def activate(settings: Settings, model: str, version: str) -> Activation:
     try:
         with OutpostClient(settings.endpoint, timeout_s=5.0) as client:
-            client.ping(timeout_s=2.0)
+            client.ping(timeout_s=PING_S)
             return _ask(client, model, version, "daemon", settings.server.load_timeout_s)
     except DaemonUnreachable:
-        pass
+        if _socket_present(settings.endpoint):
+            # A daemon is there but busy or starting: activating in the store behind its
+            # back would leave it serving the old version. The version stays staged, and
+            # the next pull (or `outpost models activate`) tries again.
+            raise DaemonUnreachable(settings.endpoint, PING_S) from None
     from .embedded import EmbeddedDaemon  # noqa: PLC0415 (only without a daemon)
 
     with tempfile.TemporaryDirectory(prefix="outpost-activate-") as tmp:
@@ -70,11 +89,12 @@ def rollback(settings: Settings, model: str) -> tuple[str, str, bool]:
     does, and the next `outpost serve` serves the earlier version."""
     try:
         with OutpostClient(settings.endpoint, timeout_s=30.0) as client:
-            client.ping(timeout_s=2.0)
+            client.ping(timeout_s=PING_S)
             done = client.rollback(model)
             return done["previous"], done["version"], True
     except DaemonUnreachable:
-        pass
+        if _socket_present(settings.endpoint):
+            raise DaemonUnreachable(settings.endpoint, PING_S) from None
     from outpost.manifests.store import ModelStore  # noqa: PLC0415
 
     current, back = ModelStore(settings.store_dir).rollback(model)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from tqdm import tqdm
+
 from outpost.manifests.catalog import Catalog, model_row
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
-from tqdm import tqdm
 
 from . import VERSION
 from . import cli_format as fmt
@@ -251,6 +252,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     daemon = Daemon(settings, catalog, store)
 
     def ready(endpoint: str) -> None:
+        if schedule is not None:  # a pull activates through this daemon: it must answer first
+            schedule.start()
         loaded = ", ".join(daemon.pool.workers) or "none yet (loaded on first request)"
         print(f"outpost {VERSION} listening on {endpoint}", flush=True)
         print(f"  data dir {settings.data_dir}; default model {catalog.default}; loaded: {loaded}")
@@ -263,7 +266,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         from .sync_schedule import SyncSchedule  # noqa: PLC0415
 
         schedule = SyncSchedule(settings, args.config or _env_config())
-        schedule.start()
     try:
         asyncio.run(daemon.serve(on_ready=ready))
     finally:

@@ -18,32 +18,16 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from outpost.manifests.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
-from .daemon.settings import (
-    BudgetSettings,
-    DaemonSettings,
-    LlamaSettings,
-    ModelPolicy,
-    PoolSettings,
-    ServerSettings,
-    default_data_dir,
-    default_endpoint,
-)
-from .escalation.settings import (
-    CloudSettings,
-    ConfidenceSettings,
-    EscalationSettings,
-    Policy,
-    TaskEscalation,
-)
+from outpost.manifests.errors import ConfigError
+
+from .daemon.settings import (BudgetSettings, DaemonSettings, LlamaSettings, ModelPolicy,
+                              PoolSettings, ServerSettings, default_data_dir, default_endpoint)
+from .escalation.settings import (CloudSettings, ConfidenceSettings, EscalationSettings, Policy,
+                                  TaskEscalation)
 from .logs.settings import CostSettings, ExportSettings, LogSettings
 
 __all__ = ["Settings", "BudgetSettings", "CloudSettings", "ConfidenceSettings", "CostSettings",

@@ -51,46 +51,15 @@ or be imported by the layers below the front door.
 
 from __future__ import annotations
 
-from outpost.manifests.errors import (
-    BadRequest,
-    ChecksumMismatch,
-    ConfigError,
-    FetchError,
-    InternalError,
-    ModelFileError,
-    ModelNotPulled,
-    NotFound,
-    OutpostError,
-    UnknownModel,
-    error_class,
-    from_wire,
-)
-from outpost.models.errors import (
-    ContextOverflow,
-    InvalidSchema,
-    ModelLoadFailed,
-    UnsupportedSchema,
-)
+from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError, FetchError,
+                                      InternalError, ModelFileError, ModelNotPulled, NotFound,
+                                      OutpostError, UnknownModel, error_class, from_wire)
+from outpost.models.errors import ContextOverflow, InvalidSchema, ModelLoadFailed, UnsupportedSchema
 
-from .daemon.errors import (
-    ActivationFailed,
-    BudgetExceeded,
-    Overloaded,
-    RequestTooLarge,
-    Timeout,
-    UnknownMethod,
-    WorkerCrashed,
-)
-from .escalation.errors import (
-    CloudCircuitOpen,
-    CloudError,
-    CloudInvalid,
-    CloudOverBudget,
-    CloudRejected,
-    CloudTimeout,
-    CloudUnconfigured,
-    CloudUnreachable,
-)
+from .daemon.errors import (ActivationFailed, BudgetExceeded, Overloaded, RequestTooLarge, Timeout,
+                            UnknownMethod, WorkerCrashed)
+from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
+                                CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
 from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 
 __all__ = [

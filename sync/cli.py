@@ -13,11 +13,12 @@ import socket
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from outpost.manifests.errors import ConfigError, OutpostError
 from outpost.manifests.store import ModelStore
 from outpost.runtime import cli_format as fmt
 from outpost.runtime.config import Settings
-from tqdm import tqdm
 
 from . import state
 
@@ -82,7 +83,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         except OutpostError as exc:
             state.record(settings.trust_dir, "pull", error=exc)
             raise
-    activations = [] if args.no_activate else _activate(settings, pulled)
+    try:
+        activations = [] if args.no_activate else _activate(settings, pulled)
+    except OutpostError as exc:  # staged, not activated: the next pull tries again
+        state.record(settings.trust_dir, "pull", error=exc)
+        raise
     refused = [a for a in activations if not a.active]
     state.record(settings.trust_dir, "pull", {
         "hub": hub, "channel": puller.channel,

@@ -29,13 +29,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import FetcherInterface, Updater
+
 from outpost.manifests.errors import ModelNotPulled
 from outpost.manifests.schema import LocalPath, Manifest
 from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
-from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import TargetFile
-from tuf.ngclient import FetcherInterface, Updater
 
 from .errors import SyncError, SyncUntrusted
 from .remotes import Remote, RemoteOptions, open_remote

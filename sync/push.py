@@ -34,6 +34,7 @@ from typing import Any
 
 import sqlite_utils
 import zstandard
+
 from outpost.runtime.logs.redact import Redactor
 from outpost.runtime.logs.retention import set_watermark
 

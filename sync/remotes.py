@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
 
-from outpost.runtime.config import SyncSettings
 from tuf.api import exceptions as tuf_errors
+
+from outpost.runtime.config import SyncSettings
 
 from .errors import SyncError
 

@@ -6,23 +6,19 @@ the whole round trip runs through a `file://` hub (the USB stick)."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
 import pytest
+
 from outpost.manifests.store import ModelStore
 from outpost.runtime.cli import main
 from outpost.runtime.logs import schema
 from outpost.tools.fleet import FleetHub
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
-from .conftest import (
-    TINY,
-    ServeProcess,
-    make_data_dir,
-    start_daemon,
-    tiny_manifest_toml,
-)
+from .conftest import TINY, ServeProcess, make_data_dir, start_daemon, tiny_manifest_toml
 
 
 def version_toml(gguf: Path, version: str) -> str:
@@ -118,6 +114,7 @@ def test_without_a_daemon_activation_runs_its_own_and_rollback_edits_the_store(t
         assert served_version(client) == "1"  # what the store says after a restart
 
 
+@pytest.mark.slow  # a real `outpost serve` and its sync children: ~10 s
 def test_serve_syncs_on_its_own_schedule(tmp_path, device):
     """`[sync] interval_s`: the daemon's process pulls (and activates through itself)
     and pushes on a schedule, in child processes, while it answers requests."""
@@ -137,3 +134,19 @@ def test_serve_syncs_on_its_own_schedule(tmp_path, device):
         else:
             raise AssertionError(f"no sync round finished: {client.status().get('sync')}\n{serve.output()}")
     assert (hub.hub / "logs" / "rover-9").is_dir()
+
+
+@pytest.mark.slow  # waits out the 10 s ping
+def test_a_daemon_that_does_not_answer_is_not_bypassed(tmp_path, device, capsys):
+    """Something listens on the daemon's socket but does not answer (busy, starting): the
+    pull stages the version and leaves activation for later, rather than switching the
+    store behind a daemon that would go on serving the old version."""
+    data, hub = device
+    v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=2)
+    hub.add_model(version_toml(v2, "2"), {"tiny.gguf": v2})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(data / "outpost.sock"))
+        mute.listen()
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 3
+    store = ModelStore(data / "models")
+    assert store.pulled_manifest(TINY).version == "1" and store.staged(TINY, "2")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+
 from outpost.runtime.cli import main
 from outpost.runtime.logs import retention, schema
 from outpost.runtime.logs import store as logstore

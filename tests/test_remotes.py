@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from outpost.manifests.errors import ModelNotPulled
 from outpost.manifests.store import ModelStore
 from outpost.sync.errors import SyncError

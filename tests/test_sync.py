@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner
+from tuf.api.exceptions import DownloadError
+from tuf.api.metadata import Metadata
+
 from outpost.manifests.store import ModelStore
 from outpost.runtime.cli import main
 from outpost.sync.errors import SyncError, SyncUntrusted
@@ -24,9 +28,6 @@ from outpost.sync.remotes import FolderRemote
 from outpost.sync.transfer import BlobTransfer
 from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.tiny_gguf import write_tiny_gguf
-from securesystemslib.signer import CryptoSigner
-from tuf.api.exceptions import DownloadError
-from tuf.api.metadata import Metadata
 
 from .conftest import TINY, tiny_manifest_toml
 

@@ -28,21 +28,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
 from outpost.sync.pull import blob_target, index_target, manifest_target
 from outpost.sync.remotes import Remote
-from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import (
-    Metadata,
-    MetaFile,
-    Root,
-    Snapshot,
-    TargetFile,
-    Targets,
-    Timestamp,
-)
-from tuf.api.serialization.json import JSONSerializer
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 # How long each role's signature stays valid: the root rarely changes; the timestamp

@@ -10,11 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
 from outpost.runtime import cli_format as fmt
 from outpost.runtime.config import Settings
-from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
+
 from outpost.manifests.errors import BadRequest
 from outpost.runtime.logs.export import FORMATS, choose_target, example
 from outpost.sync.errors import SyncError

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import psutil
+
 from outpost.manifests.schema import Manifest
 from outpost.runtime.logs.records import Footprint
 

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import zmq.asyncio
+
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import Manifest

@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from outpost.manifests.errors import BadRequest, OutpostError
 from outpost.manifests.schema import Sampling
 from outpost.models.backend import GenerationRequest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import RequestTooLarge
 

@@ -27,14 +27,9 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from outpost.manifests.catalog import Catalog, model_row
-from outpost.manifests.errors import (
-    BadRequest,
-    ConfigError,
-    InternalError,
-    OutpostError,
-    UnknownModel,
-)
+from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import Generation, GenerationRequest
@@ -45,12 +40,7 @@ from outpost.runtime.escalation.cloud import CloudClient
 from outpost.runtime.escalation.flow import Escalator, Turn
 from outpost.runtime.escalation.policy import resolve
 from outpost.runtime.escalation.settings import Policy
-from outpost.runtime.logs.records import (
-    AttemptRecord,
-    PoolEvent,
-    PoolEventKind,
-    RequestRecord,
-)
+from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
 from outpost.runtime.logs.store import LogStore
 
 from . import protocol, replies

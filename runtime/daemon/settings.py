@@ -12,14 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from outpost.runtime.escalation.settings import (
-    CloudSettings,
-    ConfidenceSettings,
-    EscalationSettings,
-)
-from outpost.runtime.logs.settings import LogSettings
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
+from outpost.runtime.escalation.settings import (CloudSettings, ConfidenceSettings,
+                                                 EscalationSettings)
+from outpost.runtime.logs.settings import LogSettings
 
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore

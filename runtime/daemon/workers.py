@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
 from outpost.manifests.errors import from_wire
 from outpost.manifests.schema import Manifest
 from outpost.models.backend import Generation, GenerationRequest

@@ -37,18 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from outpost.models.toolcalls import validate_calls
 
-from .errors import (
-    CloudCircuitOpen,
-    CloudError,
-    CloudInvalid,
-    CloudOverBudget,
-    CloudRejected,
-    CloudTimeout,
-    CloudUnconfigured,
-    CloudUnreachable,
-)
+from .errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget, CloudRejected,
+                     CloudTimeout, CloudUnconfigured, CloudUnreachable)
+
 from .settings import CloudSettings
 
 log = logging.getLogger("outpost.cloud")

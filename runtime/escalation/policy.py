@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from outpost.manifests.errors import BadRequest
+
 from outpost.manifests.schema import Manifest
 
 from .settings import EscalationSettings, Policy

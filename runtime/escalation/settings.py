@@ -13,7 +13,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 class Policy(StrEnum):
     """Who answers, from the policy that exposes least to the cloud to those exposing all."""
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlite_utils
+
 from outpost.manifests.errors import ConfigError
 
 MAX_K = 8

@@ -34,18 +34,19 @@ import hashlib
 import json
 import time
 from collections import Counter
+from datetime import datetime
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
 from outpost.manifests.errors import BadRequest
 
-from .redact import Redactor
 from .retention import set_watermark
 from .schema import insert
+from .redact import Redactor
 
 FORMATS = ("openai", "hf")
 

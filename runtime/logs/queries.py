@@ -10,7 +10,6 @@ from typing import Any
 
 import sqlite_utils
 
-
 def list_requests(db: sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
     return list(db.query(
         "select id, created_at, model, model_version, answered_by, confidence, degraded, "

@@ -11,7 +11,6 @@ from typing import Annotated
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

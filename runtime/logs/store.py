@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
 from outpost.manifests.errors import NotFound
 
 from .errors import from_sqlite
