@@ -71,6 +71,13 @@ class Catalog:
         self._entries[manifest.id] = Entry(manifest, text, origin)
         return manifest
 
+    def active(self, manifest: Manifest) -> Manifest:
+        """The version of `manifest`'s model served now (itself, unless another was put)."""
+        entry = self._entries.get(manifest.id)
+        if entry is None or entry.manifest.version == manifest.version:
+            return manifest
+        return entry.manifest
+
     def get_default(self) -> Manifest:
         return self.get(self.default)
 

@@ -27,14 +27,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, unquote
 
 from .errors import ChecksumMismatch, FetchError, ModelFileError, ModelNotPulled, NotFound
-from .schema import Manifest, ModelFile
+from .schema import MANIFEST_ID, Manifest, ModelFile
 from .sources import Sink, describe, fetch, fsync_dir, new_scratch, remove_scratch
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) -> advance
@@ -118,6 +120,8 @@ class ModelStore:
 
     # -- versions ------------------------------------------------------------------
     def _version_path(self, model_id: str, version: str, suffix: str = ".toml") -> Path:
+        if not re.fullmatch(MANIFEST_ID, model_id):  # it names a folder: never `..` or a path
+            raise ModelNotPulled(model_id)
         return self.versions / model_id / f"{quote(version, safe='')}{suffix}"
 
     def stage(self, manifest: Manifest, manifest_text: str,
@@ -157,10 +161,12 @@ class ModelStore:
             _write_atomic(self.versions / model_id / "history",
                           "".join(f"{v}\n" for v in [*self.history(model_id), quote(previous, safe="")]))
         _write_atomic(self.manifests / f"{model_id}.toml", text)
+        self._version_path(model_id, version, ".failed").unlink(missing_ok=True)
         return previous
 
     def rollback(self, model_id: str) -> tuple[str, str]:
         """Return to the version active before this one: (from, to)."""
+        self._version_path(model_id, "")  # checks the id
         current = self.pulled_manifest(model_id)
         if current is None:
             raise ModelNotPulled(model_id)
@@ -171,6 +177,8 @@ class ModelStore:
         _, text = self.staged(model_id, back)
         _write_atomic(self.manifests / f"{model_id}.toml", text)
         _write_atomic(self.versions / model_id / "history", "".join(f"{v}\n" for v in history[:-1]))
+        # Held back: the next sync must not activate it again (`models activate` still can).
+        self.mark_failed(model_id, current.version, {"reason": "rolled back", "at": time.time()})
         return current.version, back
 
     def mark_failed(self, model_id: str, version: str, reason: dict) -> None:

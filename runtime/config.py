@@ -61,6 +61,9 @@ class SyncSettings(BaseModel):
     ca_bundle: Path | None = None
     # Log rows per pushed batch: a dropped link costs at most one batch.
     push_batch_rows: Annotated[int, Field(ge=1, le=100_000)] = 500
+    # Requests younger than this wait for a later push, so the feedback and shadow cloud
+    # answers that follow a reply go up with their request.
+    push_delay_s: Annotated[float, Field(ge=0)] = 300.0
     # `outpost serve` pulls and pushes this often (jittered; backs off after failures).
     # None: never on its own (run `outpost sync pull|push` from cron or by hand).
     interval_s: Annotated[float, Field(ge=1)] | None = None

@@ -16,6 +16,7 @@ What this module must not do: pull, push or verify anything itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -72,8 +73,9 @@ class SyncSchedule:
 
     def _run(self, action: str) -> bool:
         cmd = [sys.executable, "-m", "outpost.runtime.cli", "sync", action]
-        self._child = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       preexec_fn=lambda: os.nice(10))
+        self._child = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with contextlib.suppress(OSError):  # after the start: preexec_fn is unsafe with threads
+            os.setpriority(os.PRIO_PROCESS, self._child.pid, 10)
         _, err = self._child.communicate()
         code, self._child = self._child.returncode, None
         if code != 0 and not self._stop.is_set():

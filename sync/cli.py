@@ -146,7 +146,7 @@ def cmd_push(args: argparse.Namespace, settings: Settings) -> int:
     try:
         pusher = LogPusher(db, open_remote(hub, RemoteOptions.from_settings(settings.sync)), device,
                            settings.trust_dir / "outbox", settings.sync.push_batch_rows,
-                           redact=settings.export.redact)
+                           redact=settings.export.redact, min_age_s=settings.sync.push_delay_s)
         try:
             pushed = pusher.push()
         except OutpostError as exc:

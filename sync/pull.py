@@ -22,6 +22,7 @@ activate.py makes it active once it passed its smoke test.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import time
@@ -129,9 +130,22 @@ class ModelPuller:
         self.transfer = BlobTransfer(store.tmp / "resume", self.remote, max_rate=max_rate, progress=progress)
 
     def pull(self) -> list[Pulled]:
-        """Refresh the signed metadata, then install every model of the channel not yet here."""
+        """Refresh the signed metadata, then stage every version of the channel not yet here.
+        One pull at a time per store: two would append to the same partial file."""
+        self.store.tmp.mkdir(parents=True, exist_ok=True)
+        with open(self.store.tmp / "pull.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SyncError("another pull into this store is under way", hub=self.hub) from None
+            return self._pull_locked()
+
+    def _pull_locked(self) -> list[Pulled]:
         try:
             return self._pull()
+        except OSError as exc:  # the device's own disk (full, read-only), not the hub
+            raise SyncError(f"cannot write the pull into {self.store.root}: {exc}",
+                            path=str(self.store.root)) from exc
         # More bytes than signed (an endless-data attack) is a verification failure,
         # though python-tuf files it under download errors.
         except (tuf_errors.RepositoryError, tuf_errors.DownloadLengthMismatchError) as exc:

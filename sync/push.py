@@ -7,6 +7,10 @@
       -> hub:     logs/<device>/<first id>-<hash>.jsonl.zst,  written only if absent
       -> watermark "sync" = the batch's last id, then the outbox file goes
 
+Requests younger than `min_age_s` ([sync] push_delay_s) wait for a later push, so the
+cloud's shadow answer and an agent's feedback, which arrive after the reply, go with
+their request; what arrives later still stays on the device (docs/fleet.md).
+
 A batch is fixed when it lands in the outbox, so a push killed at any moment sends the
 same bytes under the same key next time: the hub answers "already there" (S3's
 `If-None-Match: *` → 412; link() on a folder), which confirms it, and nothing is
@@ -81,7 +85,7 @@ class LogPusher:
     def __init__(self, db: sqlite_utils.Database, remote: Remote, device_id: str, outbox: Path,
                  batch_rows: int = 500, redact: dict[str, str] | None = None, retries: int = 5,
                  backoff_s: float = 0.5, sleep: Callable[[float], None] = time.sleep,
-                 prefix: str = "logs") -> None:
+                 prefix: str = "logs", min_age_s: float = 0.0) -> None:
         if not remote.writable:
             raise SyncError(f"{remote.url} is read-only: logs go to a file:// or s3:// hub",
                             hub=remote.url)
@@ -91,6 +95,10 @@ class LogPusher:
         self.redact = dict(redact or {})
         self.retries, self.backoff_s, self.sleep = retries, backoff_s, sleep
         self.prefix = prefix
+        # Requests younger than this wait for the next push: a shadow-mode cloud answer
+        # or an agent's feedback lands on its request after the reply, and a pushed
+        # request is not sent again.
+        self.min_age_s = min_age_s
 
     def push(self, max_batches: int | None = None) -> Pushed:
         """Send the outbox, then new batches until the log is on the hub (or `max_batches`)."""
@@ -104,6 +112,8 @@ class LogPusher:
 
     def _push(self, max_batches: int | None) -> Pushed:
         totals = {"batches": 0, "rows": 0, "withheld": 0, "bytes": 0}
+        for stale in self.outbox.glob("*.tmp"):  # a batch a kill left half-written
+            stale.unlink()
         for path in sorted(self.outbox.glob("*.jsonl.zst")):  # made before a kill: sent as made
             self._send(path, totals)
         while max_batches is None or totals["batches"] < max_batches:
@@ -119,6 +129,11 @@ class LogPusher:
         rows = list(self.db.query("select r.*, t.tools as tools_json from requests r left join tools t "
                                   "on t.hash = r.tools_hash where r.id > ? order by r.id limit ?",
                                   [mark, self.batch_rows]))
+        # Ids in order, up to the first request still settling: the watermark must never
+        # pass a row it did not send.
+        cutoff = time.time() - self.min_age_s
+        young = next((i for i, r in enumerate(rows) if (r["created_at"] or 0) > cutoff), len(rows))
+        rows = rows[:young]
         if not rows:
             return None
         lines, withheld = [], 0

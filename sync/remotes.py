@@ -116,11 +116,19 @@ class FolderRemote:
                 os.fsync(f.fileno())
             if not exclusive:
                 os.replace(tmp, path)
-                return True
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
+            else:
+                try:
+                    os.link(tmp, path)  # atomic: fails if the name exists
+                except FileExistsError:
+                    return False
+                except OSError:
+                    # FAT and exFAT (most USB sticks) have no hard links. Exclusive writes
+                    # name content by its hash, so two writers of one name write the same
+                    # bytes, and check-then-rename is enough.
+                    if path.exists():
+                        return False
+                    os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the name survives a power cut, like its bytes
             return True
         except OSError as exc:
             raise SyncError(f"cannot write {path}: {exc}", hub=self.url, name=name) from exc
@@ -134,6 +142,14 @@ class FolderRemote:
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
                       if p.is_file() and not p.name.startswith("."))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_file(path: Path, offset: int) -> Iterator[bytes]:

@@ -36,6 +36,7 @@ def device(tmp_path, tiny_gguf, monkeypatch):
     """A device serving tiny-random version 1, provisioned for a fleet hub in a folder."""
     data = make_data_dir(tmp_path / "device", tiny_gguf)
     monkeypatch.setenv("OUTPOST_ENDPOINT", f"ipc://{data}/outpost.sock")
+    monkeypatch.setenv("OUTPOST_SYNC__PUSH_DELAY_S", "0")  # push what was logged just now
     hub = FleetHub.create(tmp_path / "usb" / "hub", tmp_path / "keys")
     assert main(["sync", "provision", str(hub.root_json), "--data-dir", str(data)]) == 0
     return data, hub
@@ -84,9 +85,12 @@ def test_a_round_trip_through_a_usb_hub(tmp_path, device, capsys):
         assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 0
         assert "the daemon serves it now" in capsys.readouterr().out
         assert served_version(client) == "1"
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
+        assert "refused at an earlier activation" in capsys.readouterr().out
+        assert served_version(client) == "1"
         assert main(["models", "versions", TINY, "--data-dir", str(data), "--json"]) == 0
         states = {r["version"]: r["state"] for r in json.loads(capsys.readouterr().out)}
-        assert states == {"1": "active", "2": "staged", "3": "refused"}
+        assert states == {"1": "active", "2": "refused", "3": "refused"}
     db = schema.open_db(data / "logs.db")
     events = [(r["kind"], r["version"], r["reason"]) for r in
               db.query("select kind, version, reason from pool_events where kind in ('trial', 'replace') order by id")]
@@ -107,6 +111,10 @@ def test_without_a_daemon_activation_runs_its_own_and_rollback_edits_the_store(t
     assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 0
     assert "the next `outpost serve` serves it" in capsys.readouterr().out
     assert store.pulled_manifest(TINY).version == "1"
+    # Held back: the next sync does not activate the version rolled back from.
+    assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
+    assert "refused at an earlier activation (rolled back)" in capsys.readouterr().out
+    assert store.pulled_manifest(TINY).version == "1"
     assert main(["models", "rollback", TINY, "--data-dir", str(data)]) == 1  # nothing earlier
     assert "no earlier version" in capsys.readouterr().err
     assert main(["models", "activate", TINY, "9", "--data-dir", str(data)]) == 1  # never staged
@@ -122,7 +130,7 @@ def test_serve_syncs_on_its_own_schedule(tmp_path, device):
     v2 = write_tiny_gguf(tmp_path / "v2.gguf", seed=2)
     hub.add_model(version_toml(v2, "2"), {"tiny.gguf": v2})
     config = (f'manifest_dirs = ["{data / "manifests"}"]\ndefault_model = "{TINY}"\n'
-              f'[sync]\nhub = "file://{hub.hub}"\ninterval_s = 1\ndevice_id = "rover-9"\n')
+              f'[sync]\nhub = "file://{hub.hub}"\ninterval_s = 1\ndevice_id = "rover-9"\npush_delay_s = 0\n')
     with ServeProcess(data, config) as serve, serve.client() as client:
         client.chat([{"role": "user", "content": "hi"}], model=TINY, max_tokens=2)
         deadline = time.monotonic() + 120

@@ -80,6 +80,23 @@ def test_batches_reach_a_folder_hub_redacted_once_each_and_the_watermark_follows
     assert len(on_hub(p.remote)) == 29
 
 
+def test_young_requests_wait_so_their_feedback_goes_up_with_them(tmp_path, logged):
+    ids = logged(4)
+    p = pusher(tmp_path, f"file://{tmp_path}/hub")
+    p.min_age_s = 300
+    assert p.push().batches == 0 and pending(p.db)[0] == 4  # all still settling
+    db = schema.open_db(tmp_path / "data" / "logs.db")
+    db.execute("update requests set created_at = created_at - 600 where id in (?, ?)", [ids[0], ids[2]])
+    db.execute("insert into feedback (request_id, created_at, outcome, note) values (?, ?, 'good', 'ok')",
+               [ids[0], time.time()])
+    db.conn.commit()
+    pushed = p.push()
+    # ids[1] is young: ids[2], though old enough, waits behind it (the watermark never skips a row).
+    assert (pushed.rows, pushed.watermark) == (1, ids[0])
+    [record] = on_hub(p.remote)
+    assert [f["outcome"] for f in record["feedback"]] == ["good"]
+
+
 def test_a_row_that_cannot_be_redacted_is_withheld_and_counted(tmp_path, logged):
     ids = logged(5)
     db = schema.open_db(tmp_path / "data" / "logs.db")
@@ -151,7 +168,8 @@ def test_collect_makes_the_export_of_every_device_with_its_id(tmp_path, logged):
     assert sorted(got, key=key) == sorted(want, key=key)  # the same examples `logs export` writes
 
 
-def test_push_status_and_collect_from_the_command_line(tmp_path, logged, capsys):
+def test_push_status_and_collect_from_the_command_line(tmp_path, logged, capsys, monkeypatch):
+    monkeypatch.setenv("OUTPOST_SYNC__PUSH_DELAY_S", "0")  # the rows were logged just now
     logged(3)
     data, hub = tmp_path / "data", f"file://{tmp_path}/hub"
     assert main(["sync", "push", "--data-dir", str(data)]) == 2  # no hub
@@ -193,7 +211,8 @@ def test_thirty_pushes_cut_and_killed_leave_every_row_on_the_hub_exactly_once(tm
     killed = 0
     with FaultProxy(port) as proxy:
         env = {**os.environ, "OUTPOST_SYNC__S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
-               "OUTPOST_SYNC__PUSH_BATCH_ROWS": "7", "OUTPOST_SYNC__STALL_TIMEOUT_S": "2"}
+               "OUTPOST_SYNC__PUSH_BATCH_ROWS": "7", "OUTPOST_SYNC__STALL_TIMEOUT_S": "2",
+               "OUTPOST_SYNC__PUSH_DELAY_S": "0"}
         reader = open_remote(hub, RemoteOptions(s3_endpoint=seaweed.endpoint))
         for round_ in range(30):
             ids += logged(rng.randint(5, 25), start=len(ids))

@@ -100,13 +100,15 @@ class SeaweedS3:
                             aws_access_key_id="fleet", aws_secret_access_key="fleet-secret")
 
     def create_bucket(self, name: str) -> None:
-        # The gateway answers before the filer is ready: a new bucket may need a retry.
-        for attempt in range(50):
+        # The gateway answers before the filer is ready: a new bucket may need retries
+        # (a minute: a busy 2-core machine starts SeaweedFS slowly).
+        deadline = time.monotonic() + 60
+        while True:
             try:
                 self.client().create_bucket(Bucket=name)
                 return
             except Exception:
-                if attempt == 49:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 

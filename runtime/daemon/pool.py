@@ -138,6 +138,9 @@ class ModelPool:
     async def lease(self, manifest: Manifest) -> AsyncIterator[tuple[WorkerHandle, dict[str, float]]]:
         """Hold a ready worker for one request: (worker, {"load": ms, "queue": ms})."""
         model = manifest.id
+        # The active version, should one have been activated since the request was routed:
+        # a request never brings an older version back.
+        manifest = self.catalog.active(manifest)
         queued = self._queued.get(model, 0)
         if queued >= self.settings.pool.max_queue:
             raise Overloaded(model, queued, self.settings.pool.max_queue)
@@ -199,6 +202,7 @@ class ModelPool:
 
     async def acquire(self, manifest: Manifest, reason: str = "request") -> WorkerHandle:
         """A ready worker for `manifest`, loading it (once, however many ask) if needed."""
+        manifest = self.catalog.active(manifest)
         current = self.workers.get(manifest.id)
         if current is not None and current.manifest.version != manifest.version:
             # Another version is active now: the old worker takes no new leases and goes

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,7 @@ import zmq.asyncio
 
 from outpost.manifests.catalog import Catalog, model_row
 from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
-from outpost.manifests.schema import Manifest
+from outpost.manifests.schema import MANIFEST_ID, Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import Generation, GenerationRequest
 from outpost.models.schemas import check_tools
@@ -45,7 +46,7 @@ from outpost.runtime.logs.store import LogStore
 
 from . import protocol, replies
 from .background import Background
-from .errors import ActivationFailed, UnknownMethod
+from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
 
@@ -57,6 +58,14 @@ def _text(params: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRequest(f"`{name}` must be a non-empty string", field=name)
     return value
+
+
+def _model_id(params: dict[str, Any]) -> str:
+    """A model id from a request, checked before it names a folder in the store."""
+    model_id = _text(params, "model")
+    if not re.fullmatch(MANIFEST_ID, model_id):
+        raise BadRequest(f"`model` {model_id!r} is not a model id", field="model")
+    return model_id
 
 
 def smoke_request(manifest: Manifest) -> GenerationRequest:
@@ -267,11 +276,13 @@ class Daemon:
     async def models_activate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Make a staged version active once it has answered its smoke test in a worker
         of its own; new requests then go to it and the old version's worker drains."""
-        model_id, version = _text(params, "model"), _text(params, "version")
+        model_id, version = _model_id(params), _text(params, "version")
         manifest, text = self.store.staged(model_id, version)
         t0 = time.perf_counter()
         try:
             problem = smoke_problem(await self.pool.trial(manifest, text, smoke_request(manifest)))
+        except (BudgetExceeded, Overloaded, Timeout):
+            raise  # no room or no time now, not a fault of the version: it stays staged, to retry
         except OutpostError as exc:
             problem = f"{exc.code}: {exc}"
         smoke_ms = round((time.perf_counter() - t0) * 1e3, 1)
@@ -286,7 +297,7 @@ class Daemon:
 
     async def models_rollback(self, params: dict[str, Any]) -> dict[str, Any]:
         """Return a model to the version active before this one (no smoke test: it served)."""
-        model_id = _text(params, "model")
+        model_id = _model_id(params)
         current, back = self.store.rollback(model_id)
         self.catalog.put((self.store.manifests / f"{model_id}.toml").read_text(encoding="utf-8"),
                          f"{self.store.manifests / model_id}.toml")
@@ -325,12 +336,18 @@ class Daemon:
                     parallel_tool_calls=chat.parallel_tool_calls, max_tokens=request.max_tokens)
         waited: dict[str, float] = {}
 
+        served = [manifest]
+
         async def local() -> Generation:
             async with self.pool.lease(manifest) as (worker, lease_ms):
                 waited.update(lease_ms)
+                # A version activated while this request waited serves it: the log and the
+                # reply name the version that answered.
+                served[0] = worker.manifest
                 return await worker.generate(request, self.settings.server.request_timeout_s)
 
         outcome = await self.escalator.run(turn, local)
+        manifest = served[0]
         timings_ms = replies.timings(waited, outcome, t0)
         log_id = await self._log(
             replies.request_record(chat, request, manifest, task, outcome, timings_ms),
