@@ -73,8 +73,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, halt)
     period, peak, n, start = 1.0 / hz, 0, 0, time.monotonic()
     at = None
+    due = start
     while not stop:
-        t = time.monotonic()
         pids = tree(pid)
         parts = {p: pss(p) for p in pids}
         total = sum(parts.values())
@@ -83,7 +83,16 @@ def main() -> None:
             at = {"t": round(time.monotonic() - start, 3),
                   "parts": {p: (name(p), v, state(p)) for p, v in parts.items()}}
         n += 1
-        time.sleep(max(0.0, period - (time.monotonic() - t)))
+        # Paced by a schedule, not by a sleep after each sample: a sample that ran long
+        # (the CPU was busy) is made up by the next ones, so the rate is the one asked
+        # whenever the average sample fits its period. Behind by more than a second,
+        # the schedule restarts rather than bursting.
+        due += period
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        elif now - due > 1.0:
+            due = now
     seconds = time.monotonic() - start
     with open(out, "w") as fh:
         json.dump({"samples": n, "seconds": seconds, "peak": peak, "rate_hz": n / seconds, "at": at}, fh)
