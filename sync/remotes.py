@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 from tuf.api import exceptions as tuf_errors
 
+from outpost.manifests.sources import fsync_dir
 from outpost.runtime.config import SyncSettings
 
 from .errors import SyncError
@@ -128,7 +129,7 @@ class FolderRemote:
                     if path.exists():
                         return False
                     os.replace(tmp, path)
-            _fsync_dir(path.parent)  # the name survives a power cut, like its bytes
+            fsync_dir(path.parent)  # the name survives a power cut, like its bytes
             return True
         except OSError as exc:
             raise SyncError(f"cannot write {path}: {exc}", hub=self.url, name=name) from exc
@@ -142,14 +143,6 @@ class FolderRemote:
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
                       if p.is_file() and not p.name.startswith("."))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_file(path: Path, offset: int) -> Iterator[bytes]:
