@@ -56,7 +56,11 @@ class Catalog:
         return self.entry(model_id).manifest
 
     def for_task(self, task: str) -> Manifest | None:
-        """The default model if it serves `task`, else the first that does (by id)."""
+        """The task adapter promoted for `task` (one on the default model first), else the
+        default model if it serves `task`, else the first model that does (by id)."""
+        adapters = [m for m in self if m.adapter is not None and task in m.tasks]
+        if adapters:
+            return min(adapters, key=lambda m: m.adapter.base != self.default)
         if task in self.get_default().tasks:
             return self.get_default()
         for model_id in self.ids():
@@ -95,4 +99,5 @@ def model_row(m: Manifest, store: ModelStore, catalog: Catalog) -> dict:
     return {"id": m.id, "version": m.version, "description": m.description, "tasks": m.tasks,
             "backend": m.backend, "size_bytes": sum(f.size for f in m.files),
             "memory_estimate_bytes": int(m.memory_estimate), "context_length": m.context_length,
-            "pulled": store.is_pulled(m), "default": m.id == catalog.default}
+            "pulled": store.is_pulled(m), "default": m.id == catalog.default,
+            "adapter_of": f"{m.adapter.base} {m.adapter.base_version}" if m.adapter else None}

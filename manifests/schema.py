@@ -104,6 +104,44 @@ class SmokeTest(_Frozen):
     max_tokens: Annotated[int, Field(gt=0, le=4096)] = 64
 
 
+class Training(_Frozen):
+    """How an adapter was made: enough to tell two adapters apart and to make it again."""
+
+    data_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # the training examples, canonical JSON
+    train_examples: Annotated[int, Field(ge=0)]
+    heldout_examples: Annotated[int, Field(ge=0)]
+    rank: Annotated[int, Field(gt=0)]
+    alpha: Annotated[float, Field(gt=0)]
+    targets: list[str] = Field(min_length=1)  # the projections adapted (q_proj, v_proj, ...)
+    epochs: Annotated[float, Field(gt=0)]
+    learning_rate: Annotated[float, Field(gt=0)]
+    max_seq_len: Annotated[int, Field(gt=0)]
+    seed: int = 0
+    steps: Annotated[int, Field(ge=0)] = 0
+    threads: Annotated[int, Field(ge=0)] = 0
+    wall_s: Annotated[float, Field(ge=0)] = 0.0
+    device: str = "cpu"
+    # Held-out scores at training time, e.g. {"ast_accuracy": 0.72, "valid": 1.0}.
+    heldout: dict[str, float] = {}
+
+
+# What applying a LoRA adapter costs beyond its file (llama.cpp copies the tensors into
+# the worker's memory; the compute graph grows): seen with SmolLM2-135M and a rank-16
+# adapter on all seven projections, rounded up.
+ADAPTER_OVERHEAD = 4 << 20
+
+
+class AdapterOf(_Frozen):
+    """A LoRA adapter: its file (the manifest's `.gguf`) applies to this base version only.
+    The worker that has the base loaded serves it; it is never loaded on its own."""
+
+    base: Annotated[str, Field(pattern=MANIFEST_ID)]
+    base_version: str
+    base_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # the base's weights
+    scale: Annotated[float, Field(gt=0.0, le=4.0)] = 1.0
+    training: Training | None = None
+
+
 class Manifest(_Frozen):
     id: Annotated[str, Field(pattern=MANIFEST_ID)]
     version: str
@@ -120,6 +158,8 @@ class Manifest(_Frozen):
     escalation_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     # What a new version must answer before a sync activates it (docs/fleet.md).
     smoke_test: SmokeTest = SmokeTest()
+    # Set for a task adapter: then `files` holds the adapter and the base serves it.
+    adapter: AdapterOf | None = None
 
     @field_validator("chat_template")
     @classmethod

@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 from urllib.parse import quote, unquote
 
 from .errors import ChecksumMismatch, FetchError, ModelFileError, ModelNotPulled, NotFound
@@ -44,6 +44,19 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) 
 
 def _no_progress(label: str, total: int) -> Callable[[int], None]:
     return lambda n: None
+
+
+class FileIdentity(Protocol):
+    """What checking a blob needs to know of a file (a manifest's ModelFile, an adapter)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -224,7 +237,7 @@ class ModelStore:
                          file=mf.name, attempts=errors)
 
     # -- verify / remove -----------------------------------------------------------
-    def ensure_verified(self, mf: ModelFile) -> Path:
+    def ensure_verified(self, mf: FileIdentity) -> Path:
         """The blob's path, after checking it (by its stamp when the file is unchanged)."""
         path = self.blob_path(mf.sha256)
         stamp = self.stamps / f"{mf.sha256}.json"
@@ -237,7 +250,7 @@ class ModelStore:
         self._stamp(path, mf)
         return path
 
-    def _stamp(self, path: Path, mf: ModelFile) -> None:
+    def _stamp(self, path: Path, mf: FileIdentity) -> None:
         self.stamps.mkdir(parents=True, exist_ok=True)
         tmp = self.stamps / f".{mf.sha256}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(_stat_key(path)))
@@ -294,7 +307,7 @@ def _stat_key(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def check_file(path: Path, mf: ModelFile) -> None:
+def check_file(path: Path, mf: FileIdentity) -> None:
     """Raise unless `path` has exactly the manifest's size and sha256.
 
     Runs before every load: a blob can rot or be edited after it was pulled, and a

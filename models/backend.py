@@ -13,6 +13,22 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter to apply to one generation: which version, and the file's identity
+    (the worker checks size and sha256 before llama.cpp reads it)."""
+
+    id: str
+    version: str
+    sha256: str
+    size: int
+    scale: float = 1.0
+
+    @property
+    def name(self) -> str:  # how errors about its file name it
+        return f"adapter {self.id} {self.version}"
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
@@ -24,10 +40,12 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 40
     seed: int | None = None
+    adapter: AdapterRef | None = None  # None: the base model alone
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        return cls(**data)
+        adapter = data.get("adapter")
+        return cls(**{**data, "adapter": AdapterRef(**adapter) if adapter else None})
 
 
 @dataclass

@@ -41,3 +41,14 @@ class ContextOverflow(OutpostError):
 
 class ModelLoadFailed(OutpostError):
     code = "model_load_failed"
+
+
+class AdapterLoadFailed(ModelLoadFailed):
+    """A task adapter could not be applied to its base (the base keeps serving)."""
+
+    code = "adapter_load_failed"
+
+    def __init__(self, base: str, adapter: str | None, reason: str) -> None:
+        super().__init__(f"adapter {adapter!r} on {base}: {reason}", model=base, adapter=adapter,
+                         reason=reason)
+        self.base, self.adapter, self.reason = base, adapter, reason

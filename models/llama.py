@@ -8,6 +8,11 @@ of every chosen token, and makes `seed` mean the same thing on every backend.
 The KV cache keeps the last prompt; a new prompt that shares its prefix (the same
 system block and tools, say) only evaluates the rest.
 
+Task adapters (LoRA, llama.cpp's GGUF adapter format) are applied per generation on
+the one loaded base: each is read once, on its first request, and switching costs a
+call. The KV cache holds keys and values computed under whichever adapter was applied
+when they were evaluated, so a switch clears it: the prompt cache is keyed by adapter.
+
 The vocabulary xgrammar needs (every token's bytes) takes longer to read than a small
 model takes to load, so it is built on the first constrained request, not at load,
 and kept on disk beside the model (keyed by the file's sha256) for the next load.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,8 @@ import numpy as np
 
 from outpost.manifests.schema import Manifest
 
-from .backend import Generation, GenerationRequest
-from .errors import ContextOverflow, ModelLoadFailed
+from .backend import AdapterRef, Generation, GenerationRequest
+from .errors import AdapterLoadFailed, ContextOverflow, ModelLoadFailed
 from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
 from .templates import TOOL_CALL_CLOSE, ChatTemplate
@@ -45,7 +51,8 @@ class LlamaModel:
 
     def __init__(self, manifest: Manifest, path: Path, *, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int | str = "auto",
-                 vocab_cache: Path | None = None) -> None:
+                 vocab_cache: Path | None = None,
+                 adapter_path: Callable[[AdapterRef], Path] | None = None) -> None:
         if n_gpu_layers == "auto":
             n_gpu_layers = -1
         self.manifest = manifest
@@ -68,6 +75,11 @@ class LlamaModel:
         self._close_cost = len(self._llama.tokenize(
             b'"]}}\n' + TOOL_CALL_CLOSE.encode(), add_bos=False, special=False))
         self._grammars: GrammarCache | None = None
+        # Where an adapter's checked file is (the worker asks the store); None: no adapters.
+        self._adapter_path = adapter_path
+        self._adapters: dict[str, tuple[AdapterRef, Any]] = {}  # sha256 -> (ref, native pointer)
+        self._applied: tuple[str, float] | None = None  # (sha256, scale) on the context now
+        self.adapter_switches = 0
         self.template = ChatTemplate.from_manifest(
             manifest.chat_template, self._llama.metadata.get("tokenizer.chat_template"))
 
@@ -112,13 +124,58 @@ class LlamaModel:
                 "n_layer": llama_cpp.llama_model_n_layer(self._llama.model)}
         if self._grammars is not None:
             info["grammar_cache"] = self._grammars.stats()
-        return info
+        return info | self.adapter_info()
+
+    def adapter_info(self) -> dict[str, Any]:
+        applied = self._applied and self._adapters[self._applied[0]][0]
+        return {"adapters": [{"id": r.id, "version": r.version, "size": r.size}
+                             for r, _ in self._adapters.values()],
+                "adapter": f"{applied.id} {applied.version}" if applied else None,
+                "adapter_switches": self.adapter_switches}
 
     def close(self) -> None:
         llama = getattr(self, "_llama", None)
         if llama is not None:
+            if self._adapters:
+                llama_cpp.llama_set_adapters_lora(llama.ctx, None, 0, None)
+                for _, pointer in self._adapters.values():
+                    llama_cpp.llama_adapter_lora_free(pointer)
+                self._adapters.clear()
             llama.close()
             self._llama = None
+
+    # -- task adapters ---------------------------------------------------------------
+    def use_adapter(self, ref: AdapterRef | None) -> None:
+        """Apply `ref` (None: the base alone) to the generations that follow."""
+        key = None if ref is None else (ref.sha256, ref.scale)
+        if key == self._applied:
+            return
+        ctx = self._llama.ctx
+        if ref is None:
+            rc = llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            pointer = self._adapters[ref.sha256][1] if ref.sha256 in self._adapters else self._load_adapter(ref)
+            rc = llama_cpp.llama_set_adapters_lora(
+                ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(pointer), 1, (ctypes.c_float * 1)(ref.scale))
+        if rc != 0:
+            raise AdapterLoadFailed(self.manifest.id, ref.id if ref else None, f"llama.cpp refused it ({rc})")
+        # Cached keys and values were computed under the adapter applied before: none
+        # of them may serve a prompt under this one.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._llama.n_tokens = 0
+        self._applied = key
+        self.adapter_switches += 1
+
+    def _load_adapter(self, ref: AdapterRef) -> Any:
+        if self._adapter_path is None:
+            raise AdapterLoadFailed(self.manifest.id, ref.id, "this worker serves no adapters")
+        path = self._adapter_path(ref)  # size and sha256 checked before llama.cpp reads it
+        pointer = llama_cpp.llama_adapter_lora_init(self._llama.model, str(path).encode())
+        if not pointer:
+            raise AdapterLoadFailed(self.manifest.id, ref.id,
+                                    "llama.cpp could not read it (another architecture or shape?)")
+        self._adapters[ref.sha256] = (ref, pointer)
+        return pointer
 
     # -- generation ------------------------------------------------------------------
     def render(self, request: GenerationRequest) -> str:
@@ -128,6 +185,7 @@ class LlamaModel:
     def generate(self, request: GenerationRequest) -> Generation:
         if request.tools:
             check_tools(request.tools)
+        self.use_adapter(request.adapter)
         compiled = None
         if request.tools and request.constrained:
             compiled = self.grammars.compiled(request.tools, request.tool_choice,

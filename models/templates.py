@@ -54,6 +54,12 @@ def format_tool_call(name: str, arguments: Any) -> str:
     return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name)}, "arguments": {json.dumps(arguments, ensure_ascii=False)}}}\n{TOOL_CALL_CLOSE}'
 
 
+def answer_text(message: dict[str, Any]) -> str:
+    """An assistant message as the model writes it when serving: its text, then its calls
+    in the shape the grammar enforces (what training on logged answers must teach)."""
+    return normalise([message], None)[0]["content"]
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str
@@ -83,6 +89,18 @@ class ChatTemplate:
                 **(extra or {}))
         except TemplateError as exc:
             raise BadRequest(f"chat template failed: {exc}") from exc
+
+
+    def turn_end(self) -> str:
+        """The text that closes an assistant turn (`<|im_end|>` for ChatML): what a
+        trained answer ends with, so that the model learns to stop."""
+        mark = "\x00answer\x00"
+        prompt = self.render([{"role": "user", "content": "q"}], None)
+        full = self.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}], None)
+        if not full.startswith(prompt) or mark not in full:
+            raise BadRequest("this chat template does not render an assistant turn after the prompt")
+        tail = full[full.index(mark) + len(mark):]
+        return tail.split("\n", 1)[0]
 
 
 def normalise(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, str]]:

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ps", parents=[common, client, as_json],
                        help="loaded models: memory, budget share, state, idle time, requests",
                        description="Models loaded in the daemon, with their measured memory "
-                       "and share of the budget.")
+                       "and share of the budget, and the task adapters each base serves.")
     p.set_defaults(run=cmd_ps)
 
     models = sub.add_parser("models", help="list, pull, verify and remove models",
@@ -362,6 +362,11 @@ def _print_workers(workers: list[dict[str, Any]]) -> None:
         print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
               f"{fmt.mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
               f"{w['load_ms']:>6.0f}ms {grammars:>17}")
+        if w.get("adapters"):
+            # Task adapters served by this base: the one applied now is marked `>`.
+            names = ", ".join(f"{'>' if a == w.get('adapter') else ''}{a}" for a in w["adapters"])
+            print(f"  adapters: {names}; {w.get('adapter_switches', 0)} switches, "
+                  f"{w.get('grouped', 0)} requests served ahead to save a switch")
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:

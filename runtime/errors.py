@@ -18,11 +18,13 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── FetchError                    fetch_failed            manifests/errors.py
     ├── ContextOverflow               context_overflow        models/errors.py
     ├── ModelLoadFailed               model_load_failed       models/errors.py
+    │   └── AdapterLoadFailed         adapter_load_failed     models/errors.py
     ├── WorkerCrashed                 worker_crashed          runtime/daemon/errors.py
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
     ├── Overloaded                    overloaded              runtime/daemon/errors.py
     ├── Timeout                       timeout                 runtime/daemon/errors.py
     ├── ActivationFailed              activation_failed       runtime/daemon/errors.py
+    ├── AdapterBaseMismatch           adapter_base_mismatch   runtime/daemon/errors.py
     ├── NotFound                      not_found               manifests/errors.py
     ├── LogUnavailable                log_unavailable         runtime/logs/errors.py
     │   ├── LogLocked                 log_locked              runtime/logs/errors.py
@@ -54,10 +56,11 @@ from __future__ import annotations
 from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError, FetchError,
                                       InternalError, ModelFileError, ModelNotPulled, NotFound,
                                       OutpostError, UnknownModel, error_class, from_wire)
-from outpost.models.errors import ContextOverflow, InvalidSchema, ModelLoadFailed, UnsupportedSchema
+from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, InvalidSchema, ModelLoadFailed,
+                                   UnsupportedSchema)
 
-from .daemon.errors import (ActivationFailed, BudgetExceeded, Overloaded, RequestTooLarge, Timeout,
-                            UnknownMethod, WorkerCrashed)
+from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, Overloaded,
+                            RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
 from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
                                 CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
 from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
@@ -65,8 +68,8 @@ from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
-    "FetchError", "ContextOverflow", "ModelLoadFailed", "WorkerCrashed", "BudgetExceeded",
-    "Overloaded", "Timeout", "ActivationFailed", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
+    "FetchError", "ContextOverflow", "ModelLoadFailed", "AdapterLoadFailed", "WorkerCrashed",
+    "BudgetExceeded", "Overloaded", "Timeout", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",
     "InternalError", "error_class", "from_wire",

@@ -33,7 +33,10 @@ def _byte_symbols() -> list[str]:
     return [mapping[b] for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, output_std: float = 0.02) -> Path:
+    """`output_std`: of the output projection's weights. At 0.02 no logit can move far
+    from the others (the final norm fixes the hidden state's length), so a model for a
+    training test, which must be able to learn, takes a larger one."""
     import gguf  # a dev dependency: only tests and tools write models
 
     rng = np.random.default_rng(seed)
@@ -66,7 +69,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
 
     t("token_embd.weight", n_vocab, N_EMBD)
     w.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-    t("output.weight", n_vocab, N_EMBD)
+    w.add_tensor("output.weight", (rng.standard_normal((n_vocab, N_EMBD)) * output_std).astype(np.float32))
     for i in range(N_LAYER):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))

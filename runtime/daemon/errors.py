@@ -73,3 +73,15 @@ class ActivationFailed(OutpostError):
     def __init__(self, model: str, version: str, reason: str) -> None:
         super().__init__(f"{model} {version} failed its smoke test: {reason}; the active "
                          "version keeps serving", model=model, version=version, reason=reason)
+
+
+class AdapterBaseMismatch(OutpostError):
+    """A task adapter was trained on another version of its base than the one active."""
+
+    code = "adapter_base_mismatch"
+
+    def __init__(self, adapter: str, version: str, base: str, wanted: str, active: str) -> None:
+        super().__init__(f"adapter {adapter} {version} applies to {base} {wanted}, but {base} "
+                         f"{active} is active; specialise it again on {active}", adapter=adapter,
+                         version=version, base=base, wanted=wanted, active=active)
+        self.adapter, self.version, self.base, self.wanted, self.active = adapter, version, base, wanted, active

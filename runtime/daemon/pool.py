@@ -30,27 +30,41 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import zmq.asyncio
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import OutpostError
-from outpost.manifests.schema import Manifest
+from outpost.manifests.schema import ADAPTER_OVERHEAD, Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import Generation, GenerationRequest
+from outpost.models.backend import AdapterRef, Generation, GenerationRequest
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
 from . import eviction
 from .background import Background
-from .errors import BudgetExceeded, Overloaded, Timeout, WorkerCrashed
+from .errors import AdapterBaseMismatch, BudgetExceeded, Overloaded, Timeout, WorkerCrashed
 from .ledger import MemoryLedger
 from .settings import DaemonSettings
 from .workers import LIVE, Forkserver, Snapshot, WorkerHandle, WorkerState
 
 log = logging.getLogger("outpost.pool")
 REAP_S = 1.0  # how often idle and dead workers are looked for
+
+
+@dataclass
+class Lease:
+    """One request's hold on a worker: who serves it, with which adapter, after how long."""
+
+    worker: WorkerHandle
+    served: Manifest  # what answers: the adapter's manifest, or the model's (as loaded)
+    adapter: AdapterRef | None
+    timings: dict[str, float]  # ms: {"load": ..., "queue": ...}
+
+    async def generate(self, request: GenerationRequest, timeout_s: float) -> Generation:
+        return await self.worker.generate(replace(request, adapter=self.adapter), timeout_s)
 
 
 class PoolRecorder(Protocol):
@@ -134,13 +148,26 @@ class ModelPool:
         return next(((w, c.size) for c, w in pairs if c is chosen), None)
 
     # -- leases -----------------------------------------------------------------------
+    def base_of(self, manifest: Manifest) -> tuple[Manifest, AdapterRef | None]:
+        """The model a worker loads for `manifest`, and the adapter to apply on it: a task
+        adapter is served by its base's worker, and only on the exact base it was trained on."""
+        if manifest.adapter is None:
+            return manifest, None
+        of = manifest.adapter
+        base = self.catalog.get(of.base)
+        if base.weights.sha256 != of.base_sha256:
+            raise AdapterBaseMismatch(manifest.id, manifest.version, of.base, of.base_version, base.version)
+        return base, AdapterRef(id=manifest.id, version=manifest.version, sha256=manifest.weights.sha256,
+                                size=manifest.weights.size, scale=of.scale)
+
     @contextlib.asynccontextmanager
-    async def lease(self, manifest: Manifest) -> AsyncIterator[tuple[WorkerHandle, dict[str, float]]]:
-        """Hold a ready worker for one request: (worker, {"load": ms, "queue": ms})."""
-        model = manifest.id
+    async def lease(self, manifest: Manifest) -> AsyncIterator[Lease]:
+        """Hold a ready worker for one request (the base's, for a task adapter)."""
         # The active version, should one have been activated since the request was routed:
         # a request never brings an older version back.
         manifest = self.catalog.active(manifest)
+        base, adapter = self.base_of(manifest)
+        model = base.id
         queued = self._queued.get(model, 0)
         if queued >= self.settings.pool.max_queue:
             raise Overloaded(model, queued, self.settings.pool.max_queue)
@@ -151,38 +178,57 @@ class ModelPool:
             t0 = time.monotonic()
             while True:
                 try:
-                    worker = await asyncio.wait_for(self.acquire(manifest),
-                                                    deadline - time.monotonic())
+                    worker = await asyncio.wait_for(self.acquire(base), deadline - time.monotonic())
                 except TimeoutError:
                     raise Timeout(model, time.monotonic() - t0, "the model to load") from None
                 # acquire() resumes us on a later loop turn; check and lease in one step,
                 # so no eviction can fall between them.
                 if self.workers.get(model) is worker and worker.state in LIVE and not worker.draining \
-                        and worker.manifest.version == manifest.version:
+                        and worker.manifest.version == base.version:
                     worker.leases += 1
                     break
                 # It is being evicted to make room: wait for that, then load it again.
                 if not await self._wait_released(deadline):
                     raise Timeout(model, time.monotonic() - t0, "the model to be reloaded")
-            t1 = time.monotonic()
-            timings["load"] = (t1 - t0) * 1e3
             try:
-                await asyncio.wait_for(worker.lock.acquire(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+                if adapter is not None and adapter.sha256 not in worker.adapters:
+                    await asyncio.wait_for(self._admit_adapter(worker, manifest, adapter),
+                                           max(0.0, deadline - time.monotonic()))
+                t1 = time.monotonic()
+                timings["load"] = (t1 - t0) * 1e3
+                # Requests for the adapter applied last go first (turns.py): a switch
+                # clears the prompt cache.
+                await asyncio.wait_for(worker.turns.acquire(adapter and adapter.sha256),
+                                       max(0.0, deadline - time.monotonic()))
+            except BaseException as exc:
                 await self._release(worker)
-                raise Timeout(model, time.monotonic() - t0, "earlier requests to finish") from None
+                if isinstance(exc, TimeoutError):
+                    raise Timeout(model, time.monotonic() - t0, "earlier requests to finish") from None
+                raise
             timings["queue"] = (time.monotonic() - t1) * 1e3
         finally:
             self._queued[model] -= 1
         try:
-            yield worker, timings
+            yield Lease(worker, manifest if adapter is not None else worker.manifest, adapter, timings)
         finally:
-            worker.lock.release()
+            worker.turns.release()
             await self._release(worker)
             if worker.served == 1 and worker.alive:
                 # The first generation touches the compute buffers: measure it now, so
                 # the stored footprint includes them; after that the reaper samples.
                 self._remeasure(worker, settle=True)
+
+    async def _admit_adapter(self, worker: WorkerHandle, manifest: Manifest, adapter: AdapterRef) -> None:
+        """Charge a task adapter to its base's worker before its first use: llama.cpp
+        copies its tensors into memory of the worker's own. Room is made like a load's."""
+        need = adapter.size + ADAPTER_OVERHEAD
+        async with self._admit:
+            if adapter.sha256 in worker.adapters:
+                return  # another request for it got here first
+            await self._make_room(manifest, need)
+            worker.reserve += need
+            worker.adapters[adapter.sha256] = f"{adapter.id} {adapter.version}"
+        self._note(PoolEventKind.ADAPTER, manifest, f"on {worker.manifest.id} {worker.manifest.version}", need)
 
     async def _wait_released(self, deadline: float) -> bool:
         """Wait (at most a second, and not past `deadline`) for a lease or worker to go."""
@@ -268,18 +314,23 @@ class ModelPool:
         any load (room is made under the budget), and holds admission until it is done,
         so no other load can count on memory the trial is using."""
         self.store.weights_path(manifest)
-        need = self.ledger.estimate(manifest)
+        base, adapter = self.base_of(manifest)
+        if adapter is not None:  # a task adapter is tried on a private worker of its base
+            self.store.weights_path(base)
+            manifest_toml = self.catalog.entry(base.id).text
+        need = self.ledger.estimate(base) + (adapter.size + ADAPTER_OVERHEAD if adapter else 0)
         await self.ready()
         async with self._admit:
             await self._make_room(manifest, need)
             llama = self.settings.llama
             options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
-                       "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values())}
-            worker = self._forkserver.spawn(manifest, manifest_toml, str(self.store.root), options,
+                       "n_gpu_layers": self.ledger.gpu_layers(base, self.workers.values())}
+            worker = self._forkserver.spawn(base, manifest_toml, str(self.store.root), options,
                                             need, False, None)
             try:
                 await worker.wait_ready(self.settings.server.load_timeout_s)
-                return await worker.generate(request, self.settings.server.request_timeout_s)
+                return await worker.generate(replace(request, adapter=adapter),
+                                             self.settings.server.request_timeout_s)
             except WorkerCrashed as exc:
                 raise ModelLoadFailed(f"the worker for {manifest.id} {manifest.version} died "
                                       f"(exit code {exc.exitcode})", model=manifest.id) from exc

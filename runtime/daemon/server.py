@@ -162,7 +162,7 @@ class Daemon:
         try:
             await self.pool.start()
             for model_id in self.settings.preload or []:
-                await self.pool.acquire(self.catalog.get(model_id), reason="preload")
+                await self.pool.acquire(self.pool.base_of(self.catalog.get(model_id))[0], reason="preload")
             if on_ready:
                 on_ready(self.settings.endpoint)
             self.background.spawn(self._retention(), "log retention")
@@ -339,12 +339,12 @@ class Daemon:
         served = [manifest]
 
         async def local() -> Generation:
-            async with self.pool.lease(manifest) as (worker, lease_ms):
-                waited.update(lease_ms)
+            async with self.pool.lease(manifest) as lease:
+                waited.update(lease.timings)
                 # A version activated while this request waited serves it: the log and the
-                # reply name the version that answered.
-                served[0] = worker.manifest
-                return await worker.generate(request, self.settings.server.request_timeout_s)
+                # reply name the version (of the model, or of its task adapter) that answered.
+                served[0] = lease.served
+                return await lease.generate(request, self.settings.server.request_timeout_s)
 
         outcome = await self.escalator.run(turn, local)
         manifest = served[0]

@@ -62,7 +62,9 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
         # Verify before native code parses the file: a corrupt model is refused, not run.
         weights = store.ensure_verified(manifest.weights)
         vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
-        model = LlamaModel(manifest, weights, vocab_cache=vocab, **llama_options)
+        # A task adapter's file is checked (size, sha256) before llama.cpp reads it.
+        model = LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=store.ensure_verified,
+                           **llama_options)
     except OutpostError as exc:
         sock.send_json({"type": "failed", "error": exc.to_wire()})
         return
@@ -94,13 +96,13 @@ def _generate(model: LlamaModel, msg: dict[str, Any]) -> dict[str, Any]:
     try:
         generation = model.generate(GenerationRequest.from_dict(msg["request"]))
     except OutpostError as exc:
-        return {"type": "error", "id": msg.get("id"), "error": exc.to_wire()}
+        return {"type": "error", "id": msg.get("id"), "error": exc.to_wire(), **model.adapter_info()}
     except Exception as exc:
         log.exception("generation failed")
         return {"type": "error", "id": msg.get("id"),
                 "error": InternalError(f"generation failed: {exc!r}").to_wire()}
     return {"type": "result", "id": msg.get("id"), "generation": generation.to_dict(),
-            "grammar_cache": model.grammars.stats()}
+            "grammar_cache": model.grammars.stats(), **model.adapter_info()}
 
 
 def _alive(pid: int) -> bool:

@@ -35,6 +35,7 @@ from outpost.models.backend import Generation, GenerationRequest
 
 from . import memory
 from .errors import WorkerCrashed
+from .turns import Turns
 
 log = logging.getLogger("outpost.pool")
 Snapshot = dict[int, "memory.ProcessMemory | None"]  # pid -> one read of its memory
@@ -102,7 +103,7 @@ class WorkerHandle:
     reserve: int  # bytes charged to the budget for this worker
     pinned: bool = False
     idle_ttl_s: float | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    turns: Turns = field(default_factory=Turns)  # one generation at a time (turns.py)
     state: WorkerState = WorkerState.LOADING
     pid: int | None = None
     load_ms: float = 0.0
@@ -111,6 +112,9 @@ class WorkerHandle:
     leases: int = 0  # requests holding this worker (queued or generating)
     draining: bool = False  # chosen for eviction: no new leases, current ones finish
     vram: int = 0
+    adapters: dict[str, str] = field(default_factory=dict)  # sha256 -> "id version", charged
+    adapter: str | None = None  # the adapter applied last ("id version")
+    adapter_switches: int = 0
     last_used: float = field(default_factory=time.monotonic)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -158,10 +162,14 @@ class WorkerHandle:
                 self.state = WorkerState.READY
             self.last_used = time.monotonic()
         if reply.get("type") == "error":
+            if "adapter_switches" in reply:
+                self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]
             raise from_wire(reply["error"])
         self.served += 1
         if "grammar_cache" in reply:
             self.info["grammar_cache"] = reply["grammar_cache"]
+        if "adapter_switches" in reply:
+            self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]
         return Generation.from_dict(reply["generation"])
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -232,6 +240,8 @@ class WorkerHandle:
                 "budget_share": round(charge / budget, 3) if budget else None,
                 "pinned": self.pinned, "leases": self.leases, "draining": self.draining,
                 "load_ms": round(self.load_ms, 1), "served": self.served,
+                "adapters": sorted(self.adapters.values()), "adapter": self.adapter,
+                "adapter_switches": self.adapter_switches, "grouped": self.turns.jumps,
                 "idle_s": round(time.monotonic() - self.last_used, 1),
                 **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
 

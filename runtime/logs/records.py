@@ -34,6 +34,7 @@ class PoolEventKind(StrEnum):
     CRASH = "crash"  # its worker died; it will be reloaded on demand
     REPLACE = "replace"  # a new version became active; the old one drained and went
     TRIAL = "trial"  # a version's smoke test before activation (reason: passed or why not)
+    ADAPTER = "adapter"  # a task adapter was charged to its base's worker, to be loaded
 
 
 def _column(value: Any) -> Any:

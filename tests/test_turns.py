@@ -1,0 +1,59 @@
+"""Turns on a worker: one at a time, grouped by adapter, nobody starved, cancellation safe."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from outpost.runtime.daemon.turns import Turns
+
+
+async def _serve(turns: Turns, order: list[str], key: str, name: str) -> None:
+    await turns.acquire(key)
+    order.append(name)
+    await asyncio.sleep(0)
+    turns.release()
+
+
+def _run(arrivals: list[tuple[str, str]], max_run: int) -> tuple[list[str], Turns]:
+    async def main() -> tuple[list[str], Turns]:
+        turns = Turns(max_run=max_run)
+        order: list[str] = []
+        await turns.acquire("a")  # the worker is busy with adapter a while the rest arrive
+        tasks = [asyncio.create_task(_serve(turns, order, key, name)) for key, name in arrivals]
+        await asyncio.sleep(0)
+        turns.release()
+        await asyncio.gather(*tasks)
+        return order, turns
+    return asyncio.run(main())
+
+
+def test_waiters_for_the_applied_adapter_go_first():
+    order, turns = _run([("b", "b1"), ("a", "a1"), ("b", "b2"), ("a", "a2")], max_run=8)
+    assert order == ["a1", "a2", "b1", "b2"]  # two switches instead of four
+    assert turns.jumps == 2
+
+
+def test_a_run_is_capped_so_other_adapters_are_not_starved():
+    arrivals = [("b", "b1")] + [("a", f"a{i}") for i in range(6)]
+    order, _ = _run(arrivals, max_run=3)
+    assert order.index("b1") == 3  # served after at most max_run jumps
+
+
+def test_a_cancelled_waiter_leaves_the_queue():
+    async def main() -> list[str]:
+        turns = Turns()
+        order: list[str] = []
+        await turns.acquire("a")
+        gone = asyncio.create_task(_serve(turns, order, "a", "gone"))
+        kept = asyncio.create_task(_serve(turns, order, "b", "kept"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        turns.release()
+        await asyncio.wait_for(kept, 1.0)
+        assert not turns.locked()
+        return order
+    assert asyncio.run(main()) == ["kept"]
