@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import zmq.asyncio
@@ -43,28 +43,16 @@ from outpost.models.backend import AdapterRef, Generation, GenerationRequest
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
-from . import eviction
+from . import adapters, eviction
+from .adapters import Lease
 from .background import Background
-from .errors import AdapterBaseMismatch, BudgetExceeded, Overloaded, Timeout, WorkerCrashed
+from .errors import BudgetExceeded, Overloaded, Timeout, WorkerCrashed
 from .ledger import MemoryLedger
 from .settings import DaemonSettings
 from .workers import LIVE, Forkserver, Snapshot, WorkerHandle, WorkerState
 
 log = logging.getLogger("outpost.pool")
 REAP_S = 1.0  # how often idle and dead workers are looked for
-
-
-@dataclass
-class Lease:
-    """One request's hold on a worker: who serves it, with which adapter, after how long."""
-
-    worker: WorkerHandle
-    served: Manifest  # what answers: the adapter's manifest, or the model's (as loaded)
-    adapter: AdapterRef | None
-    timings: dict[str, float]  # ms: {"load": ..., "queue": ...}
-
-    async def generate(self, request: GenerationRequest, timeout_s: float) -> Generation:
-        return await self.worker.generate(replace(request, adapter=self.adapter), timeout_s)
 
 
 class PoolRecorder(Protocol):
@@ -148,25 +136,13 @@ class ModelPool:
         return next(((w, c.size) for c, w in pairs if c is chosen), None)
 
     # -- leases -----------------------------------------------------------------------
-    def base_of(self, manifest: Manifest) -> tuple[Manifest, AdapterRef | None]:
-        """The model a worker loads for `manifest`, and the adapter to apply on it: a task
-        adapter is served by its base's worker, and only on the exact base it was trained on."""
-        if manifest.adapter is None:
-            return manifest, None
-        of = manifest.adapter
-        base = self.catalog.get(of.base)
-        if base.weights.sha256 != of.base_sha256:
-            raise AdapterBaseMismatch(manifest.id, manifest.version, of.base, of.base_version, base.version)
-        return base, AdapterRef(id=manifest.id, version=manifest.version, sha256=manifest.weights.sha256,
-                                size=manifest.weights.size, scale=of.scale)
-
     @contextlib.asynccontextmanager
     async def lease(self, manifest: Manifest) -> AsyncIterator[Lease]:
         """Hold a ready worker for one request (the base's, for a task adapter)."""
         # The active version, should one have been activated since the request was routed:
         # a request never brings an older version back.
         manifest = self.catalog.active(manifest)
-        base, adapter = self.base_of(manifest)
+        base, adapter = adapters.resolve(self.catalog, manifest)
         model = base.id
         queued = self._queued.get(model, 0)
         if queued >= self.settings.pool.max_queue:
@@ -314,7 +290,7 @@ class ModelPool:
         any load (room is made under the budget), and holds admission until it is done,
         so no other load can count on memory the trial is using."""
         self.store.weights_path(manifest)
-        base, adapter = self.base_of(manifest)
+        base, adapter = adapters.resolve(self.catalog, manifest)
         if adapter is not None:  # a task adapter is tried on a private worker of its base
             self.store.weights_path(base)
             manifest_toml = self.catalog.entry(base.id).text

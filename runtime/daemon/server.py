@@ -44,7 +44,7 @@ from outpost.runtime.escalation.settings import Policy
 from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
 from outpost.runtime.logs.store import LogStore
 
-from . import protocol, replies
+from . import adapters, protocol, replies
 from .background import Background
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
@@ -162,7 +162,8 @@ class Daemon:
         try:
             await self.pool.start()
             for model_id in self.settings.preload or []:
-                await self.pool.acquire(self.pool.base_of(self.catalog.get(model_id))[0], reason="preload")
+                await self.pool.acquire(adapters.resolve(self.catalog, self.catalog.get(model_id))[0],
+                                        reason="preload")
             if on_ready:
                 on_ready(self.settings.endpoint)
             self.background.spawn(self._retention(), "log retention")
