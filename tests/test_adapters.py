@@ -15,6 +15,7 @@ from outpost.manifests.schema import Manifest, Training
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef, GenerationRequest
 from outpost.models.llama import LlamaModel
+from outpost.runtime.errors import AdapterBaseMismatch
 from outpost.tools.lora_gguf import BaseShape, write_lora_gguf
 from outpost.tools.specialise import adapter as adapters
 from outpost.tools.specialise.data import Example
@@ -191,5 +192,24 @@ def test_the_daemon_routes_a_task_to_its_adapter_on_the_loaded_base(data):
             (worker,) = workers
             assert sorted(worker["adapters"]) == sorted([f"{a.id} {a.version}", f"{b.id} {b.version}"])
             assert worker["adapter_switches"] >= 5
+    finally:
+        running.stop()
+
+
+def test_an_adapter_for_another_base_file_is_refused_and_the_base_serves_on(data):
+    store = ModelStore(data / "models")
+    base = Catalog.load(store, [data / "manifests"], TINY).get(TINY)
+    gguf = write_lora_gguf(data / "other.gguf", random_state(base_path(data), 4), BaseShape.read(base_path(data)), 8.0)
+    text = adapters.manifest_text(base, "omega.tiny-random", "a1", ["omega"], gguf, training())
+    text = text.replace(base.weights.sha256, "f" * 64)  # trained on other weights
+    manifest = adapters.stage(store, text)
+    store.activate(manifest.id, manifest.version)
+    running = start_daemon(data, TINY)
+    try:
+        with running.client() as client:
+            with pytest.raises(AdapterBaseMismatch) as info:
+                client.chat(messages=ASK, max_tokens=4, task="omega")
+            assert info.value.data["adapter"] == "omega.tiny-random"
+            assert client.chat(messages=ASK, max_tokens=4, model=TINY)["model"] == TINY
     finally:
         running.stop()
