@@ -136,6 +136,28 @@ class PoolEvent(_Row):
     load_ms: float | None = None
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalRecord(_Row):
+    """A model (or a task adapter on its base) scored on a task's held-out examples:
+    a candidate at selection (S4), or one side of a promotion gate (S6)."""
+
+    task: str
+    purpose: str  # "select" | "gate"
+    role: str  # "candidate" | "incumbent"
+    model: str  # the id that answered: the adapter's, or the base's
+    version: str
+    base: str | None  # "<id> <version>" for an adapter
+    examples: int
+    accuracy: float
+    validity: float
+    p50_ms: float
+    decode_tok_s: float
+    data_sha256: str  # the held-out examples
+    decision: str | None = None  # gate: "promoted" | "kept"; select: "chosen" | None
+    p_value: float | None = None
+    detail: dict[str, Any] | None = None  # the reason, wins and losses, memory, ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class Footprint:
     """The measured memory of one model version: its next load's estimate."""

@@ -3,7 +3,8 @@
 Tables: `requests` (what an agent asked and the outcome it saw), `attempts` (each try
 at answering it, local or cloud), `tools` (each distinct tool set once, by the sha256
 of its canonical JSON), `feedback`, `footprints` and `pool_events` (the pool's
-memory records), `watermarks` and `exports` (how far the log has left the device).
+memory records), `watermarks` and `exports` (how far the log has left the device),
+`evals` (held-out scores of models and task adapters, and the promotion decisions).
 The typed records in records.py mirror `requests` and `attempts` column for column.
 
 Also the one prepared-INSERT helper every writer uses.
@@ -99,6 +100,18 @@ def m004_tasks_costs_watermarks(db: sqlite_utils.Database) -> None:
     db["exports"].create({
         "id": int, "created_at": float, "path": str, "format": str, "filters": str,
         "examples": int, "max_request_id": int}, pk="id")
+
+
+@migration
+def m005_evals(db: sqlite_utils.Database) -> None:
+    # Held-out scores of models and task adapters: the selection of a base (S4) and each
+    # promotion gate (S6), with the decision and its p-value. `outpost models evals`.
+    db["evals"].create({
+        "id": int, "created_at": float, "task": str, "purpose": str, "role": str, "model": str,
+        "version": str, "base": str, "examples": int, "accuracy": float, "validity": float,
+        "p50_ms": float, "decode_tok_s": float, "data_sha256": str, "decision": str,
+        "p_value": float, "detail": str}, pk="id")
+    db["evals"].create_index(["task", "created_at"])
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:

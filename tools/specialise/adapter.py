@@ -24,10 +24,14 @@ from outpost.manifests.store import ModelStore
 from outpost.tools.lora_gguf import BaseShape, write_lora_gguf
 
 
+def slug(task: str) -> str:
+    """A task name in the characters a manifest id (and a folder) allows."""
+    return re.sub(r"[^a-z0-9.-]+", "-", task.lower()).strip("-.") or "task"
+
+
 def adapter_id(task: str, base: Manifest) -> str:
     """`<task>.<base id>`, in the characters a manifest id allows."""
-    slug = re.sub(r"[^a-z0-9.-]+", "-", task.lower()).strip("-.") or "task"
-    out = f"{slug}.{base.id}"[:64].rstrip("-.")
+    out = f"{slug(task)}.{base.id}"[:64].rstrip("-.")
     if not re.fullmatch(MANIFEST_ID, out):
         raise ValueError(f"cannot make a model id of task {task!r}")
     return out

@@ -1,0 +1,252 @@
+"""`outpost specialise TASK`: S4 select, S5 train, S6 gate and promote, in one command.
+
+    examples (the log's export for TASK, or --examples FILE with its .val sibling)
+      -> S4: every candidate base scored on the held-out examples; the best is chosen
+      -> S5: a LoRA adapter trained on the training examples, on the chosen base
+      -> the adapter written (GGUF), its manifest staged in the store as a new version
+      -> S6: the adapter and the incumbent (the adapter promoted before, or the base)
+         answer the held-out examples; gate.py decides
+      -> promoted: activated after its smoke test (live when a daemon runs); kept out:
+         staged only, and `models evals` says why
+
+Every evaluation goes to the log's `evals` table. The heavy work runs in this process;
+`--threads` bounds it (half the cores by default) so a daemon beside it keeps answering.
+
+What this module must not do: serve requests, or write the log beyond `evals`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from outpost.manifests.catalog import Catalog
+from outpost.manifests.errors import BadRequest
+from outpost.manifests.schema import Manifest, Training
+from outpost.manifests.store import ModelStore
+from outpost.models.backend import AdapterRef
+from outpost.models.llama import LlamaModel
+from outpost.runtime.config import Settings
+from outpost.runtime.daemon.memory import available_ram
+from outpost.runtime.logs import schema
+from outpost.runtime.logs.export import Filters, export, val_path_for
+from outpost.runtime.logs.records import EvalRecord
+
+from . import adapter as adapters
+from . import data, evaluate, gate
+from .train import ALL_PROJECTIONS, TrainSettings, default_threads, train
+
+log = logging.getLogger("outpost.specialise")
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
+             client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "specialise", parents=[common, as_json],
+        help="train a task adapter on the log, gate it against the incumbent, promote it",
+        description="S4-S6 of the conversion loop for one task: choose a base model on the "
+        "task's held-out examples, train a LoRA adapter on the rest, and promote it only if "
+        "it beats the incumbent by a margin an exact McNemar test supports (docs/specialise.md).")
+    p.add_argument("task", help="the task: requests logged with it are the examples")
+    p.add_argument("--examples", type=Path, metavar="FILE",
+                   help="train on this exported JSONL (held-out: its .val.jsonl sibling) "
+                   "instead of exporting the log")
+    p.add_argument("--heldout-share", type=float, default=0.2,
+                   help="share of the log's examples held out for selection and the gate (default 0.2)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="a local answer is a target at or above this confidence "
+                   "(default: [export] min_confidence)")
+    p.add_argument("--base", action="append", default=[], metavar="ID",
+                   help="candidate base model (repeat); default: every pulled GGUF model")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--targets", default=",".join(ALL_PROJECTIONS),
+                   help="projections to adapt, comma-separated (default all seven)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for training and evaluation (default half the cores)")
+    p.add_argument("--max-tokens", type=int, default=256, help="per held-out answer (default 256)")
+    p.add_argument("--significance", type=float, default=gate.ALPHA,
+                   help="the gate's one-sided p-value threshold (default 0.05)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="checkpoints and files (default <data dir>/specialise/<task>)")
+    p.add_argument("--no-promote", action="store_true", help="gate, but leave the adapter staged")
+    p.set_defaults(run=cmd_specialise)
+
+
+def _examples(args: argparse.Namespace, settings: Settings, workdir: Path) -> tuple[list[data.Example], list[data.Example]]:
+    if args.examples is not None:
+        return data.load(args.examples), data.load(val_path_for(args.examples))
+    db = schema.open_db(settings.log_path, settings.logs.busy_timeout_s)
+    out = workdir / "examples.jsonl"
+    report = export(db, out, "openai", Filters(task=args.task), min_confidence=settings.export.min_confidence if args.min_confidence is None else args.min_confidence,
+                    val_share=args.heldout_share, redact=dict(settings.export.redact),
+                    advance_watermark=False)
+    log.info("exported %d examples of %s (%d held out; skipped %s)", report.examples, args.task,
+             report.val, dict(report.skipped))
+    return data.load(out), data.load(val_path_for(out))
+
+
+def _candidates(args: argparse.Namespace, store: ModelStore, catalog: Catalog, budget: int) -> list[Manifest]:
+    chosen = [catalog.get(b) for b in args.base] if args.base else [
+        m for m in catalog if m.adapter is None and m.backend == "gguf" and store.is_pulled(m)]
+    fits = [m for m in chosen if m.adapter is None and int(m.memory_estimate) <= budget]
+    if not fits:
+        raise BadRequest("no base model to specialise: pull one (`outpost models pull`) that fits "
+                         "the memory budget", field="base")
+    return fits
+
+
+def _record(settings: Settings, rows: list[EvalRecord]) -> None:
+    db = schema.open_db(settings.log_path, settings.logs.busy_timeout_s)
+    with db.conn:
+        db.conn.execute("BEGIN IMMEDIATE")
+        for row in rows:
+            schema.insert(db.conn, "evals", {"created_at": time.time(), **row.columns()})
+
+
+def _eval_row(task: str, purpose: str, role: str, ev: evaluate.Evaluation, manifest: Manifest,
+              heldout_sha: str, **extra: Any) -> EvalRecord:
+    base = f"{manifest.adapter.base} {manifest.adapter.base_version}" if manifest.adapter else None
+    return EvalRecord(task=task, purpose=purpose, role=role, model=manifest.id, version=manifest.version,
+                      base=base, examples=ev.examples, accuracy=ev.accuracy, validity=ev.validity,
+                      p50_ms=ev.p50_ms, decode_tok_s=ev.decode_tok_s, data_sha256=heldout_sha, **extra)
+
+
+def _bar(label: str, total: int, initial: int = 0) -> Any:
+    return tqdm(total=total, initial=initial, desc=label, unit="step" if "train" in label else "ex",
+                disable=None, leave=False, file=sys.stderr)
+
+
+def _evaluate(model: LlamaModel, examples: list[data.Example], ref: AdapterRef | None, label: str,
+              max_tokens: int) -> evaluate.Evaluation:
+    bar = _bar(label, len(examples))
+    try:
+        return evaluate.evaluate(model, examples, ref, max_tokens, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
+def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
+    t_start = time.perf_counter()
+    store = ModelStore(settings.store_dir)
+    catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
+    workdir = args.workdir or settings.data_dir / "specialise" / adapters.slug(args.task)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_set, heldout = _examples(args, settings, workdir)
+    if not train_set or not heldout:
+        raise BadRequest(f"task {args.task!r} has {len(train_set)} training and {len(heldout)} held-out "
+                         "examples; both are needed (log more, or lower --min-confidence)", field="task")
+    heldout_sha = data.fingerprint(heldout)
+    threads = args.threads or default_threads()
+    budget = int(settings.budget.ram or available_ram() * settings.budget.ram_share)
+
+    # S4: each candidate base on the held-out examples.
+    scores: list[tuple[Manifest, evaluate.Evaluation]] = []
+    for base in _candidates(args, store, catalog, budget):
+        model = LlamaModel(base, store.ensure_verified(base.weights), n_threads=threads,
+                           adapter_path=store.ensure_verified)
+        try:
+            scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens)))
+        finally:
+            model.close()
+    base, base_eval = max(scores, key=lambda s: (s[1].accuracy, s[1].validity, -int(s[0].memory_estimate),
+                                                 -s[1].p50_ms))
+    _record(settings, [_eval_row(args.task, "select", "candidate", ev, m, heldout_sha,
+                                 decision="chosen" if m is base else None,
+                                 detail={"memory_estimate": int(m.memory_estimate)})
+                       for m, ev in scores])
+    log.info("S4: %s chosen (%.1f%% on %d held-out examples)", base.id, base_eval.accuracy * 100, len(heldout))
+
+    # S5: the adapter.
+    base_path = store.ensure_verified(base.weights)
+    settings_t = TrainSettings(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
+                               epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
+                               max_seq_len=args.max_seq_len, seed=args.seed, threads=threads)
+    data_sha = data.fingerprint(train_set)
+    trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id, data_sha,
+                    progress=lambda done, total: _bar(f"S5 train {base.id}", total, done))
+    model_id = adapters.adapter_id(args.task, base)
+    version = adapters.next_version(store, model_id)
+    gguf = adapters.write(workdir / f"{model_id}-{version}.gguf", trained.state, base_path, args.alpha,
+                          f"{model_id} {version}")
+
+    # S6: the candidate against the incumbent, on the same base and examples.
+    incumbent = catalog.for_task(args.task)
+    if incumbent is None or incumbent.adapter is None or incumbent.adapter.base_sha256 != base.weights.sha256:
+        incumbent = base
+    training = Training(data_sha256=data_sha, train_examples=trained.examples, heldout_examples=len(heldout),
+                        rank=args.rank, alpha=args.alpha, targets=list(settings_t.targets), epochs=args.epochs,
+                        learning_rate=args.lr, max_seq_len=args.max_seq_len, seed=args.seed,
+                        steps=trained.steps, threads=trained.threads, wall_s=round(trained.wall_s, 1),
+                        device=trained.device)
+    text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
+    candidate = adapters.stage(store, text)
+    model = LlamaModel(base, base_path, n_threads=threads, adapter_path=store.ensure_verified)
+    try:
+        cand_eval = _evaluate(model, heldout, _ref(candidate), f"S6 {model_id} {version}", args.max_tokens)
+        inc_eval = base_eval if incumbent is base else _evaluate(
+            model, heldout, _ref(incumbent), f"S6 {incumbent.id} {incumbent.version}", args.max_tokens)
+    finally:
+        model.close()
+    verdict = gate.decide(cand_eval.pairs(), inc_eval.pairs(), args.significance)
+    # The held-out scores belong in the manifest too: restage it with them.
+    training = training.model_copy(update={"heldout": {"accuracy": cand_eval.accuracy,
+                                                       "validity": cand_eval.validity,
+                                                       "incumbent_accuracy": inc_eval.accuracy}})
+    text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
+    candidate = adapters.stage(store, text)
+    decision = "promoted" if verdict.promote and not args.no_promote else "kept"
+    detail = {"reason": verdict.reason, "wins": verdict.wins, "losses": verdict.losses,
+              "alpha": verdict.alpha, "incumbent": f"{incumbent.id} {incumbent.version}"}
+    _record(settings, [
+        _eval_row(args.task, "gate", "candidate", cand_eval, candidate, heldout_sha, decision=decision,
+                  p_value=verdict.p_value, detail={**detail, "train_wall_s": round(trained.wall_s, 1),
+                                                   "threads": trained.threads, "gguf_bytes": gguf.stat().st_size}),
+        _eval_row(args.task, "gate", "incumbent", inc_eval, incumbent, heldout_sha, decision=decision,
+                  p_value=verdict.p_value, detail=detail)])
+    activation: dict[str, Any] | None = None
+    if decision == "promoted":
+        from outpost.runtime.activation import activate  # noqa: PLC0415 (may start a private daemon)
+
+        done = activate(settings, model_id, version)
+        activation = asdict(done)
+        if not done.active:
+            decision = "refused at activation"
+    result = {"task": args.task, "base": f"{base.id} {base.version}", "adapter": f"{model_id} {version}",
+              "decision": decision, "reason": verdict.reason, "p_value": verdict.p_value,
+              "candidate": cand_eval.summary(), "incumbent": inc_eval.summary(),
+              "selection": [ev.summary() for _, ev in scores],
+              "train": {"examples": trained.examples, "left_out": trained.left_out, "steps": trained.steps,
+                        "threads": trained.threads, "wall_s": round(trained.wall_s, 1),
+                        "resumed_from": trained.resumed_from, "device": trained.device},
+              "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "activation": activation,
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.task}: {model_id} {version} on {base.id} {base.version}: {decision} ({verdict.reason})")
+        print(f"  held-out ({len(heldout)}): adapter {cand_eval.accuracy:.1%} right, {cand_eval.validity:.1%} "
+              f"valid; incumbent {incumbent.id} {inc_eval.accuracy:.1%} right, {inc_eval.validity:.1%} valid")
+        print(f"  trained on {trained.examples} examples, {trained.steps} steps, {trained.threads} threads, "
+              f"{trained.wall_s:.0f} s; adapter {gguf.stat().st_size / 2**20:.1f} MiB")
+    return 0 if decision in ("promoted", "kept") else 1
+
+
+def _ref(manifest: Manifest) -> AdapterRef | None:
+    if manifest.adapter is None:
+        return None
+    return AdapterRef(id=manifest.id, version=manifest.version, sha256=manifest.weights.sha256,
+                      size=manifest.weights.size, scale=manifest.adapter.scale)
