@@ -75,6 +75,10 @@ class Catalog:
         self._entries[manifest.id] = Entry(manifest, text, origin)
         return manifest
 
+    def remove(self, model_id: str) -> None:
+        """Stop serving a model (a task adapter rolled back to its base)."""
+        self._entries.pop(model_id, None)
+
     def active(self, manifest: Manifest) -> Manifest:
         """The version of `manifest`'s model served now (itself, unless another was put)."""
         entry = self._entries.get(manifest.id)

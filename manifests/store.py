@@ -177,13 +177,22 @@ class ModelStore:
         self._version_path(model_id, version, ".failed").unlink(missing_ok=True)
         return previous
 
-    def rollback(self, model_id: str) -> tuple[str, str]:
-        """Return to the version active before this one: (from, to)."""
+    def rollback(self, model_id: str) -> tuple[str, str | None]:
+        """Return to the version active before this one: (from, to). A task adapter's first
+        version had its base before it: rolling it back retires the adapter (to = None), so
+        its task goes to the base again; its versions stay, for `models activate`."""
         self._version_path(model_id, "")  # checks the id
         current = self.pulled_manifest(model_id)
         if current is None:
             raise ModelNotPulled(model_id)
         history = self.history(model_id)
+        if not history and current.adapter is not None:
+            if not self._version_path(model_id, current.version).is_file():
+                _write_atomic(self._version_path(model_id, current.version),
+                              (self.manifests / f"{model_id}.toml").read_text(encoding="utf-8"))
+            (self.manifests / f"{model_id}.toml").unlink()
+            self.mark_failed(model_id, current.version, {"reason": "rolled back", "at": time.time()})
+            return current.version, None
         if not history:
             raise NotFound("earlier version of", model_id)
         back = unquote(history[-1])

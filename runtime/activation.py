@@ -84,9 +84,10 @@ def _ask(client: OutpostClient, model: str, version: str, where: str, load_timeo
     return Activation(model, version, active=True, previous=done.get("previous"), where=where)
 
 
-def rollback(settings: Settings, model: str) -> tuple[str, str, bool]:
+def rollback(settings: Settings, model: str) -> tuple[str, str | None, bool]:
     """(from, to, told_the_daemon): a running daemon switches at once; otherwise the store
-    does, and the next `outpost serve` serves the earlier version."""
+    does, and the next `outpost serve` serves the earlier version. `to` is None when a task
+    adapter's first version was retired (its base serves the task again)."""
     try:
         with OutpostClient(settings.endpoint, timeout_s=30.0) as client:
             client.ping(timeout_s=PING_S)

@@ -71,6 +71,10 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
         fmt.print_json({"model": args.id, "version": back, "previous": current, "daemon": live})
         return 0
     where = "the daemon serves it now" if live else "the next `outpost serve` serves it"
+    if back is None:
+        print(f"{args.id}: task adapter {current} retired; its base serves its tasks again "
+              f"({'now' if live else 'from the next `outpost serve`'})")
+        return 0
     print(f"{args.id}: rolled back from {current} to {back}; {where}")
     return 0
 
@@ -78,17 +82,17 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models_versions(args: argparse.Namespace, settings: Settings) -> int:
     store = ModelStore(settings.store_dir)
     active = store.pulled_manifest(args.id)
-    if active is None:
+    if active is None and not (store.versions / args.id).is_dir():
         raise ModelNotPulled(args.id)
     rows = []
     for path in sorted((store.versions / args.id).glob("*.toml")):
         m = Manifest.from_file(path)
         earlier = m.version in {unquote(v) for v in store.history(args.id)}
-        state = "active" if m.version == active.version else "earlier" if earlier else "staged"
+        state = "active" if active and m.version == active.version else "earlier" if earlier else "staged"
         failed = store.failed(args.id, m.version)
         rows.append({"version": m.version, "state": "refused" if failed else state,
                      "reason": failed.get("reason") if failed else None})
-    if not any(r["version"] == active.version for r in rows):
+    if active is not None and not any(r["version"] == active.version for r in rows):
         rows.append({"version": active.version, "state": "active", "reason": None})
     if args.json:
         fmt.print_json(rows)

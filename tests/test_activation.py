@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 from outpost.runtime.cli import main
 from outpost.runtime.logs import schema
 from outpost.tools.fleet import FleetHub
+from outpost.tools.lora_gguf import BaseShape, write_lora_gguf
+from outpost.tools.specialise import adapter as adapters
 from outpost.tools.tiny_gguf import write_tiny_gguf
 
 from .conftest import TINY, ServeProcess, make_data_dir, start_daemon, tiny_manifest_toml
+from .test_adapters import ASK, random_state, training
 
 
 def version_toml(gguf: Path, version: str) -> str:
@@ -158,3 +162,22 @@ def test_a_daemon_that_does_not_answer_is_not_bypassed(tmp_path, device, capsys)
         assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 3
     store = ModelStore(data / "models")
     assert store.pulled_manifest(TINY).version == "1" and store.staged(TINY, "2")
+
+
+def test_a_task_adapter_travels_like_a_model(tmp_path, device, capsys):
+    """Fleet-ready: an adapter published at the hub is pulled, smoke-tested on the device's
+    base and activated; its task then goes to it, on the base's worker."""
+    data, hub = device
+    store = ModelStore(data / "models")
+    base = Catalog.load(store, [data / "manifests"], TINY).get(TINY)
+    base_path = store.blob_path(base.weights.sha256)
+    gguf = write_lora_gguf(tmp_path / "adapter.gguf", random_state(base_path, 7), BaseShape.read(base_path), 8.0)
+    model_id = adapters.adapter_id("clock", base)
+    text = adapters.manifest_text(base, model_id, "a1", ["clock"], gguf, training())
+    hub.add_model(text, {f"{model_id}-a1.gguf": gguf})
+    with start_daemon(data, TINY) as daemon, daemon.client() as client:
+        assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
+        assert "passed its smoke test" in capsys.readouterr().out
+        reply = client.chat(ASK, task="clock", max_tokens=4)
+        assert (reply["model"], reply["outpost"]["model_version"]) == (model_id, "a1")
+        assert [w["model"] for w in client.status()["loaded"]] == [TINY]

@@ -78,13 +78,15 @@ def gguf_pairs(state: dict[str, np.ndarray], base: BaseShape) -> dict[str, np.nd
         target = names.get_name(stem + ".weight", try_suffixes=(".weight",))
         if target is None:
             raise ValueError(f"no GGUF tensor for {stem!r} in a {base.architecture} model")
-        value = np.asarray(value, dtype=np.float32)
+        value = np.asarray(value, dtype=np.float32)  # permuted in fp32, stored in fp16 below
         if part == "lora_b" and base.architecture in PERMUTE_QK:
             if stem.endswith("q_proj"):
                 value = _permute(value, base.n_head)
             elif stem.endswith("k_proj"):
                 value = _permute(value, base.n_head_kv)
-        out[f"{target}.{part}"] = np.ascontiguousarray(value)
+        # fp16 halves what a device downloads and holds; llama.cpp computes the LoRA
+        # product in the base's compute type either way.
+        out[f"{target}.{part}"] = np.ascontiguousarray(value, dtype=np.float16)
     return out
 
 

@@ -300,9 +300,13 @@ class Daemon:
         """Return a model to the version active before this one (no smoke test: it served)."""
         model_id = _model_id(params)
         current, back = self.store.rollback(model_id)
-        self.catalog.put((self.store.manifests / f"{model_id}.toml").read_text(encoding="utf-8"),
-                         f"{self.store.manifests / model_id}.toml")
-        log.info("rolled %s back from %s to %s", model_id, current, back)
+        if back is None:  # a task adapter's first version: its task goes to the base again
+            self.catalog.remove(model_id)
+            log.info("retired task adapter %s %s: its base serves its tasks again", model_id, current)
+        else:
+            self.catalog.put((self.store.manifests / f"{model_id}.toml").read_text(encoding="utf-8"),
+                             f"{self.store.manifests / model_id}.toml")
+            log.info("rolled %s back from %s to %s", model_id, current, back)
         return {"model": model_id, "version": back, "previous": current}
 
     async def _note_trial(self, manifest: Manifest, outcome: str) -> None:

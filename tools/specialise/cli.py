@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,22 @@ from .train import ALL_PROJECTIONS, TrainSettings, default_threads, train
 log = logging.getLogger("outpost.specialise")
 
 
+@dataclass(frozen=True)
+class Options:
+    """One specialisation run: the command line's flags, typed (the benchmark builds one too)."""
+
+    task: str
+    examples: Path | None = None  # an exported JSONL (held-out: its .val sibling); None: export the log
+    heldout_share: float = 0.2
+    min_confidence: float | None = None
+    bases: list[str] = field(default_factory=list)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    max_tokens: int = 256
+    significance: float = gate.ALPHA
+    workdir: Path | None = None
+    promote: bool = True
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
              client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -66,27 +82,29 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                    "(default: [export] min_confidence)")
     p.add_argument("--base", action="append", default=[], metavar="ID",
                    help="candidate base model (repeat); default: every pulled GGUF model")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha; the update is scaled by alpha/rank (default 32)")
     p.add_argument("--targets", default=",".join(ALL_PROJECTIONS),
                    help="projections to adapt, comma-separated (default all seven)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training examples (default 3)")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--max-seq-len", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-tokens", type=int, default=2048,
+                   help="padded tokens per optimiser step (default 2048)")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="longer examples are left out, never cut (default 1024)")
+    p.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for training and evaluation (default half the cores)")
     p.add_argument("--max-tokens", type=int, default=256, help="per held-out answer (default 256)")
     p.add_argument("--significance", type=float, default=gate.ALPHA,
                    help="the gate's one-sided p-value threshold (default 0.05)")
-    p.add_argument("--workdir", type=Path, default=None,
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="checkpoints and files (default <data dir>/specialise/<task>)")
     p.add_argument("--no-promote", action="store_true", help="gate, but leave the adapter staged")
     p.set_defaults(run=cmd_specialise)
 
 
-def _examples(args: argparse.Namespace, settings: Settings, workdir: Path) -> tuple[list[data.Example], list[data.Example]]:
+def _examples(args: Options, settings: Settings, workdir: Path) -> tuple[list[data.Example], list[data.Example]]:
     if args.examples is not None:
         return data.load(args.examples), data.load(val_path_for(args.examples))
     db = schema.open_db(settings.log_path, settings.logs.busy_timeout_s)
@@ -99,8 +117,8 @@ def _examples(args: argparse.Namespace, settings: Settings, workdir: Path) -> tu
     return data.load(out), data.load(val_path_for(out))
 
 
-def _candidates(args: argparse.Namespace, store: ModelStore, catalog: Catalog, budget: int) -> list[Manifest]:
-    chosen = [catalog.get(b) for b in args.base] if args.base else [
+def _candidates(args: Options, store: ModelStore, catalog: Catalog, budget: int) -> list[Manifest]:
+    chosen = [catalog.get(b) for b in args.bases] if args.bases else [
         m for m in catalog if m.adapter is None and m.backend == "gguf" and store.is_pulled(m)]
     fits = [m for m in chosen if m.adapter is None and int(m.memory_estimate) <= budget]
     if not fits:
@@ -140,6 +158,30 @@ def _evaluate(model: LlamaModel, examples: list[data.Example], ref: AdapterRef |
 
 
 def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
+    options = Options(
+        task=args.task, examples=args.examples, heldout_share=args.heldout_share,
+        min_confidence=args.min_confidence, bases=args.base, max_tokens=args.max_tokens,
+        significance=args.significance, workdir=args.workdir, promote=not args.no_promote,
+        train=TrainSettings(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
+                            epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
+                            max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads))
+    result = run(settings, options)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        cand, inc = result["candidate"], result["incumbent"]
+        print(f"{result['task']}: {result['adapter']} on {result['base']}: {result['decision']} "
+              f"({result['reason']})")
+        print(f"  held-out ({cand['examples']}): adapter {cand['accuracy']:.1%} right, {cand['validity']:.1%} "
+              f"valid; incumbent {inc['adapter'] or inc['model']} {inc['accuracy']:.1%} right, "
+              f"{inc['validity']:.1%} valid")
+        t = result["train"]
+        print(f"  trained on {t['examples']} examples, {t['steps']} steps, {t['threads']} threads, "
+              f"{t['wall_s']:.0f} s; adapter {result['gguf_bytes'] / 2**20:.1f} MiB")
+    return 0 if result["decision"] in ("promoted", "kept") else 1
+
+
+def run(settings: Settings, args: Options) -> dict[str, Any]:
     t_start = time.perf_counter()
     store = ModelStore(settings.store_dir)
     catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
@@ -150,7 +192,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
         raise BadRequest(f"task {args.task!r} has {len(train_set)} training and {len(heldout)} held-out "
                          "examples; both are needed (log more, or lower --min-confidence)", field="task")
     heldout_sha = data.fingerprint(heldout)
-    threads = args.threads or default_threads()
+    threads = args.train.threads or default_threads()
     budget = int(settings.budget.ram or available_ram() * settings.budget.ram_share)
 
     # S4: each candidate base on the held-out examples.
@@ -172,15 +214,13 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
 
     # S5: the adapter.
     base_path = store.ensure_verified(base.weights)
-    settings_t = TrainSettings(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
-                               epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
-                               max_seq_len=args.max_seq_len, seed=args.seed, threads=threads)
+    settings_t = replace(args.train, threads=threads)
     data_sha = data.fingerprint(train_set)
     trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id, data_sha,
                     progress=lambda done, total: _bar(f"S5 train {base.id}", total, done))
     model_id = adapters.adapter_id(args.task, base)
     version = adapters.next_version(store, model_id)
-    gguf = adapters.write(workdir / f"{model_id}-{version}.gguf", trained.state, base_path, args.alpha,
+    gguf = adapters.write(workdir / f"{model_id}-{version}.gguf", trained.state, base_path, settings_t.alpha,
                           f"{model_id} {version}")
 
     # S6: the candidate against the incumbent, on the same base and examples.
@@ -188,8 +228,9 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
     if incumbent is None or incumbent.adapter is None or incumbent.adapter.base_sha256 != base.weights.sha256:
         incumbent = base
     training = Training(data_sha256=data_sha, train_examples=trained.examples, heldout_examples=len(heldout),
-                        rank=args.rank, alpha=args.alpha, targets=list(settings_t.targets), epochs=args.epochs,
-                        learning_rate=args.lr, max_seq_len=args.max_seq_len, seed=args.seed,
+                        rank=settings_t.rank, alpha=settings_t.alpha, targets=list(settings_t.targets),
+                        epochs=settings_t.epochs, learning_rate=settings_t.learning_rate,
+                        max_seq_len=settings_t.max_seq_len, seed=settings_t.seed,
                         steps=trained.steps, threads=trained.threads, wall_s=round(trained.wall_s, 1),
                         device=trained.device)
     text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
@@ -208,7 +249,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
                                                        "incumbent_accuracy": inc_eval.accuracy}})
     text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
     candidate = adapters.stage(store, text)
-    decision = "promoted" if verdict.promote and not args.no_promote else "kept"
+    decision = "promoted" if verdict.promote and args.promote else "kept"
     detail = {"reason": verdict.reason, "wins": verdict.wins, "losses": verdict.losses,
               "alpha": verdict.alpha, "incumbent": f"{incumbent.id} {incumbent.version}"}
     _record(settings, [
@@ -234,15 +275,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
                         "resumed_from": trained.resumed_from, "device": trained.device},
               "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "activation": activation,
               "wall_s": round(time.perf_counter() - t_start, 1)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{args.task}: {model_id} {version} on {base.id} {base.version}: {decision} ({verdict.reason})")
-        print(f"  held-out ({len(heldout)}): adapter {cand_eval.accuracy:.1%} right, {cand_eval.validity:.1%} "
-              f"valid; incumbent {incumbent.id} {inc_eval.accuracy:.1%} right, {inc_eval.validity:.1%} valid")
-        print(f"  trained on {trained.examples} examples, {trained.steps} steps, {trained.threads} threads, "
-              f"{trained.wall_s:.0f} s; adapter {gguf.stat().st_size / 2**20:.1f} MiB")
-    return 0 if decision in ("promoted", "kept") else 1
+    return result
 
 
 def _ref(manifest: Manifest) -> AdapterRef | None:

@@ -5,7 +5,8 @@ backend (`LlamaModel`, in this process): the same template, the same grammar
 (`tool_choice` required when the answer is a call, for every candidate alike),
 greedy decoding. An answer is right when its calls equal the target's by name and
 arguments: arguments compared as parsed JSON, numbers by value (1 == 1.0), calls as
-a multiset (the order of parallel calls does not matter). It is valid when every
+a multiset (the order of parallel calls does not matter). A target that is text is
+matched by its text, whitespace collapsed, and no call. An answer is valid when every
 call passed the schema validator and an expected call was made.
 
 What this module must not do: decide promotion (gate.py) or write anything.
@@ -104,7 +105,11 @@ def same_calls(got: list[dict[str, Any]], want: list[Call]) -> bool:
 def score(generation: Generation, example: Example) -> Scored:
     want = example.calls
     valid = all(v.get("valid") for v in generation.validation) and (bool(generation.tool_calls) or not want)
-    correct = same_calls(generation.tool_calls, want) if want else not generation.tool_calls
+    if want:
+        correct = same_calls(generation.tool_calls, want)
+    else:
+        text = " ".join((example.answer.get("content") or "").split())
+        correct = not generation.tool_calls and " ".join((generation.content or "").split()) == text
     return Scored(correct=correct, valid=valid, latency_ms=generation.prefill_ms + generation.decode_ms,
                   completion_tokens=generation.completion_tokens, decode_ms=generation.decode_ms)
 
