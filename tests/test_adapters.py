@@ -11,11 +11,12 @@ import pytest
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import ChecksumMismatch
-from outpost.manifests.schema import Manifest, Training
+from outpost.manifests.schema import ADAPTER_OVERHEAD, Manifest, Training
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef, GenerationRequest
 from outpost.models.llama import LlamaModel
 from outpost.runtime.errors import AdapterBaseMismatch
+from outpost.runtime.logs import schema
 from outpost.tools.lora_gguf import BaseShape, write_lora_gguf
 from outpost.tools.specialise import adapter as adapters
 from outpost.tools.specialise.data import Example
@@ -194,6 +195,15 @@ def test_the_daemon_routes_a_task_to_its_adapter_on_the_loaded_base(data):
             assert worker["adapter_switches"] >= 5
     finally:
         running.stop()
+    # Each adapter was charged to the budget once, before its first use: its file and
+    # what applying it adds.
+    db = schema.open_db(data / "logs.db")
+    events = list(db.query("select model, ram_bytes from pool_events where kind = 'adapter' order by id"))
+    assert [(e["model"], e["ram_bytes"]) for e in events] == [
+        (m.id, m.weights.size + ADAPTER_OVERHEAD) for m in (a, b)]
+    # The log names the adapter version that answered, like any model version.
+    rows = list(db.query("select model, model_version, task from requests where task = 'alpha'"))
+    assert rows and all((r["model"], r["model_version"]) == (a.id, a.version) for r in rows)
 
 
 def test_an_adapter_for_another_base_file_is_refused_and_the_base_serves_on(data):

@@ -52,6 +52,7 @@ def routed(settings: Settings, task: str) -> str | None:
     return found.id if found else None
 
 
+@pytest.mark.slow  # two trainings and a private daemon: about 20 s
 def test_specialise_promotes_a_better_adapter_and_keeps_a_broken_one_out(settings, tmp_path):
     good = specialise.run(settings, specialise.Options(
         task="clock", examples=write_examples(tmp_path / "good", "noon"), bases=[TINY], train=FAST,

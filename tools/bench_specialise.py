@@ -34,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,16 +206,20 @@ def main(argv: list[str] | None = None) -> int:
                                         "daily_max_tokens": None},
                                  llama={"n_threads": args.threads})
         with EmbeddedDaemon(settings) as daemon, daemon.client(timeout_s=600) as client:
-            # S1: the training half through the daemon, the oracle asked in shadow.
+            # S1: the training half through the daemon, the oracle asked in shadow (once:
+            # a run again with the same --out reuses the log).
             t0 = time.perf_counter()
-            for item in tqdm(train_items, desc="logging (shadow)", file=sys.stderr, disable=None):
-                client.request("chat", request(item, {"model": BASE, "task": TASK}, args.max_tokens, "shadow"))
             db = schema.open_db(settings.log_path)
+            logged = db.execute("select count(*) from requests where task = ?", [TASK]).fetchone()[0]
+            for item in _bar(train_items if logged < len(train_items) else [], "logging (shadow)"):
+                client.request("chat", request(item, {"model": BASE, "task": TASK}, args.max_tokens, "shadow"))
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and db.execute(
                     "select count(*) from attempts where kind = 'cloud'").fetchone()[0] < len(train_items):
                 time.sleep(0.5)
             result["logging_s"] = round(time.perf_counter() - t0, 1)
+            cost = db.execute("select avg(cost_usd) from attempts where kind = 'cloud'").fetchone()[0]
+            result["cloud_usd_per_request"] = cost  # at [cloud] prices, for the oracle's token counts
             # S2: the export (the cloud's answers are the targets); 20% held out for the gate.
             report = export(db, root / "export" / "examples.jsonl", "openai", Filters(task=TASK),
                             val_share=0.2, advance_watermark=False)
@@ -226,8 +230,13 @@ def main(argv: list[str] | None = None) -> int:
             base = daemon.catalog.get(BASE)
             base_path = store.ensure_verified(base.weights)
             heldout_rows: dict[str, list[Asked]] = {}
-            heldout_rows["base"] = [ask(client, item, {"model": BASE}, check, args.max_tokens)
-                                    for item in _bar(heldout_items, "held-out: base")]
+            cached = root / f"heldout-base-{len(heldout_items)}.json"  # the base's answers, kept for a rerun
+            if cached.exists():
+                heldout_rows["base"] = [Asked(**row) for row in json.loads(cached.read_text())]
+            else:
+                heldout_rows["base"] = [ask(client, item, {"model": BASE}, check, args.max_tokens)
+                                        for item in _bar(heldout_items, "held-out: base")]
+                cached.write_text(json.dumps([asdict(r) for r in heldout_rows["base"]]))
 
             # S4-S6 on every example, as `outpost specialise` runs them: select, train, gate, promote.
             settings_t = TrainSettings(rank=args.rank, alpha=args.alpha, epochs=args.epochs,
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                       "adapter_bytes": full["gguf_bytes"], **summary(full_rows, args.threshold)}]
 
             # The learning curve: the same training on the first n examples only.
-            for n in sorted((int(x) for x in args.sizes.split(",")), reverse=True):
+            for n in sorted((int(x) for x in args.sizes.split(",") if x), reverse=True):
                 if n >= len(examples):
                     continue
                 subset = examples[:n]
@@ -292,15 +301,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [(f"BFCL simple_python, oracle teacher; {result['train_questions']} questions logged, "
-              f"{result['heldout_questions']} held out; {result['threads']} threads on {result['cores']} cores"),
-             f"{'model':<22} {'AST':>6} {'valid':>6} {'local@t':>8} {'p50 ms':>7} {'train s':>8} {'MiB':>5}"]
     b = result["base"]
-    lines.append(f"{'base':<22} {b['ast']:>6.1%} {b['valid']:>6.1%} {b['local_share']:>8.1%} {b['p50_ms']:>7.0f}")
+    lines = [(f"BFCL simple_python, ORACLE TEACHER (BFCL's ground truth as the cloud); "
+              f"{result['train_questions']} questions logged in shadow mode, {result['heldout_questions']} "
+              f"held out; {result['threads']} threads on {result['cores']} cores"),
+             (f"{'model':<24} {'train ex':>8} {'AST':>6} {'valid':>6} {'local@t':>8} {'p50 ms':>7} "
+              f"{'tok/s':>6} {'train s':>8} {'MiB':>5}"),
+             (f"{'base':<24} {'-':>8} {b['ast']:>6.1%} {b['valid']:>6.1%} {b['local_share']:>8.1%} "
+              f"{b['p50_ms']:>7.0f} {b['decode_tok_s'] or 0:>6.1f}")]
     for c in result["curve"]:
-        lines.append(f"{'adapter n=' + str(c['examples']):<22} {c['ast']:>6.1%} {c['valid']:>6.1%} "
-                     f"{c['local_share']:>8.1%} {c['p50_ms']:>7.0f} {c['train_wall_s']:>8.0f} "
-                     f"{c['adapter_bytes'] / 2**20:>5.1f}")
+        lines.append(f"{c['adapter'].split()[0][:24]:<24} {c['examples']:>8} {c['ast']:>6.1%} {c['valid']:>6.1%} "
+                     f"{c['local_share']:>8.1%} {c['p50_ms']:>7.0f} {c['decode_tok_s'] or 0:>6.1f} "
+                     f"{c['train_wall_s']:>8.0f} {c['adapter_bytes'] / 2**20:>5.1f}")
+    spec = result.get("specialise") or {}
+    if spec:
+        lines.append(f"gate: {spec['decision']} ({spec['reason']})")
+    full = max(result["curve"], key=lambda c: c["examples"])
+    if result.get("cloud_usd_per_request") is not None:
+        saved = (full["local_share"] - b["local_share"]) * 1000 * result["cloud_usd_per_request"]
+        lines.append(f"kept local at the threshold: {b['local_share']:.1%} -> {full['local_share']:.1%}; "
+                     f"cloud cost saved ${saved:.4f} per 1,000 requests")
+    sw = result.get("switching")
+    if sw:
+        lines.append(f"switching: one adapter p50 {sw['one_adapter_p50_ms']:.0f} ms, two alternating "
+                     f"{sw['alternating_p50_ms']:.0f} ms; the switch call {sw['switch_call_ms']:.2f} ms")
     return "\n".join(lines)
 
 

@@ -204,11 +204,11 @@ def run(settings: Settings, args: Options) -> dict[str, Any]:
             scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens)))
         finally:
             model.close()
-    base, base_eval = max(scores, key=lambda s: (s[1].accuracy, s[1].validity, -int(s[0].memory_estimate),
-                                                 -s[1].p50_ms))
+    base, base_eval, why = choose_base(scores, args.significance)
     _record(settings, [_eval_row(args.task, "select", "candidate", ev, m, heldout_sha,
                                  decision="chosen" if m is base else None,
-                                 detail={"memory_estimate": int(m.memory_estimate)})
+                                 detail={"memory_estimate": int(m.memory_estimate),
+                                         **({"reason": why} if m is base else {})})
                        for m, ev in scores])
     log.info("S4: %s chosen (%.1f%% on %d held-out examples)", base.id, base_eval.accuracy * 100, len(heldout))
 
@@ -276,6 +276,23 @@ def run(settings: Settings, args: Options) -> dict[str, Any]:
               "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "activation": activation,
               "wall_s": round(time.perf_counter() - t_start, 1)}
     return result
+
+
+def choose_base(scores: list[tuple[Manifest, evaluate.Evaluation]],
+                alpha: float) -> tuple[Manifest, evaluate.Evaluation, str]:
+    """S4: the smallest candidate, unless a larger one answers the held-out examples
+    better by the gate's own test (exact McNemar, p < alpha). Memory is a certain cost;
+    an accuracy gain on a few dozen examples has to be shown, not assumed."""
+    ranked = sorted(scores, key=lambda s: (int(s[0].memory_estimate), s[1].p50_ms))
+    base, best = ranked[0]
+    why = f"the smallest ({int(base.memory_estimate) / 2**20:.0f} MiB), {best.accuracy:.1%} right"
+    for manifest, ev in ranked[1:]:
+        verdict = gate.decide(ev.pairs(), best.pairs(), alpha)
+        if verdict.promote:
+            base, best = manifest, ev
+            why = (f"{ev.accuracy:.1%} right, better than the smaller candidates "
+                   f"({verdict.reason})")
+    return base, best, why
 
 
 def _ref(manifest: Manifest) -> AdapterRef | None:
