@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from outpost.manifests.catalog import Catalog
+from outpost.manifests.errors import BadRequest
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 from outpost.runtime.logs import schema
@@ -85,3 +86,14 @@ def test_specialise_promotes_a_better_adapter_and_keeps_a_broken_one_out(setting
     assert [(r["purpose"], r["role"], r["decision"]) for r in rows] == [
         ("select", "candidate", "chosen"), ("gate", "candidate", "promoted"), ("gate", "incumbent", "promoted"),
         ("select", "candidate", "chosen"), ("gate", "candidate", "kept"), ("gate", "incumbent", "kept")]
+
+
+def test_a_task_with_nothing_logged_is_a_typed_error_and_trains_nothing(settings, tmp_path):
+    with pytest.raises(BadRequest) as refused:
+        specialise.run(settings, specialise.Options(task="never-asked", bases=[TINY], train=FAST,
+                                                    workdir=tmp_path / "work"))
+    assert refused.value.data["field"] == "task" and "0 training and 0 held-out" in str(refused.value)
+    db = schema.open_db(settings.log_path)
+    assert db.execute("select count(*) from evals").fetchone()[0] == 0
+    assert not list((tmp_path / "work").glob("*.gguf"))
+    assert routed(settings, "never-asked") is None

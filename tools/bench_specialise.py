@@ -3,7 +3,7 @@ an oracle teacher as the cloud, then export -> specialise -> gate -> promote, an
 held-out half asked with the base and with the adapters, in one run.
 
     python -m outpost.tools.bench_specialise [--sizes 25,50,100,200] [--epochs 3]
-        [--threads 2] [--limit N] [--out DIR] [--json]
+        [--threads 2] [--limit N] [--out DIR] [--json] [--svg PLOT.svg]
 
 1. BFCL's 400 `simple_python` questions are split into halves by a hash of their id.
 2. The training half is asked through a real daemon (a fresh data dir, SmolLM2 linked
@@ -13,7 +13,8 @@ held-out half asked with the base and with the adapters, in one run.
 3. `outpost logs export` of the task makes the examples (the cloud's answers are the
    targets); `specialise` selects a base, trains an adapter on all of them, gates it on
    the export's held-out share and promotes it.
-4. The learning curve: adapters trained on the first 25, 50, 100, 200 examples.
+4. The learning curve: adapters trained on the first 25, 50, 100, 200 examples (a point
+   at or above the number exported is the full adapter of step 3).
 5. The BFCL held-out half, which the loop never saw, is asked with the base and with each
    adapter, through the daemon, scored by BFCL's AST checker; confidence per answer gives
    the share of calls that stay local at the escalation threshold, before and after.
@@ -22,6 +23,10 @@ held-out half asked with the base and with the adapters, in one run.
 
 Every table says "oracle teacher": the targets are right by construction. Replace the
 oracle with any OpenAI-compatible URL (--cloud-url) to measure a real teacher.
+
+A run again with the same --out resumes: the log, the base's and each adapter's held-out
+answers, the full `specialise` result and each curve point are kept there as JSON, and a
+training interrupted resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from outpost.manifests.catalog import Catalog
+from outpost.manifests.schema import Training
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef
 from outpost.models.llama import LlamaModel
@@ -52,8 +59,6 @@ from outpost.runtime.logs.export import Filters, export, val_path_for
 
 from . import bfcl
 from .oracle_server import OracleServer
-from outpost.manifests.schema import Training
-
 from .specialise import adapter as adapters
 from .specialise import cli as specialise
 from .specialise import data
@@ -88,6 +93,8 @@ class Asked:
     latency_ms: float
     tokens: int
     decode_ms: float
+    id: str = ""  # the BFCL question, and the calls answered: what a failure analysis reads
+    calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 def ask(client: OutpostClient, item: bfcl.Item, route: dict[str, Any], check: Any, max_tokens: int) -> Asked:
@@ -106,7 +113,21 @@ def ask(client: OutpostClient, item: bfcl.Item, route: dict[str, Any], check: An
                  valid=bool(calls) and all(r["valid"] for r in report),
                  confidence=reply["outpost"].get("confidence"), latency_ms=latency,
                  tokens=reply["usage"]["completion_tokens"],
-                 decode_ms=reply["outpost"]["timings_ms"].get("decode", 0.0))
+                 decode_ms=reply["outpost"]["timings_ms"].get("decode", 0.0), id=item.id, calls=calls)
+
+
+def kept(path: Path, compute: Callable[[], Any]) -> Any:
+    """The JSON at `path` if a run before wrote it, else `compute()` written there: what lets
+    an interrupted or repeated benchmark skip the hours it has already spent."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value))
+    return value
+
+
+def asked_rows(path: Path, ask_all: Callable[[], list[Asked]]) -> list[Asked]:
+    return [Asked(**row) for row in kept(path, lambda: [asdict(r) for r in ask_all()])]
 
 
 def summary(rows: list[Asked], threshold: float) -> dict[str, Any]:
@@ -126,6 +147,23 @@ def _bar(items: list[Any], label: str) -> Any:
 def _train_bar(label: str) -> Any:
     return lambda done, total: tqdm(total=total, initial=done, desc=label, file=sys.stderr, disable=None,
                                     leave=False)
+
+
+def _train_point(store: ModelStore, base: Any, base_path: Path, subset: list[data.Example],
+                 settings_t: TrainSettings, root: Path, curve_id: str, n: int,
+                 args: argparse.Namespace) -> dict[str, Any]:
+    """One learning-curve point: the full run's training on the first `n` examples, written
+    and staged as `curve_id a1` (not promoted: the curve asks it by model id)."""
+    trained = train(base, base_path, subset, settings_t, store.cache, root / "work" / f"n{n}",
+                    data.fingerprint(subset), progress=_train_bar(f"train n={n}"))
+    gguf = adapters.write(root / f"{curve_id}.gguf", trained.state, base_path, args.alpha, curve_id)
+    adapters.stage(store, adapters.manifest_text(base, curve_id, "a1", [f"{TASK}-n{n}"], gguf, Training(
+        data_sha256=data.fingerprint(subset), train_examples=trained.examples, heldout_examples=0,
+        rank=args.rank, alpha=args.alpha, targets=list(settings_t.targets), epochs=args.epochs,
+        learning_rate=args.lr, max_seq_len=settings_t.max_seq_len, steps=trained.steps,
+        threads=trained.threads, wall_s=round(trained.wall_s, 1))))
+    return {"train_wall_s": round(trained.wall_s, 1), "steps": trained.steps,
+            "adapter_bytes": gguf.stat().st_size}
 
 
 def switch_call_ms(base: Any, base_path: Path, ggufs: list[Path], rounds: int = 50) -> float:
@@ -162,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="25,50,100,200", help="learning-curve points (examples)")
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3, as `specialise`)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
@@ -176,11 +214,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--switch-requests", type=int, default=40, help="requests per switch-cost stream")
     ap.add_argument("--no-gemma", action="store_true", help="S4 with SmolLM2 alone (no Gemma-3-270M)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--svg", type=Path, default=None, help="also draw the learning curve here")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="print the table (and --svg) of a run saved with --json; runs nothing")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.from_json:
+        return _report(json.loads(args.from_json.read_text()), args)
     t_start = time.perf_counter()
     items = bfcl.load("simple_python", args.limit)
     train_items, heldout_items = split(items)
@@ -230,26 +273,24 @@ def main(argv: list[str] | None = None) -> int:
             base = daemon.catalog.get(BASE)
             base_path = store.ensure_verified(base.weights)
             heldout_rows: dict[str, list[Asked]] = {}
-            cached = root / f"heldout-base-{len(heldout_items)}.json"  # the base's answers, kept for a rerun
-            if cached.exists():
-                heldout_rows["base"] = [Asked(**row) for row in json.loads(cached.read_text())]
-            else:
-                heldout_rows["base"] = [ask(client, item, {"model": BASE}, check, args.max_tokens)
-                                        for item in _bar(heldout_items, "held-out: base")]
-                cached.write_text(json.dumps([asdict(r) for r in heldout_rows["base"]]))
+            n_heldout = len(heldout_items)
+            heldout_rows["base"] = asked_rows(root / f"heldout-base-{n_heldout}.json", lambda: [
+                ask(client, item, {"model": BASE}, check, args.max_tokens)
+                for item in _bar(heldout_items, "held-out: base")])
 
             # S4-S6 on every example, as `outpost specialise` runs them: select, train, gate, promote.
             settings_t = TrainSettings(rank=args.rank, alpha=args.alpha, epochs=args.epochs,
                                        learning_rate=args.lr, threads=args.threads)
-            full = specialise.run(settings, specialise.Options(
+            full = kept(root / "specialise.json", lambda: specialise.run(settings, specialise.Options(
                 task=TASK, examples=root / "export" / "examples.jsonl", bases=candidates,
-                train=settings_t, max_tokens=args.max_tokens, workdir=root / "work" / "full"))
+                train=settings_t, max_tokens=args.max_tokens, workdir=root / "work" / "full")))
             result["specialise"] = full
             model_id, version = full["adapter"].split()
             if full["decision"] != "promoted":  # measure it anyway: the table says it was kept out
                 client.activate(model_id, version)
-            full_rows = [ask(client, item, {"task": TASK}, check, args.max_tokens)
-                         for item in _bar(heldout_items, f"held-out: n={len(examples)}")]
+            full_rows = asked_rows(root / f"heldout-{model_id}-{version}-{n_heldout}.json", lambda: [
+                ask(client, item, {"model": model_id}, check, args.max_tokens)
+                for item in _bar(heldout_items, f"held-out: n={len(examples)}")])
             heldout_rows["full"] = full_rows
             curve = [{"examples": full["train"]["examples"], "adapter": full["adapter"],
                       "train_wall_s": full["train"]["wall_s"], "steps": full["train"]["steps"],
@@ -261,20 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 subset = examples[:n]
                 curve_id = adapters.adapter_id(f"{TASK}-n{n}", base)
-                trained = train(base, base_path, subset, settings_t, store.cache, root / "work" / f"n{n}",
-                                data.fingerprint(subset), progress=_train_bar(f"train n={n}"))
-                gguf = adapters.write(root / f"{curve_id}.gguf", trained.state, base_path, args.alpha, curve_id)
-                adapters.stage(store, adapters.manifest_text(base, curve_id, "a1", [f"{TASK}-n{n}"], gguf, Training(
-                    data_sha256=data.fingerprint(subset), train_examples=trained.examples, heldout_examples=0,
-                    rank=args.rank, alpha=args.alpha, targets=list(settings_t.targets), epochs=args.epochs,
-                    learning_rate=args.lr, max_seq_len=settings_t.max_seq_len, steps=trained.steps,
-                    threads=trained.threads, wall_s=round(trained.wall_s, 1))))
+                trained = kept(root / f"curve-n{n}.json", lambda n=n, subset=subset, curve_id=curve_id: _train_point(
+                    store, base, base_path, subset, settings_t, root, curve_id, n, args))
                 client.activate(curve_id, "a1")
-                rows = [ask(client, item, {"model": curve_id}, check, args.max_tokens)
-                        for item in _bar(heldout_items, f"held-out: n={n}")]
+                rows = asked_rows(root / f"heldout-{curve_id}-a1-{n_heldout}.json", lambda n=n, curve_id=curve_id: [
+                    ask(client, item, {"model": curve_id}, check, args.max_tokens)
+                    for item in _bar(heldout_items, f"held-out: n={n}")])
                 heldout_rows[f"n={n}"] = rows
-                curve.append({"examples": n, "adapter": f"{curve_id} a1", "train_wall_s": round(trained.wall_s, 1),
-                              "steps": trained.steps, "adapter_bytes": gguf.stat().st_size,
+                curve.append({"examples": n, "adapter": f"{curve_id} a1", **trained,
                               **summary(rows, args.threshold)})
             result["curve"] = sorted(curve, key=lambda c: c["examples"])
             result["base"] = summary(heldout_rows["base"], args.threshold)
@@ -296,8 +331,57 @@ def main(argv: list[str] | None = None) -> int:
                     "switch_call_ms": switch_call_ms(base, base_path, [Path(full["gguf"]), root / f"{other}.gguf"]),
                 }
             result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return _report(result, args)
+
+
+def _report(result: dict[str, Any], args: argparse.Namespace) -> int:
+    if args.svg:
+        args.svg.write_text(curve_svg(result))
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0
+
+
+def curve_svg(result: dict[str, Any], width: int = 560, height: int = 300) -> str:
+    """The learning curve as a small self-contained SVG (no plotting library on a device):
+    held-out AST accuracy against logged examples, the base as a dashed line at 0."""
+    left, right, top, bottom = 56, 20, 36, 44
+    points = [(0, result["base"]["ast"])] + [(c["examples"], c["ast"]) for c in result["curve"]]
+    x_max = max(x for x, _ in points) or 1
+
+    def x_of(x: float) -> float:
+        return left + (width - left - right) * x / x_max
+
+    def y_of(y: float) -> float:
+        return top + (height - top - bottom) * (1 - y)
+
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">'),
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           (f'<text x="{left}" y="20" font-size="13">BFCL simple_python, held-out half '
+            f'({result["heldout_questions"]} questions), oracle teacher</text>')]
+    for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        y = y_of(tick)
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{left - 8}" y="{y + 4:.1f}" text-anchor="end">{tick:.0%}</text>')
+    target = y_of(0.7)
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{target:.1f}" y2="{target:.1f}" '
+               f'stroke="#c33" stroke-dasharray="6 4"/>')
+    out.append(f'<text x="{width - right}" y="{target - 5:.1f}" text-anchor="end" fill="#c33">target 70%</text>')
+    base_y = y_of(result["base"]["ast"])
+    out.append(f'<line x1="{left}" x2="{width - right}" y1="{base_y:.1f}" y2="{base_y:.1f}" '
+               f'stroke="#888" stroke-dasharray="2 3"/>')
+    out.append(f'<text x="{width - right}" y="{base_y + 15:.1f}" text-anchor="end" fill="#666">'
+               f'SmolLM2-135M base {result["base"]["ast"]:.1%}</text>')
+    path = " ".join(f"{x_of(x):.1f},{y_of(y):.1f}" for x, y in points)
+    out.append(f'<polyline points="{path}" fill="none" stroke="#1f6fb4" stroke-width="2"/>')
+    for x, y in points:
+        out.append(f'<circle cx="{x_of(x):.1f}" cy="{y_of(y):.1f}" r="4" fill="#1f6fb4"/>')
+        out.append(f'<text x="{x_of(x):.1f}" y="{y_of(y) - 9:.1f}" text-anchor="middle">{y:.1%}</text>')
+        out.append(f'<text x="{x_of(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x}</text>')
+    out.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+               f'logged examples the adapter was trained on (0 = the base)</text>')
+    out.append('</svg>')
+    return "\n".join(out) + "\n"
 
 
 def table(result: dict[str, Any]) -> str:

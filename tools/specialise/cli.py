@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.add_argument("--targets", default=",".join(ALL_PROJECTIONS),
                    help="projections to adapt, comma-separated (default all seven)")
     p.add_argument("--epochs", type=float, default=3.0, help="passes over the training examples (default 3)")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--batch-tokens", type=int, default=2048,
                    help="padded tokens per optimiser step (default 2048)")
     p.add_argument("--max-seq-len", type=int, default=1024,
