@@ -298,11 +298,7 @@ class ModelPool:
         await self.ready()
         async with self._admit:
             await self._make_room(manifest, need)
-            llama = self.settings.llama
-            options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
-                       "n_gpu_layers": self.ledger.gpu_layers(base, self.workers.values())}
-            worker = self._forkserver.spawn(base, manifest_toml, str(self.store.root), options,
-                                            need, False, None)
+            worker = self._spawn(base, need, False, None, manifest_toml)
             try:
                 await worker.wait_ready(self.settings.server.load_timeout_s)
                 return await worker.generate(replace(request, adapter=adapter),
@@ -322,12 +318,14 @@ class ModelPool:
                           ram_bytes=ram, load_ms=load_ms)
         self.background.spawn(self.recorder.record_event(event), f"logging a {kind} of {manifest.id}")
 
-    def _spawn(self, manifest: Manifest, need: int, pinned: bool, ttl: float | None) -> WorkerHandle:
+    def _spawn(self, manifest: Manifest, need: int, pinned: bool, ttl: float | None,
+               manifest_toml: str | None = None) -> WorkerHandle:
+        """A worker for `manifest` (its catalog text unless a trial passes the staged one)."""
         llama = self.settings.llama
         options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
                    "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values())}
-        return self._forkserver.spawn(manifest, self.catalog.entry(manifest.id).text,
-                                      str(self.store.root), options, need, pinned, ttl)
+        text = manifest_toml if manifest_toml is not None else self.catalog.entry(manifest.id).text
+        return self._forkserver.spawn(manifest, text, str(self.store.root), options, need, pinned, ttl)
 
     async def _make_room(self, manifest: Manifest, need: int) -> None:
         """Evict until `need` more bytes fit the budget; the caller holds `_admit`."""
