@@ -7,6 +7,8 @@ these functions only read what it has generated so far.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ class Run:
     finish: str = "length"
     dead_end: bool = False
     calls: toolcalls.CallScanner = field(default_factory=toolcalls.CallScanner)
+    floor: int = 0  # tokens already streamed to the agent: never cut (see settled)
 
     def add(self, tok: int, piece: bytes, logprob: float) -> None:
         self.out.append(tok)
@@ -73,6 +76,50 @@ def degenerate_loop(tokens: list[int]) -> tuple[int, int] | None:
         if reps >= need:
             return (reps - 1) * period, period
     return None
+
+
+def settled(run: Run) -> int:
+    """How many leading tokens of `run` no later loop cut can remove (streaming sends
+    only those). Cuts happen only inside a call, and only to a tail that repeats with
+    some period p <= LOOP_MAX_PERIOD, keeping its first copy: a loop found later can
+    reach back into the tokens there are now only as far as they already repeat with
+    that period. (The cut's choice of phase, `_cut_loop`, never goes below
+    `run.floor`, the tokens already sent.) So outside a call everything is settled, and
+    inside one only a tail that is already repeating waits."""
+    n = len(run.out)
+    spans = run.calls.spans
+    if not run.in_call or not spans:
+        return n
+    tokens, repeating = run.out, 0
+    for period in range(1, LOOP_MAX_PERIOD + 1):
+        k = 0
+        while n - 1 - k - period >= 0 and tokens[n - 1 - k] == tokens[n - 1 - k - period]:
+            k += 1
+        repeating = max(repeating, k)
+    if repeating == 0:
+        return n
+    call_start = next((i for i, at in enumerate(run.offsets) if at >= spans[-1][0]), n)
+    return max(call_start, n - repeating, run.floor)
+
+
+class TextStream:
+    """Sends a generation's settled text as it grows, whole UTF-8 characters only; the
+    pieces sent join to a prefix of the final text (decoded the same way)."""
+
+    def __init__(self, send: Callable[[str], None]) -> None:
+        self._send = send
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._sent = 0  # bytes of `written` passed to the decoder
+
+    def push(self, run: Run) -> None:
+        k = settled(run)
+        run.floor = k  # a loop cut keeps what has been sent
+        upto = len(run.written) if k >= len(run.out) else run.offsets[k]
+        if upto > self._sent:
+            text = self._decoder.decode(bytes(run.written[self._sent:upto]))
+            self._sent = upto
+            if text:
+                self._send(text)
 
 
 def cut_quality(written: bytearray, at: int) -> int:

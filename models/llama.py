@@ -39,7 +39,8 @@ from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
 from .templates import TOOL_CALL_CLOSE, ChatTemplate
 from . import toolcalls
-from .decoding import LOOP_CLOSE_TOKENS, Run, call_stats, cut_quality, degenerate_loop, logsumexp, repeats_a_call, sample
+from .decoding import (LOOP_CLOSE_TOKENS, Run, TextStream, call_stats, cut_quality, degenerate_loop,
+                       logsumexp, repeats_a_call, sample)
 
 
 def gpu_offload_available() -> bool:
@@ -182,7 +183,11 @@ class LlamaModel:
         tools = request.tools if request.tool_choice != "none" else None
         return self.template.render(request.messages, tools)
 
-    def generate(self, request: GenerationRequest) -> Generation:
+    def generate(self, request: GenerationRequest,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """One answer. `on_text` (streaming) is given the generated text as it settles:
+        pieces that join to a prefix of `Generation.text` (decoding.settled says when
+        a piece can no longer be cut by a loop repair)."""
         if request.tools:
             check_tools(request.tools)
         self.use_adapter(request.adapter)
@@ -202,7 +207,7 @@ class LlamaModel:
         self._eval_prompt(prompt)
         t1 = time.perf_counter()
         run = Run(budget=budget, prompt_len=len(prompt))
-        self._decode(run, mask, request, rng)
+        self._decode(run, mask, request, rng, TextStream(on_text) if on_text else None)
         t2 = time.perf_counter()
 
         text = run.written.decode("utf-8", errors="replace")
@@ -226,7 +231,7 @@ class LlamaModel:
     # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
     # splitting it would add a call per token and hide the order of mask, sample, accept.
     def _decode(self, run: Run, mask: TokenMask | None, request: GenerationRequest,
-                rng: np.random.Generator) -> None:
+                rng: np.random.Generator, stream: TextStream | None = None) -> None:
         """Generate into `run`, one token per forward pass, until a stop token, the
         grammar's end or max_tokens.
 
@@ -241,6 +246,8 @@ class LlamaModel:
         reserve = min(LOOP_CLOSE_TOKENS, max(12, run.budget // 8)) + self._close_cost
         closing_left = -1  # >= 0 while steering a cut call to its end
         for _ in range(2 * run.budget):  # rollbacks give tokens back; this bounds the passes
+            if stream is not None:
+                stream.push(run)
             if len(run.out) >= run.budget:
                 return
             if closing_left >= 0:
@@ -295,8 +302,10 @@ class LlamaModel:
         and the KV cache; returns the token to evaluate next."""
         # Of the copy's phases, cut where the rest closes cleanly:
         # `["a", "a", ...` -> `["a", "a` + `"]`, not `["a", "` + `"]`.
-        cut += min((k for k in range(period) if cut + k < len(run.out)),
-                   key=lambda k: cut_quality(run.written, run.offsets[-(cut + k)]))
+        # Streaming: what has been sent stays (decoding.settled counts on that).
+        cut = min(cut, len(run.out) - run.floor)
+        cut += min((k for k in range(period) if cut + k < len(run.out) - run.floor),
+                   key=lambda k: cut_quality(run.written, run.offsets[-(cut + k)]), default=0)
         mask.matcher.rollback(cut)
         run.truncate(len(run.out) - cut)
         run.repairs.append((len(run.written), "loop"))

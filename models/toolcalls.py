@@ -15,6 +15,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 
+from . import canon
+from .canon import CALL_HEAD
 from .schemas import tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
@@ -101,13 +103,29 @@ def parse(text: str, loose: bool = False) -> tuple[str | None, list[dict[str, An
         except ValueError:  # JSONDecodeError included: keep the raw text, report it
             close = text.find(TOOL_CALL_CLOSE, body)
             end = close if close >= 0 else len(text)
-            calls.append({"raw": text[body:end].strip()})
+            calls.append(_cut_short(text[body:end].strip()))
         else:
             calls.append(obj)
         at = close + len(TOOL_CALL_CLOSE) if close >= 0 else len(text)
     content.append(text[at:])
     rest = "".join(content).strip()
     return (rest or None), calls
+
+
+def _cut_short(raw: str) -> dict[str, Any]:
+    """A call whose JSON does not parse: if the grammar's head is there (the name, then
+    the arguments), the arguments as far as they go in the replies' spelling, which is
+    also what a stream of it sent; if they are whole (only the closing brace is
+    missing), the call itself."""
+    head = CALL_HEAD.match(raw)
+    if head is None:
+        return {"raw": raw}
+    name = json.loads(head.group(1))
+    args = canon.partial(raw[head.end():])
+    try:
+        return {"name": name, "arguments": json.loads(args)}
+    except ValueError:
+        return {"raw": raw, "name": name, "partial": args}
 
 
 def _parse_bare(text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -165,7 +183,8 @@ def to_openai(calls: list[dict[str, Any]], tools: list[dict[str, Any]],
             "type": "function",
             "function": {
                 "name": name if isinstance(name, str) else "",
-                "arguments": json.dumps(args, ensure_ascii=False) if "raw" not in call else call["raw"],
+                "arguments": json.dumps(args, ensure_ascii=False) if "raw" not in call
+                else call.get("partial", call["raw"]),
             },
         })
         extra = stats[i] if stats is not None and i < len(stats) else {}

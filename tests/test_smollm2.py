@@ -37,6 +37,28 @@ def test_weather_in_paris_is_a_get_weather_call(smol_daemon):
     assert reply["outpost"]["model"] == SMOLLM2 and reply["outpost"]["validation"][0]["valid"]
 
 
+def test_a_call_streams_through_the_openai_sdk_as_argument_deltas(smol_daemon):
+    import openai
+
+    from outpost.runtime.sdk import http_client
+
+    from .test_streaming import reassemble
+
+    asks = [{"role": "user", "content": "What is the weather in San Francisco, in celsius?"}]
+    with openai.OpenAI(base_url="http://outpost/v1", api_key="unused", max_retries=0,
+                       http_client=http_client(smol_daemon.settings.endpoint)) as sdk:
+        whole = sdk.chat.completions.create(model=SMOLLM2, messages=asks, tools=WEATHER,
+                                            tool_choice="required")
+        chunks = [c.model_dump() for c in sdk.chat.completions.create(
+            model=SMOLLM2, messages=asks, tools=WEATHER, tool_choice="required", stream=True)]
+    _, calls, last = reassemble(chunks)
+    assert [c["function"] for c in calls] == [c.function.model_dump() for c in whole.choices[0].message.tool_calls]
+    # The arguments came as they were decoded, not in one piece at the end.
+    pieces = [d for c in chunks[:-1] for d in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert sum(1 for p in pieces if (p.get("function") or {}).get("arguments")) >= 3
+    assert last["outpost"]["validation"][0]["valid"] and last["usage"]["completion_tokens"] > 0
+
+
 def test_multi_turn_with_a_tool_result_answers_in_text(smol_daemon):
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},

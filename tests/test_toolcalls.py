@@ -169,6 +169,19 @@ def test_a_repetition_loop_is_cut_and_the_call_closed(smol):
 
 
 @pytest.mark.slow
+def test_a_streamed_loop_is_cut_without_taking_back_what_was_sent(smol):
+    from .test_streaming import reassemble
+
+    chunks = list(smol.chat_stream(user("Plan a trip from Santa Barbara to Santa Barbara."), tools=TRIP,
+                                   tool_choice="required", parallel_tool_calls=False, max_tokens=128))
+    _, [call], last = reassemble(chunks)
+    [report] = last["outpost"]["validation"]
+    assert report == {**report, "valid": True, "repaired": "loop"}
+    assert len(json.loads(call["function"]["arguments"])["stops"]) <= 2
+    assert len(chunks) > 5  # it streamed while it decoded
+
+
+@pytest.mark.slow
 def test_a_list_that_outgrows_max_tokens_is_closed_valid(smol):
     reply = smol.chat(user("Plot the numbers from 1 to 100."), tools=SERIES, tool_choice="required",
                       parallel_tool_calls=False, max_tokens=64)
@@ -232,6 +245,14 @@ def test_a_tag_inside_a_string_argument_neither_closes_nor_splits_the_call():
                                                     "tags": []}}]
 
 
-def test_an_unclosed_call_is_reported_raw():
-    content, calls = toolcalls.parse('Sure. <tool_call>\n{"name": "note", "arguments": {"text": "ab')
-    assert content == "Sure." and calls == [{"raw": '{"name": "note", "arguments": {"text": "ab'}]
+def test_an_unclosed_call_is_reported_raw_with_its_name_and_arguments_so_far():
+    content, calls = toolcalls.parse('Sure. <tool_call>\n{"name": "note", "arguments": {"text":"ab')
+    raw = '{"name": "note", "arguments": {"text":"ab'
+    assert content == "Sure." and calls == [{"raw": raw, "name": "note", "partial": '{"text": "ab'}]
+    [out], [report] = toolcalls.to_openai(calls, NOTE)
+    assert out["function"] == {"name": "note", "arguments": '{"text": "ab'}  # as a stream sent it
+    assert report["valid"] is False and report["errors"] == ["not a JSON object"]
+    # Only the call's closing brace missing: the call is whole.
+    _, calls = toolcalls.parse('<tool_call>\n{"name": "note", "arguments": {"text":"ab"}')
+    assert calls == [{"name": "note", "arguments": {"text": "ab"}}]
+    assert toolcalls.parse("<tool_call>\n[1, 2")[1] == [{"raw": "[1, 2"}]

@@ -9,6 +9,7 @@ What this module must not do: start workers or charge memory (pool.py does both)
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from outpost.manifests.catalog import Catalog
@@ -40,5 +41,6 @@ class Lease:
     adapter: AdapterRef | None
     timings: dict[str, float]  # ms: {"load": ..., "queue": ...}
 
-    async def generate(self, request: GenerationRequest, timeout_s: float) -> Generation:
-        return await self.worker.generate(replace(request, adapter=self.adapter), timeout_s)
+    async def generate(self, request: GenerationRequest, timeout_s: float,
+                       on_text: Callable[[str], Awaitable[None]] | None = None) -> Generation:
+        return await self.worker.generate(replace(request, adapter=self.adapter), timeout_s, on_text)

@@ -74,7 +74,9 @@ class ChatParams(_Strict):
     # Outpost extension: narrow the configured escalation policy for this request
     # ("off" keeps private data on the device); widening it is refused.
     escalation: Literal["off", "on_low_confidence", "shadow", "cloud_only"] | None = None
-    stream: Literal[False] = False
+    # Streaming: several frames with this request's id, `chunk`s then the `result`.
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None  # usage always comes in the last frame
     user: str | None = None
 
     def choice_name(self) -> str:
@@ -153,6 +155,12 @@ def parse_chat(params: dict[str, Any]) -> ChatParams:
 
 def reply_ok(request_id: str | None, result: dict[str, Any]) -> bytes:
     return json.dumps({"v": VERSION, "id": request_id, "result": result},
+                      ensure_ascii=False).encode("utf-8")
+
+
+def reply_chunk(request_id: str, chunk: dict[str, Any]) -> bytes:
+    """One streamed delta; the stream ends with the request's `result` (or `error`)."""
+    return json.dumps({"v": VERSION, "id": request_id, "chunk": chunk},
                       ensure_ascii=False).encode("utf-8")
 
 

@@ -16,6 +16,7 @@ memory (pool.py), or write SQL (logs/).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from outpost.manifests.catalog import Catalog, model_row
 from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
 from outpost.manifests.schema import MANIFEST_ID, Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import Generation, GenerationRequest
+from outpost.models.backend import Generation
 from outpost.models.schemas import check_tools
 from outpost.runtime import VERSION
 from outpost.runtime.escalation.attempts import attempts, cloud_attempt
@@ -44,13 +45,25 @@ from outpost.runtime.escalation.settings import Policy
 from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
 from outpost.runtime.logs.store import LogStore
 
-from . import adapters, protocol, replies
+from . import adapters, protocol, replies, smoke, streaming
 from .background import Background
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
 
 log = logging.getLogger("outpost.server")
+Emit = Callable[[dict[str, Any]], Awaitable[None]]  # sends one streamed chunk to the agent
+
+
+class InFlight:
+    """A request being handled, for `cancel`: its task, and whether it has a worker yet."""
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.generating = False
+
+
+_current: contextvars.ContextVar[InFlight | None] = contextvars.ContextVar("outpost_request", default=None)
 
 
 def _text(params: dict[str, Any], name: str) -> str:
@@ -66,25 +79,6 @@ def _model_id(params: dict[str, Any]) -> str:
     if not re.fullmatch(MANIFEST_ID, model_id):
         raise BadRequest(f"`model` {model_id!r} is not a model id", field="model")
     return model_id
-
-
-def smoke_request(manifest: Manifest) -> GenerationRequest:
-    smoke = manifest.smoke_test
-    return GenerationRequest(messages=smoke.messages, tools=smoke.tools or None,
-                             tool_choice=smoke.tool_choice if smoke.tools else "auto",
-                             max_tokens=smoke.max_tokens)
-
-
-def smoke_problem(generation: Generation) -> str | None:
-    """Why a smoke test's answer is not valid, or None when it is."""
-    if generation.grammar_dead_end:
-        return "the grammar left no token to choose"
-    invalid = [v for v in generation.validation if not v.get("valid")]
-    if invalid:
-        return f"invalid call {invalid[0].get('name')}: {invalid[0].get('errors')}"
-    if not generation.tool_calls and not (generation.content or "").strip():
-        return "an empty answer"
-    return None
 
 
 class Daemon:
@@ -113,6 +107,8 @@ class Daemon:
             "models.activate": self.models_activate, "models.rollback": self.models_rollback,
             "chat": self.chat, "feedback": self.feedback,
         }
+        self._streaming = {"chat"}  # methods that may send chunks before their result
+        self._inflight: dict[tuple[bytes, str], InFlight] = {}  # (peer, request id) -> request
 
     # -- lifecycle -------------------------------------------------------------------
     def bind(self) -> zmq.asyncio.Socket:
@@ -225,19 +221,54 @@ class Daemon:
                 raise BadRequest(f"expected one JSON frame, got {len(rest)}")
             raw, env = protocol.decode_frame(rest[0], self.settings.server.max_request_bytes)
             request_id = env.id
+            if env.method == "cancel":  # not counted, and only the sender's own requests
+                await sock.send_multipart([*envelope, protocol.reply_ok(request_id, self.cancel(identity, env.params))])
+                return
             handler = self._methods.get(env.method)
             if handler is None:
-                raise UnknownMethod(env.method, sorted(self._methods))
+                raise UnknownMethod(env.method, sorted([*self._methods, "cancel"]))
             self.requests += 1
-            reply = protocol.reply_ok(request_id, await handler(env.params))
+            key = (identity, env.id)
+            task = asyncio.current_task()
+            assert task is not None
+            self._inflight[key] = entry = InFlight(task)
+            _current.set(entry)
+            if env.method in self._streaming:
+                async def emit(chunk: dict[str, Any], request_id: str = env.id) -> None:
+                    await sock.send_multipart([*envelope, protocol.reply_chunk(request_id, chunk)])
+                result = await handler(env.params, emit=emit)
+            else:
+                result = await handler(env.params)
+            reply = protocol.reply_ok(request_id, result)
         except OutpostError as exc:
             reply = protocol.reply_error(request_id, exc)
+        except asyncio.CancelledError:
+            current = _current.get()
+            if current is None or not current.task.cancelling() or self._stop.is_set():
+                raise
+            return  # cancelled by its agent while queued: nobody waits for a reply
         except Exception as exc:  # a bug: report it and keep serving
             log.exception("unhandled error in request %s", request_id)
             reply = protocol.reply_error(request_id, InternalError(f"internal error: {exc!r}"))
+        finally:
+            if request_id is not None:
+                self._inflight.pop((identity, request_id), None)
         await sock.send_multipart([*envelope, reply])
 
     # -- methods ---------------------------------------------------------------------
+    def cancel(self, peer: bytes, params: dict[str, Any]) -> dict[str, Any]:
+        """An agent gives up on one of its requests. One still waiting for its model
+        leaves the queue (its place is free at once) and gets no reply; one already
+        generating runs to its end, is logged and answered as usual."""
+        request_id = _text(params, "id")
+        entry = self._inflight.get((peer, request_id))
+        if entry is None:
+            return {"id": request_id, "cancelled": False, "state": "unknown"}
+        if entry.generating:
+            return {"id": request_id, "cancelled": False, "state": "generating"}
+        entry.task.cancel()
+        return {"id": request_id, "cancelled": True, "state": "queued"}
+
     async def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "version": VERSION, "pid": os.getpid()}
 
@@ -281,7 +312,7 @@ class Daemon:
         manifest, text = self.store.staged(model_id, version)
         t0 = time.perf_counter()
         try:
-            problem = smoke_problem(await self.pool.trial(manifest, text, smoke_request(manifest)))
+            problem = smoke.problem(await self.pool.trial(manifest, text, smoke.request(manifest)))
         except (BudgetExceeded, Overloaded, Timeout):
             raise  # no room or no time now, not a fault of the version: it stays staged, to retry
         except OutpostError as exc:
@@ -326,9 +357,11 @@ class Daemon:
             return found
         return self.catalog.get_default()
 
-    async def chat(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, params: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         chat = protocol.parse_chat(params)
+        if chat.stream and emit is None:
+            raise BadRequest("`stream` needs a connection that can carry several frames", field="stream")
         if chat.tools:
             check_tools(chat.tools)  # refused here, before any model is chosen or loaded
         manifest = self.route(chat.model, chat.task)
@@ -340,19 +373,25 @@ class Daemon:
                     cloud_tool_choice=chat.wire_tool_choice(),
                     parallel_tool_calls=chat.parallel_tool_calls, max_tokens=request.max_tokens)
         waited: dict[str, float] = {}
+        stream = streaming.LiveStream(emit, manifest.id, request, policy) if chat.stream and emit else None
 
         served = [manifest]
 
         async def local() -> Generation:
             async with self.pool.lease(manifest) as lease:
+                if (current := _current.get()) is not None:
+                    current.generating = True  # from here on, `cancel` lets it finish
                 waited.update(lease.timings)
                 # A version activated while this request waited serves it: the log and the
                 # reply name the version (of the model, or of its task adapter) that answered.
                 served[0] = lease.served
-                return await lease.generate(request, self.settings.server.request_timeout_s)
+                return await lease.generate(request, self.settings.server.request_timeout_s,
+                                            stream.on_text if stream and stream.live else None)
 
         outcome = await self.escalator.run(turn, local)
         manifest = served[0]
+        if stream is not None and outcome.answered:
+            await stream.finish(outcome)  # the calls take the ids the agent was sent
         timings_ms = replies.timings(waited, outcome, t0)
         log_id = await self._log(
             replies.request_record(chat, request, manifest, task, outcome, timings_ms),
@@ -364,7 +403,8 @@ class Daemon:
             raise error
         if outcome.shadow and log_id is not None:
             self.background.spawn(self._shadow(log_id, turn), f"the shadow cloud call of request {log_id}")
-        return replies.chat_reply(outcome, manifest, log_id, timings_ms)
+        reply = replies.chat_reply(outcome, manifest, log_id, timings_ms)
+        return streaming.final_chunk(reply, stream.id) if stream is not None else reply
 
     async def _shadow(self, request_id: int, turn: Turn) -> None:
         """Shadow mode: the agent has its local answer; the cloud's goes to the log."""

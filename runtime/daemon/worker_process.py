@@ -6,8 +6,9 @@ to the broker over a private DEALER socket with one JSON frame per message:
 
     worker -> broker   {"type": "ready", "pid", "load_ms", "info"}
                        {"type": "failed", "error": {code, message, data}}
-    broker -> worker   {"type": "generate", "id", "request": GenerationRequest}
-    worker -> broker   {"type": "result", "id", "generation": Generation}
+    broker -> worker   {"type": "generate", "id", "request": GenerationRequest, "stream": bool}
+    worker -> broker   {"type": "delta", "id", "text"}  (streaming: settled text, as it grows)
+                       {"type": "result", "id", "generation": Generation}
                        {"type": "error", "id", "error": {...}}
     broker -> worker   {"type": "info", "id"} / {"type": "shutdown"}
 
@@ -87,14 +88,18 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
             if kind == "info":
                 sock.send_json({"type": "result", "id": msg.get("id"), "info": model.info()})
             elif kind == "generate":
-                sock.send_json(_generate(model, msg))
+                sock.send_json(_generate(model, msg, sock))
     finally:
         model.close()
 
 
-def _generate(model: LlamaModel, msg: dict[str, Any]) -> dict[str, Any]:
+def _generate(model: LlamaModel, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:
+    on_text = None
+    if msg.get("stream"):
+        def on_text(text: str) -> None:
+            sock.send_json({"type": "delta", "id": msg.get("id"), "text": text})
     try:
-        generation = model.generate(GenerationRequest.from_dict(msg["request"]))
+        generation = model.generate(GenerationRequest.from_dict(msg["request"]), on_text)
     except OutpostError as exc:
         return {"type": "error", "id": msg.get("id"), "error": exc.to_wire(), **model.adapter_info()}
     except Exception as exc:

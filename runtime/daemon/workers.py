@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -150,13 +151,24 @@ class WorkerHandle:
         self.pid, self.load_ms, self.info = msg["pid"], msg["load_ms"], msg["info"]
         self.state = WorkerState.READY
 
-    async def generate(self, request: GenerationRequest, timeout_s: float) -> Generation:
-        """Send one generation; the caller holds `lock`."""
+    async def generate(self, request: GenerationRequest, timeout_s: float,
+                       on_text: Callable[[str], Awaitable[None]] | None = None) -> Generation:
+        """Send one generation; the caller holds its turn. `on_text` (streaming) is
+        awaited with each piece of settled text the worker sends before its result."""
         self.state = WorkerState.BUSY
         msg_id = next(self._ids)
+        deadline = time.monotonic() + timeout_s
         try:
-            await self._send({"type": "generate", "id": msg_id, "request": asdict(request)})
-            reply = await self._recv(timeout_s)
+            await self._send({"type": "generate", "id": msg_id, "request": asdict(request),
+                              "stream": on_text is not None})
+            while True:
+                reply = await self._recv(deadline - time.monotonic())
+                if reply.get("id") != msg_id:
+                    continue  # from a generation whose caller gave up (a cancelled stream)
+                if reply["type"] != "delta":
+                    break
+                if on_text is not None:
+                    await on_text(reply["text"])
         finally:
             if self.state is WorkerState.BUSY:
                 self.state = WorkerState.READY
