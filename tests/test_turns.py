@@ -57,3 +57,35 @@ def test_a_cancelled_waiter_leaves_the_queue():
         assert not turns.locked()
         return order
     assert asyncio.run(main()) == ["kept"]
+
+
+def _run_priorities(arrivals: list[tuple[str, bool]], max_interactive_run: int = 8) -> tuple[list[str], Turns]:
+    """Arrivals (name, batch) queue while the worker is busy; the order they are served in."""
+    async def main() -> tuple[list[str], Turns]:
+        turns = Turns(max_interactive_run=max_interactive_run)
+        order: list[str] = []
+
+        async def serve(name: str, batch: bool) -> None:
+            await turns.acquire(None, batch)
+            order.append(name)
+            await asyncio.sleep(0)
+            turns.release()
+
+        await turns.acquire(None)
+        tasks = [asyncio.create_task(serve(name, batch)) for name, batch in arrivals]
+        await asyncio.sleep(0)
+        turns.release()
+        await asyncio.gather(*tasks)
+        return order, turns
+    return asyncio.run(main())
+
+
+def test_interactive_requests_go_ahead_of_batch_ones():
+    order, turns = _run_priorities([("b1", True), ("b2", True), ("i1", False), ("b3", True), ("i2", False)])
+    assert order == ["i1", "i2", "b1", "b2", "b3"]
+    assert turns.overtaken == 2 + 3 and turns.batch_turns == 3 and turns.jumps == 0
+
+
+def test_batch_requests_still_progress_under_a_stream_of_interactive_ones():
+    order, _ = _run_priorities([("b1", True)] + [(f"i{i}", False) for i in range(7)], max_interactive_run=3)
+    assert order.index("b1") == 3  # after three interactive turns in a row, the batch one

@@ -56,6 +56,15 @@ class Overloaded(OutpostError):
         self.model, self.queued, self.limit = model, queued, limit
 
 
+class ClientOverloaded(Overloaded):
+    """A client has [clients.<name>] max_in_flight requests being handled already."""
+
+    def __init__(self, client: str, in_flight: int, limit: int) -> None:
+        OutpostError.__init__(self, f"client {client!r} has {in_flight} requests in flight "
+                              f"(limit {limit})", client=client, in_flight=in_flight, limit=limit)
+        self.client, self.in_flight, self.limit = client, in_flight, limit
+
+
 class Timeout(OutpostError):
     code = "timeout"
 

@@ -137,8 +137,9 @@ class ModelPool:
 
     # -- leases -----------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def lease(self, manifest: Manifest) -> AsyncIterator[Lease]:
-        """Hold a ready worker for one request (the base's, for a task adapter)."""
+    async def lease(self, manifest: Manifest, batch: bool = False) -> AsyncIterator[Lease]:
+        """Hold a ready worker for one request (the base's, for a task adapter); a
+        `batch` request lets interactive ones go first (turns.py)."""
         # The active version, should one have been activated since the request was routed:
         # a request never brings an older version back.
         manifest = self.catalog.active(manifest)
@@ -174,7 +175,7 @@ class ModelPool:
                 timings["load"] = (t1 - t0) * 1e3
                 # Requests for the adapter applied last go first (turns.py): a switch
                 # clears the prompt cache.
-                await asyncio.wait_for(worker.turns.acquire(adapter and adapter.sha256),
+                await asyncio.wait_for(worker.turns.acquire(adapter and adapter.sha256, batch),
                                        max(0.0, deadline - time.monotonic()))
             except BaseException as exc:
                 await self._release(worker)

@@ -74,6 +74,10 @@ class ChatParams(_Strict):
     # Outpost extension: narrow the configured escalation policy for this request
     # ("off" keeps private data on the device); widening it is refused.
     escalation: Literal["off", "on_low_confidence", "shadow", "cloud_only"] | None = None
+    # Outpost extensions: who asks (for [clients.<name>] limits), and how urgently
+    # (interactive requests go ahead of batch ones in a model's queue).
+    client: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    priority: Literal["interactive", "batch"] = "interactive"
     # Streaming: several frames with this request's id, `chunk`s then the `result`.
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # usage always comes in the last frame

@@ -47,6 +47,7 @@ from outpost.runtime.logs.store import LogStore
 
 from . import adapters, protocol, replies, smoke, streaming
 from .background import Background
+from .clients import ClientGate
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
@@ -109,6 +110,7 @@ class Daemon:
         }
         self._streaming = {"chat"}  # methods that may send chunks before their result
         self._inflight: dict[tuple[bytes, str], InFlight] = {}  # (peer, request id) -> request
+        self.clients = ClientGate(settings.clients)
 
     # -- lifecycle -------------------------------------------------------------------
     def bind(self) -> zmq.asyncio.Socket:
@@ -280,7 +282,8 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "default_model": self.catalog.default, "budget": self.pool.budget(used),
                 "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status(),
-                "sync": self._sync_status()}
+                "sync": self._sync_status(),
+                "clients": {name: n for name, n in self.clients.in_flight.items() if n}}
 
     def _sync_status(self) -> dict[str, Any] | None:
         """The last field sync's outcome, as `outpost sync` recorded it (a JSON file the
@@ -358,8 +361,12 @@ class Daemon:
         return self.catalog.get_default()
 
     async def chat(self, params: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
-        t0 = time.perf_counter()
         chat = protocol.parse_chat(params)
+        with self.clients.hold(chat.client):  # [clients.<name>] max_in_flight
+            return await self._chat(chat, emit)
+
+    async def _chat(self, chat: protocol.ChatParams, emit: Emit | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
         if chat.stream and emit is None:
             raise BadRequest("`stream` needs a connection that can carry several frames", field="stream")
         if chat.tools:
@@ -378,7 +385,7 @@ class Daemon:
         served = [manifest]
 
         async def local() -> Generation:
-            async with self.pool.lease(manifest) as lease:
+            async with self.pool.lease(manifest, batch=chat.priority == "batch") as lease:
                 if (current := _current.get()) is not None:
                     current.generating = True  # from here on, `cancel` lets it finish
                 waited.update(lease.timings)

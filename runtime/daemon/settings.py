@@ -73,6 +73,13 @@ class ModelPolicy(_Section):
     escalation_threshold: Annotated[float, Field(ge=0, le=1)] | None = None
 
 
+class ClientLimits(_Section):
+    """An agent, known by the `client` name its requests declare: [clients.<name>]."""
+
+    # Its requests being handled at once (queued or generating); more is `overloaded`.
+    max_in_flight: Annotated[int, Field(ge=1)] | None = None
+
+
 class LlamaSettings(_Section):
     # None: half the physical cores (at least 1), so two models can decode at once
     # without llama.cpp's spinning threads fighting over the cores.
@@ -105,6 +112,9 @@ class DaemonSettings(BaseModel):
     cloud: CloudSettings = CloudSettings()
     # Per-model policy, by manifest id: [models."smollm2-135m-instruct"] pin = true
     models: dict[str, ModelPolicy] = {}
+    # Per-agent limits, by the `client` name a request declares; [clients.default]
+    # applies to requests that declare none, or a name not listed.
+    clients: dict[str, ClientLimits] = {}
 
     @property
     def store_dir(self) -> Path:

@@ -254,6 +254,7 @@ class WorkerHandle:
                 "load_ms": round(self.load_ms, 1), "served": self.served,
                 "adapters": sorted(self.adapters.values()), "adapter": self.adapter,
                 "adapter_switches": self.adapter_switches, "grouped": self.turns.jumps,
+                "batch_turns": self.turns.batch_turns, "overtaken": self.turns.overtaken,
                 "idle_s": round(time.monotonic() - self.last_used, 1),
                 **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
 
