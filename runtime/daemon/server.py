@@ -24,7 +24,6 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -45,9 +44,10 @@ from outpost.runtime.escalation.settings import Policy
 from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
 from outpost.runtime.logs.store import LogStore
 
-from . import adapters, protocol, replies, smoke, streaming
+from . import adapters, endpoint, protocol, replies, smoke, streaming
 from .background import Background
 from .clients import ClientGate
+from .metrics import Metrics, MetricsRecorder
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
@@ -90,7 +90,9 @@ class Daemon:
         self.store = store
         self.zmq = zmq.asyncio.Context()
         self.logs = LogStore(settings.log_path, settings.logs.busy_timeout_s)
-        self.pool = ModelPool(settings, catalog, store, self.zmq, self.logs)
+        self.metrics = Metrics()
+        self.metrics.watch(self._state)
+        self.pool = ModelPool(settings, catalog, store, self.zmq, MetricsRecorder(self.logs, self.metrics))
         # `cloud_transport`: an httpx transport for tests that script the cloud's faults.
         self.cloud = CloudClient(settings.cloud, transport=cloud_transport)
         self.cloud.seed(*self.logs.cloud_spent_today())
@@ -113,44 +115,15 @@ class Daemon:
         self.clients = ClientGate(settings.clients)
 
     # -- lifecycle -------------------------------------------------------------------
-    def bind(self) -> zmq.asyncio.Socket:
-        endpoint = self.settings.endpoint
-        if endpoint.startswith("ipc://"):
-            path = Path(endpoint[len("ipc://"):])
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if path.exists():
-                if _answers(endpoint):
-                    raise ConfigError(f"another daemon is already serving on {endpoint}",
-                                      endpoint=endpoint)
-                path.unlink()  # a socket file left by a daemon that died
-        elif endpoint.startswith("tcp://"):
-            host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
-            if host not in ("127.0.0.1", "localhost", "[::1]"):
-                raise ConfigError(f"refusing to bind {endpoint}: TCP is loopback-only until "
-                                  "CURVE keys are configured", endpoint=endpoint)
-        else:
-            raise ConfigError(f"endpoint must be ipc://PATH or tcp://127.0.0.1:PORT, not {endpoint!r}",
-                              endpoint=endpoint)
-        sock = self.zmq.socket(zmq.ROUTER)
-        sock.linger = 0
-        # Hard cap far above the per-request limit: a peer sending more is cut off
-        # before we buffer it; anything between gets a request_too_large reply.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(self.settings.server.max_request_bytes * 16, 1 << 24))
-        try:
-            sock.bind(endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            raise ConfigError(f"cannot bind {endpoint}: {exc.strerror}", endpoint=endpoint) from exc
-        return sock
-
     async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
         try:
-            sock = self.bind()
+            sock = endpoint.bind(self.zmq, self.settings)
         except OutpostError:
             await self.pool.close()
             self.logs.close()
             self.zmq.term()
             raise
+        exporter: asyncio.Server | None = None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -159,6 +132,8 @@ class Daemon:
                 pass
         try:
             await self.pool.start()
+            if self.settings.metrics.port is not None:
+                exporter = await self._exporter(self.settings.metrics.port)
             for model_id in self.settings.preload or []:
                 await self.pool.acquire(adapters.resolve(self.catalog, self.catalog.get(model_id))[0],
                                         reason="preload")
@@ -174,6 +149,8 @@ class Daemon:
                     break
                 self.background.spawn(self._handle(sock, recv.result()), "a request's handler")
         finally:
+            if exporter is not None:
+                exporter.close()
             self.background.cancel()
             await self.pool.close()
             await self.cloud.close()
@@ -183,6 +160,18 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _exporter(self, port: int) -> asyncio.Server:
+        try:
+            return await self.metrics.serve(port)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror}", port=port) from exc
+
+    def _state(self) -> dict[str, Any]:
+        """What a metrics scrape reads: status's budget, workers, clients and sync."""
+        used, snapshot = self.pool.measure()
+        return {"budget": self.pool.budget(used), "loaded": self.pool.describe(snapshot),
+                "clients": dict(self.clients.in_flight), "sync": self._sync_status()}
 
     async def _retention(self) -> None:
         """Apply the log's retention caps now and every `prune_interval_s`."""
@@ -230,6 +219,7 @@ class Daemon:
             if handler is None:
                 raise UnknownMethod(env.method, sorted([*self._methods, "cancel"]))
             self.requests += 1
+            self.metrics.in_flight.inc()
             key = (identity, env.id)
             task = asyncio.current_task()
             assert task is not None
@@ -253,8 +243,8 @@ class Daemon:
             log.exception("unhandled error in request %s", request_id)
             reply = protocol.reply_error(request_id, InternalError(f"internal error: {exc!r}"))
         finally:
-            if request_id is not None:
-                self._inflight.pop((identity, request_id), None)
+            if request_id is not None and self._inflight.pop((identity, request_id), None) is not None:
+                self.metrics.in_flight.dec()
         await sock.send_multipart([*envelope, reply])
 
     # -- methods ---------------------------------------------------------------------
@@ -361,9 +351,14 @@ class Daemon:
         return self.catalog.get_default()
 
     async def chat(self, params: dict[str, Any], emit: Emit | None = None) -> dict[str, Any]:
-        chat = protocol.parse_chat(params)
-        with self.clients.hold(chat.client):  # [clients.<name>] max_in_flight
-            return await self._chat(chat, emit)
+        try:
+            chat = protocol.parse_chat(params)
+            with self.clients.hold(chat.client):  # [clients.<name>] max_in_flight
+                return await self._chat(chat, emit)
+        except OutpostError as exc:
+            model = exc.data.get("model") or params.get("model")
+            self.metrics.failed(model if isinstance(model, str) else "", str(params.get("task") or ""), exc.code)
+            raise
 
     async def _chat(self, chat: protocol.ChatParams, emit: Emit | None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -400,6 +395,9 @@ class Daemon:
         if stream is not None and outcome.answered:
             await stream.finish(outcome)  # the calls take the ids the agent was sent
         timings_ms = replies.timings(waited, outcome, t0)
+        self.metrics.chat(manifest.id, task, outcome, timings_ms)
+        if stream is not None and stream.first_at is not None:
+            self.metrics.ttft.labels(manifest.id).observe(stream.first_at - t0)
         log_id = await self._log(
             replies.request_record(chat, request, manifest, task, outcome, timings_ms),
             attempts(outcome, manifest.id, manifest.version, self.settings.cloud.model))
@@ -425,22 +423,12 @@ class Daemon:
 
     async def _log(self, request: RequestRecord, tries: list[AttemptRecord]) -> int | None:
         """Commit the log row; a failing log never costs the agent its answer."""
+        t0 = time.perf_counter()
         try:
             return await self.logs.record(request, tries)
         except Exception:
+            self.metrics.log_failures.inc()
             log.exception("could not write the log row")
             return None
-
-
-def _answers(endpoint: str, timeout_ms: int = 500) -> bool:
-    """Is a daemon listening there? (A leftover socket file from a crash does not answer.)"""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(endpoint)
-        sock.send(protocol.ping_frame())
-        return bool(sock.poll(timeout_ms))
-    finally:
-        sock.close()
-        ctx.term()
+        finally:
+            self.metrics.log_seconds.observe(time.perf_counter() - t0)

@@ -80,6 +80,12 @@ class ClientLimits(_Section):
     max_in_flight: Annotated[int, Field(ge=1)] | None = None
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics on a loopback port (docs/metrics.md)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None  # None: off
+
+
 class LlamaSettings(_Section):
     # None: half the physical cores (at least 1), so two models can decode at once
     # without llama.cpp's spinning threads fighting over the cores.
@@ -115,6 +121,7 @@ class DaemonSettings(BaseModel):
     # Per-agent limits, by the `client` name a request declares; [clients.default]
     # applies to requests that declare none, or a name not listed.
     clients: dict[str, ClientLimits] = {}
+    metrics: MetricsSettings = MetricsSettings()
 
     @property
     def store_dir(self) -> Path:

@@ -222,7 +222,7 @@ class LiveStream:
         parse_calls = bool(request.tools) and request.tool_choice != "none"
         self.live = policy in (Policy.OFF, Policy.SHADOW) and (request.constrained or not parse_calls)
         self._chunks = ChatStream(parse_calls, self.live)
-        self._first = True
+        self.first_at: float | None = None  # perf_counter() when the first delta went out
 
     async def on_text(self, text: str) -> None:
         await self._send(self._chunks.feed(text))
@@ -235,7 +235,7 @@ class LiveStream:
 
     async def _send(self, deltas: list[dict[str, Any]]) -> None:
         for delta in deltas:
-            if self._first:
+            if self.first_at is None:
                 delta = {"role": "assistant", **delta}
-                self._first = False
+                self.first_at = time.perf_counter()
             await self._emit(chunk(self.id, self.created, self.model, delta))
