@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.load(args.config, data_dir=args.data_dir,
                                  endpoint=getattr(args, "endpoint", None))
+        settings = _serve_flags(args, settings)
         return args.run(args, settings) or 0
     except DaemonUnreachable as exc:
         print(f"outpost: {exc.message}", file=sys.stderr)
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the daemon in the foreground until Ctrl-C or SIGTERM. "
                        "Settings: docs/configuration.md.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="also answer OpenAI-compatible HTTP (/v1/chat/completions, /v1/models) "
+                   "on this address; loopback only unless [http] api_key is set (default: off)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT/metrics (default: off)")
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("call", parents=[common, client, as_json], help="send one chat request",
@@ -226,6 +232,16 @@ def _load_tools(path: Path) -> list[dict[str, Any]]:
 
 
 # -- commands --------------------------------------------------------------------------
+def _serve_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    """`serve`'s --http and --metrics-port over the config file's [http] and [metrics]."""
+    update: dict[str, Any] = {}
+    if getattr(args, "http", None):
+        update["http"] = settings.http.model_copy(update={"listen": args.http})
+    if getattr(args, "metrics_port", None):
+        update["metrics"] = settings.metrics.model_copy(update={"port": args.metrics_port})
+    return settings.model_copy(update=update) if update else settings
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here, not at the top: the daemon pulls in llama.cpp, xgrammar and torch
     # (seconds of start-up) and the client commands must not pay for that.
@@ -243,6 +259,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             schedule.start()
         loaded = ", ".join(daemon.pool.workers) or "none yet (loaded on first request)"
         print(f"outpost {VERSION} listening on {endpoint}", flush=True)
+        if settings.http.listen:
+            print(f"  OpenAI-compatible HTTP on http://{settings.http.listen}/v1")
+        if settings.metrics.port:
+            print(f"  metrics on http://127.0.0.1:{settings.metrics.port}/metrics")
         print(f"  data dir {settings.data_dir}; default model {catalog.default}; loaded: {loaded}")
         print("  try:")
         print(f"    outpost call --endpoint {endpoint} --tools {EXAMPLE_TOOLS} "
@@ -318,21 +338,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     elif esc.get("policy", "off") != "off":
         line += "; no cloud configured: answers stay local"
     print(line)
-    _print_sync(status.get("sync"))
-    _print_workers(status["loaded"])
+    fmt.print_sync(status.get("sync"))
+    fmt.print_workers(status["loaded"])
     return 0
-
-
-def _print_sync(sync: dict[str, Any] | None) -> None:
-    """One line per direction: when it last worked, and why it failed since, if it did."""
-    for kind, label in (("pull", "models last verified"), ("push", "logs last pushed")):
-        entry = (sync or {}).get(kind)
-        if not entry:
-            continue
-        line = f"sync: {label} {fmt.ago(entry.get('ok_at'))}"
-        if entry.get("error"):
-            line += f"; the last try failed ({entry['error']['code']}: {entry['error']['message']})"
-        print(line)
 
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
@@ -344,29 +352,8 @@ def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
     b = status["budget"]
     print(f"budget {fmt.mib(b['ram_bytes'])}, in use {fmt.mib(b['used_bytes'])} "
           f"(daemon, forkserver and workers, PSS)")
-    _print_workers(status["loaded"])
+    fmt.print_workers(status["loaded"])
     return 0
-
-
-def _print_workers(workers: list[dict[str, Any]]) -> None:
-    if not workers:
-        print("no models loaded")
-        return
-    print(f"{'MODEL':<26} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
-          f"{'SERVED':>6} {'LOAD':>8} {'GRAMMARS HIT/MISS':>17}")
-    for w in workers:
-        pin = "*" if w.get("pinned") else ""
-        share = f"{w['budget_share'] * 100:.0f}%" if w.get("budget_share") is not None else "-"
-        cache = w.get("grammar_cache") or {}
-        grammars = f"{cache.get('hits', 0)}/{cache.get('misses', 0)}"
-        print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
-              f"{fmt.mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
-              f"{w['load_ms']:>6.0f}ms {grammars:>17}")
-        if w.get("adapters"):
-            # Task adapters served by this base: the one applied now is marked `>`.
-            names = ", ".join(f"{'>' if a == w.get('adapter') else ''}{a}" for a in w["adapters"])
-            print(f"  adapters: {names}; {w.get('adapter_switches', 0)} switches, "
-                  f"{w.get('grouped', 0)} requests served ahead to save a switch")
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -35,3 +35,39 @@ def ago(at: float | None) -> str:
         if s >= size:
             return f"{s / size:.0f} {unit} ago"
     return f"{s:.0f} s ago"
+
+
+def print_sync(sync: dict[str, Any] | None) -> None:
+    """One line per direction: when it last worked, and why it failed since, if it did."""
+    for kind, label in (("pull", "models last verified"), ("push", "logs last pushed")):
+        entry = (sync or {}).get(kind)
+        if not entry:
+            continue
+        line = f"sync: {label} {ago(entry.get('ok_at'))}"
+        if entry.get("error"):
+            line += f"; the last try failed ({entry['error']['code']}: {entry['error']['message']})"
+        print(line)
+
+
+def print_workers(workers: list[dict[str, Any]]) -> None:
+    if not workers:
+        print("no models loaded")
+        return
+    print(f"{'MODEL':<26} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
+          f"{'SERVED':>6} {'LOAD':>8} {'GRAMMARS HIT/MISS':>17}")
+    for w in workers:
+        pin = "*" if w.get("pinned") else ""
+        share = f"{w['budget_share'] * 100:.0f}%" if w.get("budget_share") is not None else "-"
+        cache = w.get("grammar_cache") or {}
+        grammars = f"{cache.get('hits', 0)}/{cache.get('misses', 0)}"
+        print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
+              f"{mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
+              f"{w['load_ms']:>6.0f}ms {grammars:>17}")
+        if w.get("adapters"):
+            # Task adapters served by this base: the one applied now is marked `>`.
+            names = ", ".join(f"{'>' if a == w.get('adapter') else ''}{a}" for a in w["adapters"])
+            print(f"  adapters: {names}; {w.get('adapter_switches', 0)} switches, "
+                  f"{w.get('grouped', 0)} requests served ahead to save a switch")
+        if w.get("batch_turns") or w.get("overtaken"):
+            print(f"  priority: {w.get('batch_turns', 0)} batch requests served, "
+                  f"{w.get('overtaken', 0)} times an interactive one went ahead")

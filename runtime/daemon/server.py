@@ -42,6 +42,7 @@ from outpost.runtime.escalation.flow import Escalator, Turn
 from outpost.runtime.escalation.policy import resolve
 from outpost.runtime.escalation.settings import Policy
 from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
+from outpost.runtime.logs import retention
 from outpost.runtime.logs.store import LogStore
 
 from . import adapters, endpoint, protocol, replies, smoke, streaming
@@ -59,9 +60,16 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]  # sends one streamed chunk t
 class InFlight:
     """A request being handled, for `cancel`: its task, and whether it has a worker yet."""
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
         self.task = task
         self.generating = False
+
+    def abandon(self) -> bool:
+        """Its agent gave up: cancel it if it is still queued (not once it generates)."""
+        if self.task is None or self.task.done() or self.generating:
+            return False
+        self.task.cancel()
+        return True
 
 
 _current: contextvars.ContextVar[InFlight | None] = contextvars.ContextVar("outpost_request", default=None)
@@ -124,6 +132,7 @@ class Daemon:
             self.zmq.term()
             raise
         exporter: asyncio.Server | None = None
+        door: tuple[Any, asyncio.Task[None]] | None = None  # the HTTP door: server, task
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -134,12 +143,14 @@ class Daemon:
             await self.pool.start()
             if self.settings.metrics.port is not None:
                 exporter = await self._exporter(self.settings.metrics.port)
+            if self.settings.http.listen is not None:
+                door = await _http_door(self)
             for model_id in self.settings.preload or []:
                 await self.pool.acquire(adapters.resolve(self.catalog, self.catalog.get(model_id))[0],
                                         reason="preload")
             if on_ready:
                 on_ready(self.settings.endpoint)
-            self.background.spawn(self._retention(), "log retention")
+            self.background.spawn(retention.keep(self.logs, self.settings.logs), "log retention")
             stop = asyncio.ensure_future(self._stop.wait())
             while not self._stop.is_set():
                 recv = asyncio.ensure_future(sock.recv_multipart())
@@ -149,6 +160,9 @@ class Daemon:
                     break
                 self.background.spawn(self._handle(sock, recv.result()), "a request's handler")
         finally:
+            if door is not None:
+                door[0].should_exit = True
+                await asyncio.gather(door[1], return_exceptions=True)
             if exporter is not None:
                 exporter.close()
             self.background.cancel()
@@ -173,30 +187,6 @@ class Daemon:
         return {"budget": self.pool.budget(used), "loaded": self.pool.describe(snapshot),
                 "clients": dict(self.clients.in_flight), "sync": self._sync_status()}
 
-    async def _retention(self) -> None:
-        """Apply the log's retention caps now and every `prune_interval_s`."""
-        cfg = self.settings.logs
-        if cfg.max_age_days is None and cfg.max_size is None:
-            return
-        warned = False
-        while True:
-            try:
-                result = await self.logs.prune(cfg.max_age_days * 86400 if cfg.max_age_days else None,
-                                               int(cfg.max_size) if cfg.max_size else None)
-            except Exception:
-                log.exception("pruning the log failed; will try again")
-            else:
-                if result["deleted_by_age"] or result["deleted_by_size"]:
-                    log.info("log retention: deleted %d requests by age, %d by size",
-                             result["deleted_by_age"], result["deleted_by_size"])
-                over = cfg.max_size is not None and result["bytes"] > int(cfg.max_size)
-                if result["held"] and over and not warned:
-                    log.warning("the log is over its size cap, but %d requests have not been "
-                                "exported or synced yet and are kept: run `outpost logs export`",
-                                result["held"])
-                    warned = True
-            await asyncio.sleep(cfg.prune_interval_s)
-
     # -- one message -----------------------------------------------------------------
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
         # ROUTER gives [identity, (b"" from REQ sockets), payload...]; the envelope
@@ -215,37 +205,53 @@ class Daemon:
             if env.method == "cancel":  # not counted, and only the sender's own requests
                 await sock.send_multipart([*envelope, protocol.reply_ok(request_id, self.cancel(identity, env.params))])
                 return
-            handler = self._methods.get(env.method)
-            if handler is None:
-                raise UnknownMethod(env.method, sorted([*self._methods, "cancel"]))
-            self.requests += 1
-            self.metrics.in_flight.inc()
-            key = (identity, env.id)
-            task = asyncio.current_task()
-            assert task is not None
-            self._inflight[key] = entry = InFlight(task)
-            _current.set(entry)
+            emit = None
             if env.method in self._streaming:
                 async def emit(chunk: dict[str, Any], request_id: str = env.id) -> None:
                     await sock.send_multipart([*envelope, protocol.reply_chunk(request_id, chunk)])
-                result = await handler(env.params, emit=emit)
-            else:
-                result = await handler(env.params)
-            reply = protocol.reply_ok(request_id, result)
+            reply = protocol.reply_ok(request_id, await self.serve_call(env.method, env.params, emit,
+                                                                        key=(identity, env.id)))
         except OutpostError as exc:
             reply = protocol.reply_error(request_id, exc)
-        except asyncio.CancelledError:
-            current = _current.get()
-            if current is None or not current.task.cancelling() or self._stop.is_set():
-                raise
-            return  # cancelled by its agent while queued: nobody waits for a reply
         except Exception as exc:  # a bug: report it and keep serving
-            log.exception("unhandled error in request %s", request_id)
-            reply = protocol.reply_error(request_id, InternalError(f"internal error: {exc!r}"))
-        finally:
-            if request_id is not None and self._inflight.pop((identity, request_id), None) is not None:
-                self.metrics.in_flight.dec()
+            reply = protocol.reply_error(request_id, self.internal(exc))
+        # (A request its agent cancelled while queued ends in CancelledError: no reply.)
         await sock.send_multipart([*envelope, reply])
+
+    async def serve_call(self, method: str, params: dict[str, Any], emit: Emit | None = None,
+                         key: tuple[bytes, str] | None = None, entry: InFlight | None = None) -> dict[str, Any]:
+        """Run one method for any door (the socket, HTTP): counted, cancellable by `key`."""
+        handler = self._methods.get(method)
+        if handler is None:
+            raise UnknownMethod(method, sorted([*self._methods, "cancel"]))
+        self.requests += 1
+        self.metrics.in_flight.inc()
+        entry = entry or InFlight()
+        entry.task = asyncio.current_task()
+        token = _current.set(entry)
+        if key is not None:
+            self._inflight[key] = entry
+        try:
+            if method in self._streaming:
+                return await handler(params, emit=emit)
+            return await handler(params)
+        finally:
+            self.metrics.in_flight.dec()
+            _current.reset(token)
+            if key is not None:
+                self._inflight.pop(key, None)
+
+    def start_call(self, method: str, params: dict[str, Any], emit: Emit | None = None) -> InFlight:
+        """`serve_call` in a task of its own (an HTTP stream reads its chunks meanwhile)."""
+        entry = InFlight()
+        # Not a Background task: its outcome, errors included, is the caller's to read.
+        entry.task = asyncio.create_task(self.serve_call(method, params, emit, entry=entry))
+        return entry
+
+    def internal(self, exc: BaseException) -> InternalError:
+        """A bug, reported (with its traceback in the daemon's log) and survived."""
+        log.error("unhandled error in a request", exc_info=exc)
+        return InternalError(f"internal error: {exc!r}")
 
     # -- methods ---------------------------------------------------------------------
     def cancel(self, peer: bytes, params: dict[str, Any]) -> dict[str, Any]:
@@ -256,9 +262,8 @@ class Daemon:
         entry = self._inflight.get((peer, request_id))
         if entry is None:
             return {"id": request_id, "cancelled": False, "state": "unknown"}
-        if entry.generating:
+        if not entry.abandon():
             return {"id": request_id, "cancelled": False, "state": "generating"}
-        entry.task.cancel()
         return {"id": request_id, "cancelled": True, "state": "queued"}
 
     async def ping(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -432,3 +437,12 @@ class Daemon:
             return None
         finally:
             self.metrics.log_seconds.observe(time.perf_counter() - t0)
+
+
+async def _http_door(daemon: Daemon) -> tuple[Any, asyncio.Task[None]]:
+    """Start the HTTP door; Starlette and uvicorn are imported only when it is asked for."""
+    try:
+        from . import http  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(f"[http] listen needs the `http` extra: pip install 'outpost[http]' ({exc})") from exc
+    return await http.start(daemon, daemon.settings.http)

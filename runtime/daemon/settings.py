@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, SecretStr
 
 from outpost.runtime.escalation.settings import (CloudSettings, ConfidenceSettings,
                                                  EscalationSettings)
@@ -86,6 +86,15 @@ class MetricsSettings(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] | None = None  # None: off
 
 
+class HttpSettings(_Section):
+    """The optional OpenAI-compatible HTTP door (runtime/daemon/http.py)."""
+
+    listen: str | None = None  # HOST:PORT; None: off
+    # Required to listen off loopback; when set, every request must carry it
+    # (`Authorization: Bearer <key>`), on loopback too.
+    api_key: SecretStr | None = None
+
+
 class LlamaSettings(_Section):
     # None: half the physical cores (at least 1), so two models can decode at once
     # without llama.cpp's spinning threads fighting over the cores.
@@ -122,6 +131,7 @@ class DaemonSettings(BaseModel):
     # applies to requests that declare none, or a name not listed.
     clients: dict[str, ClientLimits] = {}
     metrics: MetricsSettings = MetricsSettings()
+    http: HttpSettings = HttpSettings()
 
     @property
     def store_dir(self) -> Path:

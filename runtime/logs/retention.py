@@ -5,16 +5,27 @@ device (the sync's alone once the device pushes to a fleet hub). `prune` removes
 the file is over `max_size`, but only rows at or below the watermark: what has not
 left the device yet is never lost to a cap.
 
+`keep` is the daemon's loop that applies the caps now and every `prune_interval_s`.
+
 What this module must not do: delete a row above the watermark.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
+
+from .settings import LogSettings
+
+if TYPE_CHECKING:
+    from .store import LogStore
+
+log = logging.getLogger("outpost.logs")
 
 
 def watermark(db: sqlite_utils.Database) -> int:
@@ -98,3 +109,27 @@ def prune(db: sqlite_utils.Database, max_age_s: float | None, max_bytes: int | N
                          "where tools_hash is not null)")
     out["bytes"] = used_bytes(db)
     return out
+
+
+async def keep(logs: LogStore, cfg: LogSettings) -> None:
+    """Apply the log's retention caps now and every `prune_interval_s` (the daemon runs it)."""
+    if cfg.max_age_days is None and cfg.max_size is None:
+        return
+    warned = False
+    while True:
+        try:
+            result = await logs.prune(cfg.max_age_days * 86400 if cfg.max_age_days else None,
+                                      int(cfg.max_size) if cfg.max_size else None)
+        except Exception:
+            log.exception("pruning the log failed; will try again")
+        else:
+            if result["deleted_by_age"] or result["deleted_by_size"]:
+                log.info("log retention: deleted %d requests by age, %d by size",
+                         result["deleted_by_age"], result["deleted_by_size"])
+            over = cfg.max_size is not None and result["bytes"] > int(cfg.max_size)
+            if result["held"] and over and not warned:
+                log.warning("the log is over its size cap, but %d requests have not been "
+                            "exported or synced yet and are kept: run `outpost logs export`",
+                            result["held"])
+                warned = True
+        await asyncio.sleep(cfg.prune_interval_s)
