@@ -16,7 +16,9 @@ import json
 import re
 
 # The start of a call as the grammar writes it, up to its arguments (templates.py).
-CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+# (Whitespace after the colon is left to JsonCanon, which drops it: a stream can then
+# name the call as soon as the colon is written.)
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:')
 _NUMBER = set("0123456789+-.eE")
 _HIGH_SURROGATE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 

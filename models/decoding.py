@@ -104,22 +104,33 @@ def settled(run: Run) -> int:
 
 class TextStream:
     """Sends a generation's settled text as it grows, whole UTF-8 characters only; the
-    pieces sent join to a prefix of the final text (decoded the same way)."""
+    pieces sent join to a prefix of the final text (decoded the same way).
+
+    `push(run, forced)` may also send text the grammar forces next and the loop has not
+    decoded yet (a call's head: the tag, the name): no choice is left in it, so it is
+    sent as soon as the model has chosen it, not a token at a time after that."""
 
     def __init__(self, send: Callable[[str], None]) -> None:
         self._send = send
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._sent = 0  # bytes of `written` passed to the decoder
+        self._sent = 0  # bytes of the output passed to the decoder (may run ahead of `written`)
 
-    def push(self, run: Run) -> None:
+    def push(self, run: Run, forced: bytes = b"") -> None:
         k = settled(run)
-        run.floor = k  # a loop cut keeps what has been sent
         upto = len(run.written) if k >= len(run.out) else run.offsets[k]
-        if upto > self._sent:
-            text = self._decoder.decode(bytes(run.written[self._sent:upto]))
-            self._sent = upto
-            if text:
+        data, sent = b"", self._sent
+        if upto > sent:
+            data, sent = bytes(run.written[sent:upto]), upto
+        if forced and upto == len(run.written) and upto + len(forced) > sent:
+            # Everything decoded is settled, so the forced text follows what was sent.
+            data += forced[sent - upto:]
+            sent = upto + len(forced)
+        if sent > self._sent:
+            self._sent = sent
+            if text := self._decoder.decode(data):
                 self._send(text)
+        # A loop cut keeps what has been sent: every token whose bytes went out.
+        run.floor = max(k, sum(1 for at in run.offsets if at < self._sent))
 
 
 def cut_quality(written: bytearray, at: int) -> int:

@@ -247,7 +247,7 @@ class LlamaModel:
         closing_left = -1  # >= 0 while steering a cut call to its end
         for _ in range(2 * run.budget):  # rollbacks give tokens back; this bounds the passes
             if stream is not None:
-                stream.push(run)
+                stream.push(run, self._forced(run, mask, reserve))
             if len(run.out) >= run.budget:
                 return
             if closing_left >= 0:
@@ -295,7 +295,23 @@ class LlamaModel:
                     # information, so stop instead of burning max_tokens.
                     run.finish = "stop"
                     return
+            if stream is not None:
+                stream.push(run)  # the sampled token goes out before its forward pass
             self._llama.eval([tok])
+
+    def _forced(self, run: Run, mask: TokenMask | None, reserve: int) -> bytes:
+        """What the grammar forces next, when a stream may send it ahead: at the start of
+        the answer or of a call (a head: tag and name), and only if max_tokens leaves room
+        for it to be decoded (each token is at least a byte)."""
+        if mask is None:
+            return b""
+        spans = run.calls.spans
+        after_call = bool(spans) and spans[-1][1] == len(run.written)
+        in_head = run.in_call and len(run.written) - spans[-1][0] < 128
+        if run.out and not after_call and not in_head:
+            return b""
+        forced = mask.matcher.find_jump_forward_string().encode("utf-8")
+        return forced if len(run.out) + len(forced) + reserve < run.budget else b""
 
     def _cut_loop(self, run: Run, mask: TokenMask, cut: int, period: int) -> int:
         """Drop a loop's repeats (keeping one copy) from the output, the grammar state

@@ -98,9 +98,8 @@ class ChatStream:
 
     def _read_head(self, deltas: list[dict[str, Any]]) -> None:
         match = CALL_HEAD.match(self._pending)
-        if match is None or match.end() == len(self._pending):
-            # Incomplete (whitespace may still follow `:`), or not the grammar's shape.
-            if len(self._pending) > 4096 or (match is None and _not_a_head(self._pending)):
+        if match is None:  # incomplete, or not the grammar's shape
+            if len(self._pending) > 4096 or _not_a_head(self._pending):
                 self._mode = "lost"
             return
         call = _Call(len(self.calls), json.loads(match.group(1)))
