@@ -103,7 +103,7 @@ def parse(text: str, loose: bool = False) -> tuple[str | None, list[dict[str, An
         except ValueError:  # JSONDecodeError included: keep the raw text, report it
             close = text.find(TOOL_CALL_CLOSE, body)
             end = close if close >= 0 else len(text)
-            calls.append(_cut_short(text[body:end].strip()))
+            calls.append(_cut_short(text[body:end]))
         else:
             calls.append(obj)
         at = close + len(TOOL_CALL_CLOSE) if close >= 0 else len(text)
@@ -119,13 +119,14 @@ def _cut_short(raw: str) -> dict[str, Any]:
     missing), the call itself."""
     head = CALL_HEAD.match(raw)
     if head is None:
-        return {"raw": raw}
+        return {"raw": raw.strip()}
     name = json.loads(head.group(1))
+    # Not stripped: a string cut short keeps its trailing spaces, as a stream sent them.
     args = canon.partial(raw[head.end():])
     try:
         return {"name": name, "arguments": json.loads(args)}
     except ValueError:
-        return {"raw": raw, "name": name, "partial": args}
+        return {"raw": raw.strip(), "name": name, "partial": args}
 
 
 def _parse_bare(text: str) -> tuple[str | None, list[dict[str, Any]]]:

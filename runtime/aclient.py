@@ -27,8 +27,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .client import chat_body
-from .errors import BadRequest, DaemonUnreachable, from_wire
+from .client import chat_body, read_reply
+from .errors import DaemonUnreachable, OutpostError
 
 
 class AsyncOutpostClient:
@@ -71,16 +71,14 @@ class AsyncOutpostClient:
                     reply = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     raise DaemonUnreachable(self.endpoint, timeout) from None
-                if "chunk" in reply:
-                    yield reply["chunk"]
-                    continue
-                done = True
-                if "error" in reply:
-                    raise from_wire(reply["error"])
-                if "result" not in reply:
-                    raise BadRequest("reply has neither result nor error", reply=reply)
-                yield reply["result"]
-                return
+                try:
+                    done, payload = read_reply(reply)
+                except OutpostError:
+                    done = True  # an error frame ends the request too: nothing to cancel
+                    raise
+                yield payload
+                if done:
+                    return
         finally:
             del self._waiting[request_id]
             if not done and not self._sock.closed:

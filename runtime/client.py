@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from .errors import BadRequest, DaemonUnreachable, from_wire
+from .errors import BadRequest, DaemonUnreachable, OutpostError, from_wire
 
 
 class OutpostClient:
@@ -64,16 +64,14 @@ class OutpostClient:
                 reply = json.loads(self._sock.recv())
                 if reply.get("id") not in (request_id, None):
                     continue  # a late reply to a request given up on
-                if "chunk" in reply:
-                    yield reply["chunk"]
-                    continue
-                done = True
-                if "error" in reply:
-                    raise from_wire(reply["error"])
-                if "result" not in reply:
-                    raise BadRequest("reply has neither result nor error", reply=reply)
-                yield reply["result"]
-                return
+                try:
+                    done, payload = read_reply(reply)
+                except OutpostError:
+                    done = True  # an error frame ends the request too: the socket is in step
+                    raise
+                yield payload
+                if done:
+                    return
         finally:
             if not done:
                 # Given up on (a timeout, a stream left unread): a request still queued
@@ -149,3 +147,15 @@ def chat_body(messages: list[dict[str, Any]], model: str | None, tools: list[dic
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
     return body
+
+
+def read_reply(reply: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """One reply frame -> (whether it ends the request, its chunk or result); an error
+    frame is raised as its typed exception."""
+    if "chunk" in reply:
+        return False, reply["chunk"]
+    if "error" in reply:
+        raise from_wire(reply["error"])
+    if "result" not in reply:
+        raise BadRequest("reply has neither result nor error", reply=reply)
+    return True, reply["result"]

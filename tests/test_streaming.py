@@ -137,3 +137,36 @@ def test_chat_stream_strips_content_like_the_reply():
     deltas = stream.feed("  \n Hello") + stream.feed(" there <tool") + stream.feed("ing>  \n")
     deltas += stream.finish("Hello there <tooling>", [])
     assert "".join(d["content"] for d in deltas) == "Hello there <tooling>"
+
+
+def test_a_repeat_spelt_differently_takes_no_index_and_the_rest_line_up():
+    rnd = random.Random(5)
+    a = '<tool_call>\n{"name": "f", "arguments": {"city":"Paris"}}\n</tool_call>'
+    a_again = '<tool_call>\n{"name": "f", "arguments": {"city": "Paris"}}\n</tool_call>'  # same value
+    b = '<tool_call>\n{"name": "f", "arguments": {"city":"Oslo"}}\n</tool_call>'
+    stream, deltas = ChatStream(parse_calls=True), []
+    for piece in _pieces(rnd, "\n".join([a, a_again, b])):
+        deltas += stream.feed(piece)
+    final = [{"id": "x", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}},
+             {"id": "y", "type": "function", "function": {"name": "f", "arguments": '{"city": "Oslo"}'}}]
+    deltas += stream.finish(None, final)
+    _, calls, _ = reassemble([{"object": "chat.completion.chunk", "choices": [{"delta": d}]}
+                              for d in deltas] + [{}])
+    assert [c["function"] for c in calls] == [f["function"] for f in final]
+    assert [c["id"] for c in calls] == [f["id"] for f in final]
+    indices = {p["index"] for d in deltas for p in d.get("tool_calls", [])}
+    assert indices == {0, 1}
+
+
+def test_a_call_cut_short_in_a_string_keeps_what_the_stream_sent():
+    from outpost.models import toolcalls
+
+    text = '<tool_call>\n{"name": "f", "arguments": {"q": "weather in '
+    stream = ChatStream(parse_calls=True)
+    deltas = stream.feed(text)
+    _, [call] = toolcalls.parse(text)
+    final = [{"id": "x", "type": "function", "function": {"name": "f", "arguments": call["partial"]}}]
+    deltas += stream.finish(None, final)
+    _, calls, _ = reassemble([{"object": "chat.completion.chunk", "choices": [{"delta": d}]}
+                              for d in deltas] + [{}])
+    assert calls[0]["function"]["arguments"] == '{"q": "weather in ' == call["partial"]

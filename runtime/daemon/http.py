@@ -38,6 +38,7 @@ from starlette.routing import Route
 from outpost.manifests.errors import BadRequest, ConfigError, OutpostError, UnknownModel
 from outpost.runtime import openai_shape as shape
 
+from .errors import RequestTooLarge
 from .settings import HttpSettings
 
 if TYPE_CHECKING:
@@ -82,8 +83,16 @@ def app(daemon: Daemon, settings: HttpSettings) -> Starlette:
     async def chat(request: Request) -> Response:
         if not authorised(request):
             return unauthorised()
+        limit = daemon.settings.server.max_request_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            return _error(RequestTooLarge(int(request.headers["content-length"]), limit))
+        body = b""
+        async for piece in request.stream():  # bounded as the socket's frames are
+            body += piece
+            if len(body) > limit:
+                return _error(RequestTooLarge(len(body), limit))
         try:
-            params = json.loads(await request.body() or b"{}")
+            params = json.loads(body or b"{}")
             if not isinstance(params, dict):
                 raise BadRequest("the request body must be a JSON object")
         except ValueError as exc:
@@ -96,6 +105,8 @@ def app(daemon: Daemon, settings: HttpSettings) -> Starlette:
             return JSONResponse(await daemon.serve_call("chat", params))
         except OutpostError as exc:
             return _error(exc)
+        except Exception as exc:  # a bug: reported, and answered in OpenAI's error shape
+            return _error(daemon.internal(exc))
 
     async def models(request: Request) -> Response:
         if not authorised(request):
@@ -177,7 +188,7 @@ async def start(daemon: Daemon, settings: HttpSettings) -> tuple[_Uvicorn, async
         sock.close()
         raise ConfigError(f"cannot serve HTTP on {settings.listen}: {exc.strerror}", listen=settings.listen) from exc
     server = _Uvicorn(uvicorn.Config(app(daemon, settings), log_level="warning", lifespan="off",
-                                     access_log=False))
+                                     access_log=False, timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)

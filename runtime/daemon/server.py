@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 import os
@@ -361,8 +362,12 @@ class Daemon:
             with self.clients.hold(chat.client):  # [clients.<name>] max_in_flight
                 return await self._chat(chat, emit)
         except OutpostError as exc:
+            # Labelled by a model of the catalog only: any string an agent sends would
+            # otherwise become a series of its own.
             model = exc.data.get("model") or params.get("model")
-            self.metrics.failed(model if isinstance(model, str) else "", str(params.get("task") or ""), exc.code)
+            known = model if isinstance(model, str) and model in self.catalog.ids() else ""
+            task = params.get("task") if isinstance(params.get("task"), str) else ""
+            self.metrics.failed(known, task if known or not task else "", exc.code)
             raise
 
     async def _chat(self, chat: protocol.ChatParams, emit: Emit | None) -> dict[str, Any]:
@@ -395,8 +400,15 @@ class Daemon:
                 return await lease.generate(request, self.settings.server.request_timeout_s,
                                             stream.on_text if stream and stream.live else None)
 
+        if policy is Policy.CLOUD_ONLY and (current := _current.get()) is not None:
+            current.generating = True  # the cloud is asked at once: a cancel lets it finish
         outcome = await self.escalator.run(turn, local)
         manifest = served[0]
+        if stream is not None and stream.first_at is not None and outcome.cloud is not None:
+            # The local attempt failed after its deltas went out (shadow falls back to the
+            # cloud then): an answer cannot be taken back, so the agent gets the local error.
+            log.warning("a streamed local answer failed mid-stream; the cloud's is not sent")
+            outcome = dataclasses.replace(outcome, cloud=None, cloud_error=None)
         if stream is not None and outcome.answered:
             await stream.finish(outcome)  # the calls take the ids the agent was sent
         timings_ms = replies.timings(waited, outcome, t0)

@@ -42,14 +42,22 @@ from outpost.runtime.escalation.settings import Policy
 log = logging.getLogger("outpost.server")
 
 class _Call:
-    def __init__(self, index: int, name: str) -> None:
-        self.index = index
+    def __init__(self, name: str) -> None:
+        self.index: int | None = None  # given when it is opened: a dropped repeat takes none
         self.id = f"call_{secrets.token_hex(12)}"
         self.name = name
         self.canon = JsonCanon()
         self.args = ""  # canonical arguments read so far
         self.sent = 0  # how much of `args` has gone out
-        self.opened = False  # the delta with the id and name has gone out
+
+    def same_as(self, other: _Call) -> bool:
+        """Whole, and equal to `other` as the reply compares calls (by value)."""
+        if not (self.canon.done and other.canon.done and self.name == other.name):
+            return False
+        try:
+            return json.loads(self.args) == json.loads(other.args)
+        except ValueError:
+            return False
 
 
 class ChatStream:
@@ -59,7 +67,8 @@ class ChatStream:
     def __init__(self, parse_calls: bool, live: bool = True) -> None:
         self.parse_calls = parse_calls  # tools offered (and not tool_choice none)
         self.live = live
-        self.calls: list[_Call] = []
+        self.calls: list[_Call] = []  # every call read, repeats included
+        self._opened = 0  # calls given an index (sent to the client)
         self._mode = "text"  # text | head | args | tail | lost (could not follow)
         self._pending = ""  # text not yet read to the end (a tag or a head cut in two)
         self._content_sent = False
@@ -102,7 +111,7 @@ class ChatStream:
             if len(self._pending) > 4096 or _not_a_head(self._pending):
                 self._mode = "lost"
             return
-        call = _Call(len(self.calls), json.loads(match.group(1)))
+        call = _Call(json.loads(match.group(1)))
         self.calls.append(call)
         self._pending = self._pending[match.end():]
         self._mode = "args"
@@ -145,19 +154,22 @@ class ChatStream:
             deltas.append({"content": text})
 
     def _send_call(self, deltas: list[dict[str, Any]], call: _Call, hold: bool = True) -> None:
-        # Held while it could still turn out an exact repeat of an earlier call.
-        if hold and any(c.name == call.name and c.args.startswith(call.args)
-                        for c in self.calls[:call.index]):
+        # Held while it could still turn out a repeat of an earlier call: the reply drops
+        # a call equal to an earlier one (json.dumps(..., sort_keys) in toolcalls.py).
+        earlier = self.calls[:self.calls.index(call)]
+        if hold and any(c.name == call.name and (c.args.startswith(call.args) or call.same_as(c))
+                        for c in earlier):
             return
-        entry: dict[str, Any] = {"index": call.index}
-        if not call.opened:
+        entry: dict[str, Any] = {}
+        if call.index is None:
+            call.index = self._opened
+            self._opened += 1
             entry.update(id=call.id, type="function", function={"name": call.name, "arguments": ""})
-            call.opened = True
         if call.sent < len(call.args):
             entry.setdefault("function", {})["arguments"] = call.args[call.sent:]
             call.sent = len(call.args)
-        if len(entry) > 1:
-            deltas.append({"tool_calls": [entry]})
+        if entry:
+            deltas.append({"tool_calls": [{"index": call.index, **entry}]})
 
     def finish(self, content: str | None, tool_calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The deltas still owed for the final answer. Rewrites the final calls' ids to
@@ -168,17 +180,20 @@ class ChatStream:
                 self._content_delta(deltas, content[len(self._content):])
             else:
                 log.warning("streamed content is not a prefix of the answer; sent as it was")
+        # The calls read, less the repeats the reply dropped, line up with the reply's.
+        kept = [c for i, c in enumerate(self.calls)
+                if c.index is not None or not any(c.same_as(e) for e in self.calls[:i])]
         for i, final in enumerate(tool_calls):
             fn = final["function"]
-            if i >= len(self.calls):
-                self.calls.append(_Call(i, fn["name"]))
-            call = self.calls[i]
+            if i >= len(kept):
+                kept.append(_Call(fn["name"]))
+                self.calls.append(kept[-1])
+            call = kept[i]
             if call.name != fn["name"] or not fn["arguments"].startswith(call.args[:call.sent]):
                 log.warning("streamed call %d differs from the answer's; sent as it was", i)
-                final["id"] = call.id
-                continue
-            call.args = fn["arguments"]
-            self._send_call(deltas, call, hold=False)
+            else:
+                call.args = fn["arguments"]
+                self._send_call(deltas, call, hold=False)
             final["id"] = call.id
         return deltas
 

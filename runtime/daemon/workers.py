@@ -168,7 +168,11 @@ class WorkerHandle:
                 if reply["type"] != "delta":
                     break
                 if on_text is not None:
-                    await on_text(reply["text"])
+                    try:
+                        await on_text(reply["text"])
+                    except Exception:  # the stream broke: read on to the result regardless,
+                        log.exception("streaming a delta failed; the answer comes whole")
+                        on_text = None  # or the worker would be left generating unread
         finally:
             if self.state is WorkerState.BUSY:
                 self.state = WorkerState.READY
