@@ -16,7 +16,6 @@ memory (pool.py), or write SQL (logs/).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import json
 import logging
@@ -48,6 +47,7 @@ from outpost.runtime.logs.store import LogStore
 
 from . import adapters, endpoint, protocol, replies, smoke, streaming
 from .background import Background
+from .calls import InFlight, handling
 from .clients import ClientGate
 from .metrics import Metrics, MetricsRecorder
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
@@ -56,24 +56,6 @@ from .settings import DaemonSettings
 
 log = logging.getLogger("outpost.server")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]  # sends one streamed chunk to the agent
-
-
-class InFlight:
-    """A request being handled, for `cancel`: its task, and whether it has a worker yet."""
-
-    def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
-        self.task = task
-        self.generating = False
-
-    def abandon(self) -> bool:
-        """Its agent gave up: cancel it if it is still queued (not once it generates)."""
-        if self.task is None or self.task.done() or self.generating:
-            return False
-        self.task.cancel()
-        return True
-
-
-_current: contextvars.ContextVar[InFlight | None] = contextvars.ContextVar("outpost_request", default=None)
 
 
 def _text(params: dict[str, Any], name: str) -> str:
@@ -229,7 +211,7 @@ class Daemon:
         self.metrics.in_flight.inc()
         entry = entry or InFlight()
         entry.task = asyncio.current_task()
-        token = _current.set(entry)
+        token = handling.set(entry)
         if key is not None:
             self._inflight[key] = entry
         try:
@@ -238,7 +220,7 @@ class Daemon:
             return await handler(params)
         finally:
             self.metrics.in_flight.dec()
-            _current.reset(token)
+            handling.reset(token)
             if key is not None:
                 self._inflight.pop(key, None)
 
@@ -391,7 +373,7 @@ class Daemon:
 
         async def local() -> Generation:
             async with self.pool.lease(manifest, batch=chat.priority == "batch") as lease:
-                if (current := _current.get()) is not None:
+                if (current := handling.get()) is not None:
                     current.generating = True  # from here on, `cancel` lets it finish
                 waited.update(lease.timings)
                 # A version activated while this request waited serves it: the log and the
@@ -400,7 +382,7 @@ class Daemon:
                 return await lease.generate(request, self.settings.server.request_timeout_s,
                                             stream.on_text if stream and stream.live else None)
 
-        if policy is Policy.CLOUD_ONLY and (current := _current.get()) is not None:
+        if policy is Policy.CLOUD_ONLY and (current := handling.get()) is not None:
             current.generating = True  # the cloud is asked at once: a cancel lets it finish
         outcome = await self.escalator.run(turn, local)
         manifest = served[0]
