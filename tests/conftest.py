@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,13 @@ def add_tiny(data: Path, model_id: str, seed: int, memory_estimate: str = "16MiB
 
 
 RunningDaemon = EmbeddedDaemon  # the name the tests use
+
+
+def free_port() -> int:
+    """A loopback port free now (a server binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_daemon(data: Path, default: str, cloud_transport: Any = None, **overrides) -> RunningDaemon:

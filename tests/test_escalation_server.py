@@ -4,7 +4,6 @@ cloud", started by the test. No internet."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ import pytest
 from outpost.manifests.catalog import Catalog
 from outpost.runtime.logs import queries, schema
 
-from .conftest import SMOLLM2, make_data_dir, start_daemon
+from .conftest import SMOLLM2, free_port, make_data_dir, start_daemon
 
 pytestmark = pytest.mark.slow
 TEACHER = "teacher-smollm2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ from outpost.runtime.daemon.http import listen_address
 from outpost.runtime.daemon.settings import HttpSettings
 from outpost.runtime.errors import ConfigError
 
-from .conftest import TINY, make_data_dir, start_daemon
-from .test_metrics import _free_port
+from .conftest import TINY, free_port, make_data_dir, start_daemon
 from .test_streaming import reassemble
 from .test_wire import TOOLS, USER
 
@@ -23,7 +22,7 @@ KEY = "sk-test-outpost"
 
 @pytest.fixture(scope="module")
 def door(tmp_path_factory, tiny_gguf):
-    port = _free_port()
+    port = free_port()
     data = make_data_dir(tmp_path_factory.mktemp("http"), tiny_gguf)
     with start_daemon(data, TINY, http={"listen": f"127.0.0.1:{port}"}) as daemon:
         yield daemon, f"http://127.0.0.1:{port}/v1"
@@ -84,7 +83,7 @@ def test_off_loopback_needs_an_api_key():
 
 
 def test_with_an_api_key_every_request_must_carry_it(tmp_path, tiny_gguf):
-    port = _free_port()
+    port = free_port()
     data = make_data_dir(tmp_path, tiny_gguf)
     with start_daemon(data, TINY, http={"listen": f"127.0.0.1:{port}", "api_key": KEY}):
         url = f"http://127.0.0.1:{port}/v1"

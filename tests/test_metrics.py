@@ -3,7 +3,6 @@ counters move with the requests the test sends."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 import psutil
@@ -12,14 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from outpost.runtime.errors import UnknownModel
 
-from .conftest import TINY, make_data_dir, start_daemon
+from .conftest import TINY, free_port, make_data_dir, start_daemon
 from .test_wire import TOOLS, USER
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -35,7 +28,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory, tiny_gguf):
-    port = _free_port()
+    port = free_port()
     data = make_data_dir(tmp_path_factory.mktemp("m"), tiny_gguf)
     with start_daemon(data, TINY, metrics={"port": port}) as daemon:
         yield daemon, port

@@ -20,7 +20,8 @@ from outpost.runtime.errors import BudgetExceeded, Overloaded, Timeout
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
 
-from .conftest import ServeProcess, add_tiny, make_data_dir
+from .conftest import ServeProcess, add_tiny, free_port, make_data_dir
+from .test_metrics import scrape, value
 
 MODELS = ["tiny-a", "tiny-b", "tiny-c"]
 HI = [{"role": "user", "content": "hi"}]
@@ -75,6 +76,17 @@ def test_footprints_are_measured_and_remembered(calibrated):
     assert all(stored[m] >= fp[m] * 0.9 for m in MODELS)
 
 
+def test_the_daemon_maps_no_inference_library(calibrated):
+    """Inference lives in the workers: the daemon's base memory is budgeted, and llama_cpp,
+    xgrammar and the torch under it once cost it ~250 MiB (a CLI plugin imported them)."""
+    data, _, _ = calibrated
+    with ServeProcess(data, config(8 << 30), "lean") as d, d.client() as c:
+        c.chat(HI, max_tokens=2)  # a worker is up and serving
+        maps = Path(f"/proc/{d.pid}/maps").read_text()
+    heavy = {lib for lib in ("libtorch", "libllama", "xgrammar", "libggml") if lib in maps}
+    assert not heavy, heavy
+
+
 def test_third_model_evicts_the_least_valuable_idle_one(calibrated):
     data, base, fp = calibrated
     with ServeProcess(data, config(two_fit(base, fp)), "evict") as d, d.client() as c:
@@ -116,13 +128,22 @@ def test_a_pinned_model_is_never_evicted(calibrated):
 
 def test_idle_ttl_unloads(calibrated):
     data, base, fp = calibrated
-    extra = '[models.tiny-b]\nidle_ttl_s = 0.5\n'
+    port = free_port()
+    extra = f'[models.tiny-b]\nidle_ttl_s = 0.5\n[metrics]\nport = {port}\n'
     with ServeProcess(data, config(8 << 30, extra), "ttl") as d, d.client() as c:
         c.chat(HI, model="tiny-b", max_tokens=2)
         assert "tiny-b" in loaded(c)
         time.sleep(2.5)
         assert loaded(c) == {"tiny-a"}  # the default pool TTL (900 s) keeps tiny-a
+        scraped = scrape(port)
     assert ("unload", "tiny-b") in [(k, m) for k, m, _ in events(data)]
+    # How long the unload took, in the log and in the metrics.
+    conn = sqlite3.connect(data / "logs.db")
+    stop_ms = conn.execute("select stop_ms from pool_events where kind = 'unload' and model = 'tiny-b' "
+                           "order by id desc").fetchone()[0]
+    conn.close()
+    assert stop_ms is not None and stop_ms >= 0
+    assert value(scraped, "outpost_model_unload_seconds_count", model="tiny-b", reason="unload") == 1
 
 
 def test_a_model_serving_a_request_is_not_evicted_mid_request(calibrated):

@@ -64,6 +64,8 @@ class Metrics:
                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.unloads = Counter("outpost_model_unloads", "Workers gone: evicted, idle, crashed or replaced",
                                ["model", "reason"], registry=r)
+        self.unload_seconds = Histogram("outpost_model_unload_seconds", "Time to take a worker down",
+                                        ["model", "reason"], buckets=LATENCY_BUCKETS, registry=r)
         self.log_seconds = Histogram("outpost_log_write_seconds", "Committing one request's rows to logs.db",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.log_failures = Counter("outpost_log_write_failures", "Requests whose rows could not be written",
@@ -106,6 +108,8 @@ class Metrics:
         elif event.kind in (PoolEventKind.EVICT, PoolEventKind.UNLOAD, PoolEventKind.CRASH,
                             PoolEventKind.REPLACE):
             self.unloads.labels(event.model, str(event.kind)).inc()
+            if event.stop_ms is not None:
+                self.unload_seconds.labels(event.model, str(event.kind)).observe(event.stop_ms / 1e3)
 
     def watch(self, state: Callable[[], dict[str, Any]]) -> None:
         """Report what `state()` returns (the daemon's view: status's fields) at each scrape."""

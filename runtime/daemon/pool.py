@@ -313,10 +313,10 @@ class ModelPool:
                     self._released.notify_all()
 
     def _note(self, kind: PoolEventKind, manifest: Manifest, reason: str, ram: int | None = None,
-              load_ms: float | None = None) -> None:
+              load_ms: float | None = None, stop_ms: float | None = None) -> None:
         """Record a pool event without making the request that caused it wait for SQLite."""
         event = PoolEvent(kind=kind, model=manifest.id, version=manifest.version, reason=reason,
-                          ram_bytes=ram, load_ms=load_ms)
+                          ram_bytes=ram, load_ms=load_ms, stop_ms=stop_ms)
         self.background.spawn(self.recorder.record_event(event), f"logging a {kind} of {manifest.id}")
 
     def _spawn(self, manifest: Manifest, need: int, pinned: bool, ttl: float | None,
@@ -396,10 +396,11 @@ class ModelPool:
         # once, where a polite shutdown costs the waiting load a few hundred ms.
         t0 = time.perf_counter()
         await worker.stop(grace_s=0)
+        stop_ms = (time.perf_counter() - t0) * 1e3
         self.evictions += kind is PoolEventKind.EVICT
         log.info("%s %s: %s (freed %.0f MiB in %.0f ms)", kind, worker.manifest.id, reason,
-                 freed / 2**20, (time.perf_counter() - t0) * 1e3)
-        self._note(kind, worker.manifest, reason, freed)
+                 freed / 2**20, stop_ms)
+        self._note(kind, worker.manifest, reason, freed, stop_ms=stop_ms)
         async with self._released:
             self._released.notify_all()
 

@@ -133,7 +133,8 @@ class PoolEvent(_Row):
     version: str
     reason: str
     ram_bytes: int | None = None
-    load_ms: float | None = None
+    load_ms: float | None = None  # a load: until the worker was ready
+    stop_ms: float | None = None  # an unload: until the worker was gone
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -114,6 +114,12 @@ def m005_evals(db: sqlite_utils.Database) -> None:
     db["evals"].create_index(["task", "created_at"])
 
 
+@migration
+def m006_unload_time(db: sqlite_utils.Database) -> None:
+    # How long taking a worker down took (an eviction delays the load that asked for it).
+    db["pool_events"].add_column("stop_ms", float)
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied."""
     if "_migrations" not in db.table_names():

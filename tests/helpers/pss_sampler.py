@@ -8,6 +8,11 @@ peak, for the failure message.
 Reads /proc directly (children files and smaps_rollup): psutil's process scan is too
 slow for 20 Hz on two busy cores. Runs at raised priority when allowed, so the
 measurement keeps its rate while the models saturate the CPU.
+
+smaps_rollup walks a process's page tables (about 85 ns a resident page in this VM): a
+500 MiB worker takes ~15 ms, so one thread reading four processes in turn manages barely
+20 samples a second. The processes are read in parallel (the reads release the GIL, and
+each walks its own mm), which gives ~35 Hz on two cores with two models loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def tree(pid: int) -> list[int]:
@@ -71,12 +77,14 @@ def main() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, halt)
+    # Created after os.nice: its threads inherit the raised priority.
+    pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2))
     period, peak, n, start = 1.0 / hz, 0, 0, time.monotonic()
     at = None
     due = start
     while not stop:
         pids = tree(pid)
-        parts = {p: pss(p) for p in pids}
+        parts = dict(zip(pids, pool.map(pss, pids)))
         total = sum(parts.values())
         if total > peak:
             peak = total

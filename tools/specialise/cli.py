@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -33,7 +33,6 @@ from outpost.manifests.errors import BadRequest
 from outpost.manifests.schema import Manifest, Training
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef
-from outpost.models.llama import LlamaModel
 from outpost.runtime.config import Settings
 from outpost.runtime.daemon.memory import available_ram
 from outpost.runtime.logs import schema
@@ -43,6 +42,11 @@ from outpost.runtime.logs.records import EvalRecord
 from . import adapter as adapters
 from . import data, evaluate, gate
 from .train import ALL_PROJECTIONS, TrainSettings, default_threads, train
+
+if TYPE_CHECKING:
+    # Imported where the command runs: `outpost serve` builds this parser too, and
+    # llama_cpp with xgrammar (and torch under it) would add ~200 MiB to the daemon.
+    from outpost.models.llama import LlamaModel
 
 log = logging.getLogger("outpost.specialise")
 
@@ -182,6 +186,8 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run(settings: Settings, args: Options) -> dict[str, Any]:
+    from outpost.models.llama import LlamaModel  # noqa: F811 (see TYPE_CHECKING above)
+
     t_start = time.perf_counter()
     store = ModelStore(settings.store_dir)
     catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)

@@ -18,12 +18,14 @@ import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from outpost.models.backend import AdapterRef, Generation, GenerationRequest
-from outpost.models.llama import LlamaModel
 
 from .data import Call, Example
+
+if TYPE_CHECKING:  # llama_cpp and xgrammar (with torch) load only when a command runs
+    from outpost.models.llama import LlamaModel
 
 
 @dataclass(frozen=True)
