@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  fi; \
 	  echo "$$want-$(LLAMA_CPP_VERSION)" > $(VENV)/.llama-backend; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,curate,fleet,train,http]'
+	$(PY) -m pip install -q -e '.[dev,curate,fleet,train,http,onnx,convert]'
 	$(PY) -m pip install -q --no-deps "$(BFCL_SPEC)"
 	@touch $@
 

@@ -259,6 +259,30 @@ class ModelStore:
         self._stamp(path, mf)
         return path
 
+    def folder(self, manifest: Manifest) -> Path:
+        """The model's files, each checked, hard-linked under their manifest names into
+        one folder: for a backend that finds files by name beside the one it loads (an
+        ONNX graph's external data, a tokenizer's files). Built once per set of files."""
+        paths = {f.name: self.ensure_verified(f) for f in manifest.files}
+        key = hashlib.sha256("".join(f"{f.name}\0{f.sha256}\n" for f in manifest.files).encode()).hexdigest()
+        # Named by the weights too: removing them (remove()) removes the folder and its links.
+        folder = self.cache / f"folder-{manifest.weights.sha256}-{key[:16]}"
+        if folder.is_dir():
+            return folder
+        tmp = self.cache / f".{folder.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, path in paths.items():
+            try:
+                os.link(path, tmp / name)
+            except OSError:  # another filesystem (a cache elsewhere): a symlink does
+                (tmp / name).symlink_to(path)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
     def _stamp(self, path: Path, mf: FileIdentity) -> None:
         self.stamps.mkdir(parents=True, exist_ok=True)
         tmp = self.stamps / f".{mf.sha256}.{os.getpid()}.tmp"
@@ -300,7 +324,10 @@ class ModelStore:
                 path.unlink()
                 removed.append(path)
                 for derived in [self.stamps / f"{f.sha256}.json", *self.cache.glob(f"*{f.sha256}*")]:
-                    derived.unlink(missing_ok=True)
+                    if derived.is_dir():  # a folder() of links
+                        shutil.rmtree(derived)
+                    else:
+                        derived.unlink(missing_ok=True)
         return removed
 
 

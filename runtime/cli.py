@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list, pull, verify and remove models",
                             description="The model store and catalog (docs/models.md).")
     models.set_defaults(group=models)
-    _add_models_commands(models.add_subparsers(metavar="ACTION"), common, as_json)
+    actions = models.add_subparsers(metavar="ACTION")
+    _add_models_commands(actions, common, as_json)
+    _add_plugin_commands(actions, common, client, as_json, group="outpost.models_commands")
 
     logs = sub.add_parser("logs", help="read, export and prune the interaction log",
                           description="Read, export, cluster and prune the interaction log "
@@ -157,11 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_plugin_commands(sub: argparse._SubParsersAction, *parents: argparse.ArgumentParser) -> None:
+def _add_plugin_commands(sub: argparse._SubParsersAction, *parents: argparse.ArgumentParser,
+                         group: str = "outpost.commands") -> None:
     """Commands that live above runtime (`sync` in sync/, `fleet` in tools/) register through
-    the `outpost.commands` entry points, so the CLI finds them and runtime imports neither.
-    One whose extra is not installed still shows, and says which extra to install."""
-    for ep in sorted(entry_points(group="outpost.commands"), key=lambda e: e.name):
+    the `outpost.commands` entry points (`models convert`: `outpost.models_commands`), so the
+    CLI finds them and runtime imports neither. One whose extra is not installed still
+    shows, and says which extra to install."""
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
         missing = _missing_requirements(ep.extras)
         if missing:
             extra = ",".join(ep.extras)

@@ -53,14 +53,15 @@ def print_workers(workers: list[dict[str, Any]]) -> None:
     if not workers:
         print("no models loaded")
         return
-    print(f"{'MODEL':<26} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
+    print(f"{'MODEL':<26} {'BACKEND':<10} {'STATE':<8} {'PID':>7} {'MEMORY':>8} {'SHARE':>6} {'IDLE':>7} "
           f"{'SERVED':>6} {'LOAD':>8} {'GRAMMARS HIT/MISS':>17}")
     for w in workers:
         pin = "*" if w.get("pinned") else ""
         share = f"{w['budget_share'] * 100:.0f}%" if w.get("budget_share") is not None else "-"
         cache = w.get("grammar_cache") or {}
         grammars = f"{cache.get('hits', 0)}/{cache.get('misses', 0)}"
-        print(f"{w['model'] + pin:<26} {w['state']:<8} {w['pid'] or '-':>7} "
+        backend = f"{w.get('backend', '?')}:{w.get('runs_on', '?')}"
+        print(f"{w['model'] + pin:<26} {backend:<10} {w['state']:<8} {w['pid'] or '-':>7} "
               f"{mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
               f"{w['load_ms']:>6.0f}ms {grammars:>17}")
         if w.get("adapters"):

@@ -41,6 +41,8 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── DaemonUnreachable             daemon_unreachable      here (the client's)
     ├── SyncError                     sync_failed             sync/errors.py (above runtime:
     │   └── SyncUntrusted             sync_untrusted            not imported here)
+    ├── ConversionFailed              conversion_failed       tools/convert_onnx.py (above
+    │                                                           runtime, likewise)
     └── InternalError                 internal                manifests/errors.py
 
 Foreign exceptions are translated at exactly one boundary each: sqlite3 errors by

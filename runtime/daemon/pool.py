@@ -324,7 +324,8 @@ class ModelPool:
         """A worker for `manifest` (its catalog text unless a trial passes the staged one)."""
         llama = self.settings.llama
         options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
-                   "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values())}
+                   "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values()),
+                   "providers": self.settings.onnx.providers}
         text = manifest_toml if manifest_toml is not None else self.catalog.entry(manifest.id).text
         return self._forkserver.spawn(manifest, text, str(self.store.root), options, need, pinned, ttl)
 

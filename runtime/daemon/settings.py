@@ -104,6 +104,12 @@ class LlamaSettings(_Section):
     n_gpu_layers: int | Literal["auto"] = "auto"
 
 
+class OnnxSettings(_Section):
+    # Execution providers to try, best first; []: TensorRT, CUDA, then CPU, as this
+    # onnxruntime build has them (the CPU always ends the list). Threads: [llama] n_threads.
+    providers: list[str] = []
+
+
 class DaemonSettings(BaseModel):
     """What a running daemon reads; the front door's `Settings` adds the rest."""
 
@@ -121,6 +127,7 @@ class DaemonSettings(BaseModel):
     budget: BudgetSettings = BudgetSettings()
     pool: PoolSettings = PoolSettings()
     llama: LlamaSettings = LlamaSettings()
+    onnx: OnnxSettings = OnnxSettings()
     logs: LogSettings = LogSettings()
     confidence: ConfidenceSettings = ConfidenceSettings()
     escalation: EscalationSettings = EscalationSettings()

@@ -35,6 +35,8 @@ from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
+from outpost.models.decoder import Decoder
+from outpost.models.errors import ModelLoadFailed
 from outpost.models.llama import LlamaModel
 
 log = logging.getLogger("outpost.worker")
@@ -42,30 +44,24 @@ PARENT_CHECK_MS = 1000
 
 
 def serve_model(endpoint: str, manifest_toml: str, store_root: str, daemon_pid: int,
-                llama_options: dict[str, Any]) -> None:
+                options: dict[str, Any]) -> None:
     """Entry point of the worker process."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 1000
     sock.connect(endpoint)
     try:
-        _serve(sock, manifest_toml, ModelStore(Path(store_root)), daemon_pid, llama_options)
+        _serve(sock, manifest_toml, ModelStore(Path(store_root)), daemon_pid, options)
     finally:
         sock.close()
         ctx.term()
 
 
 def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: int,
-           llama_options: dict[str, Any]) -> None:
+           options: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     try:
-        manifest = Manifest.from_toml(manifest_toml)
-        # Verify before native code parses the file: a corrupt model is refused, not run.
-        weights = store.ensure_verified(manifest.weights)
-        vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
-        # A task adapter's file is checked (size, sha256) before llama.cpp reads it.
-        model = LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=store.ensure_verified,
-                           **llama_options)
+        model = load(Manifest.from_toml(manifest_toml), store, options)
     except OutpostError as exc:
         sock.send_json({"type": "failed", "error": exc.to_wire()})
         return
@@ -93,7 +89,26 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
         model.close()
 
 
-def _generate(model: LlamaModel, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:
+def load(manifest: Manifest, store: ModelStore, options: dict[str, Any]) -> Decoder:
+    """The manifest's model on its backend. Every file is verified before native code
+    parses it: a corrupt model is refused, not run."""
+    vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
+    if manifest.backend == "onnx":
+        try:
+            from outpost.models.onnx import OnnxModel  # noqa: PLC0415 (the `onnx` extra)
+        except ImportError as exc:
+            raise ModelLoadFailed(f"{manifest.id} is an ONNX model: install the `onnx` extra "
+                                  f"(pip install 'outpost[onnx]'): {exc}", model=manifest.id) from exc
+        return OnnxModel(manifest, store.folder(manifest), n_threads=options.get("n_threads"),
+                         providers=options.get("providers"), vocab_cache=vocab)
+    weights = store.ensure_verified(manifest.weights)
+    # A task adapter's file is checked (size, sha256) before llama.cpp reads it.
+    return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=store.ensure_verified,
+                      n_threads=options.get("n_threads"), n_batch=options.get("n_batch", 512),
+                      n_gpu_layers=options.get("n_gpu_layers", "auto"))
+
+
+def _generate(model: Decoder, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:
     on_text = None
     if msg.get("stream"):
         def on_text(text: str) -> None:

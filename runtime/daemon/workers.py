@@ -260,7 +260,15 @@ class WorkerHandle:
                 "adapter_switches": self.adapter_switches, "grouped": self.turns.jumps,
                 "batch_turns": self.turns.batch_turns, "overtaken": self.turns.overtaken,
                 "idle_s": round(time.monotonic() - self.last_used, 1),
-                **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache")}}
+                "backend": self.manifest.backend, "runs_on": self.runs_on(),
+                **{k: v for k, v in self.info.items() if k in ("n_ctx", "n_gpu_layers", "grammar_cache", "provider")}}
+
+    def runs_on(self) -> str:
+        """Where its forward passes run: `cpu` or `gpu` (llama.cpp's offload), or the
+        ONNX execution provider (`CPU`, `CUDA`, `Tensorrt`)."""
+        if self.manifest.backend == "onnx":
+            return str(self.info.get("provider", "?")).removesuffix("ExecutionProvider")
+        return "gpu" if self.info.get("n_gpu_layers") else "cpu"
 
 
 def _worker_main(*args: Any) -> None:

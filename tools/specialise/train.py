@@ -41,6 +41,7 @@ from outpost.manifests.errors import BadRequest
 from outpost.manifests.schema import Manifest
 from outpost.models.templates import ChatTemplate, answer_text
 
+from ..hf_folder import hf_folder
 from .data import Example
 
 log = logging.getLogger("outpost.specialise")
@@ -148,20 +149,9 @@ def plan(lengths: list[int], settings: TrainSettings) -> list[list[int]]:
 def hf_base(gguf_path: Path, sha256: str, cache: Path) -> Any:
     """The base as a trainable fp32 transformers model, from the store's cache."""
     import torch
-    from transformers import AutoModelForCausalLM, GgufConfig
+    from transformers import AutoModelForCausalLM
 
-    folder = cache / f"hf-fp32-{sha256}"
-    if not (folder / "config.json").exists():
-        log.info("dequantizing %s for training (once; kept in %s)", gguf_path.name, folder)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name,
-            quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
-        tmp = folder.with_name(folder.name + ".part")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tmp.replace(folder)
-        return model
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(hf_folder(gguf_path, sha256, cache)), dtype=torch.float32)
 
 
 def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings: TrainSettings,

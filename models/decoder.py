@@ -1,0 +1,319 @@
+"""Generation, the same for every backend: a prompt rendered and evaluated, then one
+token per forward pass under the xgrammar mask, with loop and length repair, the
+chosen tokens' log-probabilities and streaming. A backend (llama.py, onnx.py) gives
+the forward pass, the KV cache, tokenization and the vocabulary; everything an agent
+or the log can see is decided here, so no behaviour forks by backend.
+
+What this module must not do: import a backend's runtime (llama_cpp, onnxruntime).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from outpost.manifests.schema import Manifest
+
+from .backend import AdapterRef, Generation, GenerationRequest
+from .errors import AdapterLoadFailed, ContextOverflow
+from .grammar import GrammarCache, TokenMask, Vocabulary
+from .schemas import check_tools
+from .templates import TOOL_CALL_CLOSE, ChatTemplate
+from . import toolcalls
+from .decoding import (LOOP_CLOSE_TOKENS, Run, TextStream, call_stats, cut_quality, degenerate_loop,
+                       logsumexp, repeats_a_call, sample)
+
+
+class Decoder(ABC):
+    """A loaded model that generates: the backend-independent half. Not thread-safe:
+    one generation at a time.
+
+    A subclass sets `manifest`, `n_ctx`, `n_vocab` (the logits' width) and `template`,
+    calls `_init_decoder`, and provides the hooks below.
+    """
+
+    manifest: Manifest
+    n_ctx: int
+    n_vocab: int
+    template: ChatTemplate
+
+    def _init_decoder(self, vocab_cache: Path | None) -> None:
+        self._vocab_cache = vocab_cache
+        self._grammars: GrammarCache | None = None
+        # What closing an open call can cost at most in tokens, beyond the values:
+        # a string, an array and two objects, then the closing tag.
+        self._close_cost = len(self.tokenize(b'"]}}\n' + TOOL_CALL_CLOSE.encode(), prompt=False))
+
+    # -- what a backend provides ---------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, data: bytes, *, prompt: bool) -> list[int]:
+        """Token ids of `data`. A prompt gets the model's BOS and its control tokens
+        parsed (`<|im_start|>`); generated text is plain text."""
+
+    @abstractmethod
+    def _eval(self, tokens: list[int]) -> None:
+        """Run `tokens` through the model after the cached positions; their keys and
+        values join the cache, and the last one's logits are what `_logits` returns."""
+
+    @abstractmethod
+    def _logits(self) -> np.ndarray:
+        """The last evaluated position's logits: float32, contiguous, writable (the mask
+        is applied in place), `n_vocab` wide."""
+
+    @abstractmethod
+    def _cached(self) -> list[int]:
+        """The tokens whose keys and values the cache holds, in order."""
+
+    @abstractmethod
+    def _truncate(self, keep: int) -> bool:
+        """Forget every cached position from `keep` on; False if this cache cannot."""
+
+    @abstractmethod
+    def _is_eog(self, tok: int) -> bool:
+        """Whether `tok` ends the answer (end of turn or of text)."""
+
+    @abstractmethod
+    def _token_bytes(self, tok: int) -> bytes:
+        """What `tok` decodes to (b"" for control tokens)."""
+
+    @abstractmethod
+    def _read_vocabulary(self) -> Vocabulary:
+        """Every token's bytes (control tokens empty) and the stop tokens."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What `ps` and the footprint ledger show of the loaded model."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model (the worker exits after)."""
+
+    def use_adapter(self, ref: AdapterRef | None) -> None:
+        """Apply `ref` (None: the base alone) to the generations that follow."""
+        if ref is not None:
+            raise AdapterLoadFailed(self.manifest.id, ref.id, "this backend serves no adapters")
+
+    def adapter_info(self) -> dict[str, Any]:
+        return {"adapters": [], "adapter": None, "adapter_switches": 0}
+
+    # -- the vocabulary, built once --------------------------------------------------------
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            vocab = None
+            if self._vocab_cache is not None and self._vocab_cache.exists():
+                vocab = Vocabulary.load(self._vocab_cache, self.n_vocab)
+            if vocab is None:
+                vocab = self._read_vocabulary()
+                if self._vocab_cache is not None:
+                    vocab.save(self._vocab_cache)
+            self._grammars = GrammarCache(vocab)
+        return self._grammars
+
+    @property
+    def vocab(self) -> Vocabulary:
+        return self.grammars.vocab
+
+    # -- generation ----------------------------------------------------------------------
+    def render(self, request: GenerationRequest) -> str:
+        tools = request.tools if request.tool_choice != "none" else None
+        return self.template.render(request.messages, tools)
+
+    def generate(self, request: GenerationRequest,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """One answer. `on_text` (streaming) is given the generated text as it settles:
+        pieces that join to a prefix of `Generation.text` (decoding.settled says when
+        a piece can no longer be cut by a loop repair)."""
+        if request.tools:
+            check_tools(request.tools)
+        self.use_adapter(request.adapter)
+        compiled = None
+        if request.tools and request.constrained:
+            compiled = self.grammars.compiled(request.tools, request.tool_choice,
+                                              request.parallel_tool_calls)
+        prompt_text = self.render(request)
+        prompt = self.tokenize(prompt_text.encode("utf-8"), prompt=True)
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(len(prompt), self.n_ctx)
+        budget = min(request.max_tokens, self.n_ctx - len(prompt))
+        mask = TokenMask(compiled, self.n_vocab) if compiled is not None else None
+        rng = np.random.default_rng(request.seed)
+
+        t0 = time.perf_counter()
+        self._eval_prompt(prompt)
+        t1 = time.perf_counter()
+        run = Run(budget=budget, prompt_len=len(prompt))
+        self._decode(run, mask, request, rng, TextStream(on_text) if on_text else None)
+        t2 = time.perf_counter()
+
+        text = run.written.decode("utf-8", errors="replace")
+        content, tool_calls, validation = text, [], []
+        finish = run.finish
+        if request.tools and request.tool_choice != "none":
+            content, parsed = toolcalls.parse(text, loose=mask is None)
+            stats = call_stats(run) if mask is not None else None
+            tool_calls, validation = toolcalls.to_openai(parsed, request.tools, stats)
+            if tool_calls and finish == "stop":
+                finish = "tool_calls"
+        return Generation(
+            text=text, content=content, tool_calls=tool_calls, finish_reason=finish,
+            prompt_tokens=len(prompt), completion_tokens=len(run.out),
+            prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
+            constrained=mask is not None, grammar_dead_end=run.dead_end, logprobs=run.logprobs,
+            validation=validation, repaired=len(run.repairs), prompt=prompt_text,
+            grammar=(f"xgrammar tool_choice={request.tool_choice} "
+                     f"parallel={request.parallel_tool_calls}") if mask is not None else None)
+
+    # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
+    # splitting it would add a call per token and hide the order of mask, sample, accept.
+    def _decode(self, run: Run, mask: TokenMask | None, request: GenerationRequest,
+                rng: np.random.Generator, stream: TextStream | None = None) -> None:
+        """Generate into `run`, one token per forward pass, until a stop token, the
+        grammar's end or max_tokens.
+
+        Under a grammar, a call must not end unclosed. Two things would leave it so:
+        a degenerate loop (cut back to one copy of what repeats) and max_tokens
+        arriving mid-call (the last `reserve` tokens are kept for closing). Either
+        way the call is then steered to its end: the tokens that close the open
+        string, array or object are preferred, and text the grammar forces (keys,
+        `}`, the closing tag) is evaluated in one batch rather than token by token.
+        """
+        # Enough to close a string and a couple of containers, plus the closing tag.
+        reserve = min(LOOP_CLOSE_TOKENS, max(12, run.budget // 8)) + self._close_cost
+        closing_left = -1  # >= 0 while steering a cut call to its end
+        for _ in range(2 * run.budget):  # rollbacks give tokens back; this bounds the passes
+            if stream is not None:
+                stream.push(run, self._forced(run, mask, reserve))
+            if len(run.out) >= run.budget:
+                return
+            if closing_left >= 0:
+                if (forced := mask.matcher.find_jump_forward_string()) and self._jump(run, mask, forced):
+                    if not run.in_call:
+                        closing_left = -1
+                    continue
+                closing_left -= 1
+                if closing_left < 0:
+                    return  # could not close it: reported as a truncated, invalid call
+            logits = self._logits()
+            if mask is not None:
+                mask.apply(logits)
+                if (closing_left < 0 and not run.in_call and run.calls.spans
+                        and run.budget - len(run.out) <= 2 * reserve
+                        and np.isfinite(logits[self.grammars.vocab.stop_ids]).any()):
+                    # Calls are done and the grammar lets the answer end here; another
+                    # call could not be finished within max_tokens, so do not start one.
+                    run.finish = "stop"
+                    return
+            tok = (self._closing_token(logits, run.calls.in_string) if closing_left >= 0
+                   else sample(logits, request, rng))
+            if not np.isfinite(logits[tok]) or (mask is not None and not mask.accept(tok)):
+                run.finish, run.dead_end = "stop", True  # the grammar allowed nothing
+                return
+            if self._is_eog(tok):
+                run.finish = "stop"
+                return
+            run.add(tok, self._piece(tok), float(logits[tok] - logsumexp(logits)))
+            if mask is not None:
+                if closing_left >= 0 and not run.in_call:
+                    closing_left = -1
+                if closing_left < 0 and run.in_call:
+                    if run.budget - len(run.out) <= reserve:
+                        # A long list or a counting sequence: close it now rather than
+                        # have max_tokens cut it off invalid.
+                        run.repairs.append((len(run.written), "length"))
+                        closing_left = reserve
+                    elif loop := degenerate_loop(run.out):
+                        tok = self._cut_loop(run, mask, *loop)
+                        closing_left = LOOP_CLOSE_TOKENS
+                elif repeats_a_call(run):
+                    # Greedy decoding also loops on whole calls; a repeat carries no
+                    # information, so stop instead of burning max_tokens.
+                    run.finish = "stop"
+                    return
+            if stream is not None:
+                stream.push(run)  # the sampled token goes out before its forward pass
+            self._eval([tok])
+
+    def _forced(self, run: Run, mask: TokenMask | None, reserve: int) -> bytes:
+        """What the grammar forces next, when a stream may send it ahead: at the start of
+        the answer or of a call (a head: tag and name), and only if max_tokens leaves room
+        for it to be decoded (each token is at least a byte)."""
+        if mask is None:
+            return b""
+        spans = run.calls.spans
+        after_call = bool(spans) and spans[-1][1] == len(run.written)
+        in_head = run.in_call and len(run.written) - spans[-1][0] < 128
+        if run.out and not after_call and not in_head:
+            return b""
+        forced = mask.matcher.find_jump_forward_string().encode("utf-8")
+        return forced if len(run.out) + len(forced) + reserve < run.budget else b""
+
+    def _cut_loop(self, run: Run, mask: TokenMask, cut: int, period: int) -> int:
+        """Drop a loop's repeats (keeping one copy) from the output, the grammar state
+        and the KV cache; returns the token to evaluate next."""
+        # Of the copy's phases, cut where the rest closes cleanly:
+        # `["a", "a", ...` -> `["a", "a` + `"]`, not `["a", "` + `"]`.
+        # Streaming: what has been sent stays (decoding.settled counts on that).
+        cut = min(cut, len(run.out) - run.floor)
+        cut += min((k for k in range(period) if cut + k < len(run.out) - run.floor),
+                   key=lambda k: cut_quality(run.written, run.offsets[-(cut + k)]), default=0)
+        mask.matcher.rollback(cut)
+        run.truncate(len(run.out) - cut)
+        run.repairs.append((len(run.written), "loop"))
+        self._truncate(run.prompt_len + len(run.out) - 1)
+        return run.out[-1]
+
+    def _jump(self, run: Run, mask: TokenMask, forced: str) -> bool:
+        """Take text the grammar forces in one batch: accepted by the grammar,
+        tokenized, evaluated at once. False if it does not fit in max_tokens."""
+        data = forced.encode("utf-8")
+        tokens = self.tokenize(data, prompt=False)
+        if len(run.out) + len(tokens) > run.budget or not mask.matcher.accept_string(data):
+            return False
+        for tok in tokens:
+            run.add(tok, self._piece(tok), 0.0)  # forced: probability 1
+        self._eval(tokens)
+        return True
+
+    def _piece(self, tok: int) -> bytes:
+        if self._grammars is not None:
+            return self._grammars.vocab.pieces[tok]
+        return self._token_bytes(tok)
+
+    def _closing_token(self, logits: np.ndarray, in_string: bool) -> int:
+        """The likeliest allowed token of the best tier that moves towards the end of
+        the call (see GrammarCache.closers), else the likeliest allowed token: the
+        call ends within a few tokens, with whatever the model had written before."""
+        for tier in self.grammars.closers(in_string):
+            allowed = tier[np.isfinite(logits[tier])]
+            if allowed.size:
+                return int(allowed[np.argmax(logits[allowed])])
+        return int(np.argmax(logits))
+
+    def _eval_prompt(self, prompt: list[int]) -> None:
+        """Evaluate `prompt`, reusing the KV cache for the prefix it shares with the last one."""
+        keep = 0
+        for a, b in zip(self._cached(), prompt):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(prompt) - 1)  # always evaluate >= 1 token to get fresh logits
+        if keep == 0 or not self._truncate(keep):
+            keep = 0  # this cache cannot drop a suffix (e.g. recurrent state): start over
+            self._truncate(0)
+        self._eval(prompt[keep:])
+
+
+def default_threads() -> int:
+    """Half the physical cores: several workers decode at once on one machine, and
+    llama.cpp's threads spin while waiting, so oversubscribing the cores costs far
+    more than it gains (measured: 2 workers x 2 threads on 2 cores served mixed
+    requests at about half the rate of 2 x 1)."""
+    return max(1, (psutil.cpu_count(logical=False) or os.cpu_count() or 2) // 2)
