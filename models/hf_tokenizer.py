@@ -6,8 +6,9 @@ the grammar's vocabulary.
 Every token's bytes are worked out from the vocabulary's own spelling, the way the
 tokenizer's decoder would: byte-level BPE (GPT-2's "Ġ" alphabet, SmolLM2) maps each
 character back to its byte; SentencePiece with byte fallback (Gemma) turns "▁" into a
-space and "<0x0A>" into the byte. Added tokens (control and special ones) come back
-empty, so xgrammar never allows them inside a constrained call.
+space and "<0x0A>" into the byte. Special tokens (control ones: `<|im_start|>`) come
+back empty, so xgrammar never allows them inside a constrained call; other added tokens
+(Gemma's runs of newlines, say) are their text, as llama.cpp renders them.
 
 What this module must not do: import a model runtime; it reads files.
 """
@@ -47,18 +48,25 @@ def _byte_decoder() -> dict[str, int]:
 
 
 class HfTokenizer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, model: str | None = None) -> None:
         try:
             self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
             config = _read_json(folder / "tokenizer_config.json")
             generation = _read_json(folder / "generation_config.json")
             spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
         except Exception as exc:  # OSError, ValueError, or `tokenizers`' own Exception
-            raise ModelLoadFailed(f"cannot read the tokenizer in {folder.name}: {exc}") from exc
+            raise ModelLoadFailed(f"cannot read the tokenizer in {folder.name}: {exc}", model=model) from exc
+        # A prompt is never cut or padded to a length the file names: too long is an error
+        # (ContextOverflow), decided by the decoder against the model's context.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.size = self._tok.get_vocab_size(with_added_tokens=True)
         # Added tokens as tokenizer.json lists them, and as transformers' config does.
-        self._added = {t["id"] for t in spec.get("added_tokens", [])} | {
-            int(k) for k in (config.get("added_tokens_decoder") or {}) if str(k).isdigit()}
+        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        added |= {int(k): v for k, v in (config.get("added_tokens_decoder") or {}).items()
+                  if str(k).isdigit() and isinstance(v, dict) and int(k) not in added}
+        self._special = {i for i, t in added.items() if t.get("special", True)}
+        self._added_text = {i: str(t.get("content", "")) for i, t in added.items() if i not in self._special}
         self._byte_level = _uses(spec.get("decoder"), "ByteLevel") or _uses(spec.get("pre_tokenizer"), "ByteLevel")
         template = config.get("chat_template")
         jinja = folder / "chat_template.jinja"
@@ -74,8 +82,11 @@ class HfTokenizer:
         return self._tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=prompt).ids
 
     def piece(self, tok: int) -> bytes:
-        if tok in self._added or tok >= self.size:
+        if tok in self._special or tok >= self.size:
             return b""
+        if tok in self._added_text:  # stored as written, not in the vocabulary's alphabet
+            text = self._added_text[tok]
+            return (text if self._byte_level else text.replace("\u2581", " ")).encode("utf-8")
         text = self._tok.id_to_token(tok)
         if text is None:
             return b""

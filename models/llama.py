@@ -1,6 +1,6 @@
 """The llama.cpp backend: a GGUF file, loaded once, generating under an xgrammar mask.
 
-Decoding is driven here, token by token, through llama.cpp's public low-level calls
+decoder.py drives decoding, token by token, through llama.cpp's public low-level calls
 (`eval`, `llama_get_logits_ith`) rather than `Llama.generate`: that keeps the logits
 a contiguous numpy array we mask in place, gives the exact post-mask log-probability
 of every chosen token, and makes `seed` mean the same thing on every backend.

@@ -68,7 +68,7 @@ class OnnxModel(Decoder):
             raise ModelLoadFailed(f"onnxruntime could not load {manifest.id}: {exc}",
                                   model=manifest.id) from exc
         self.provider = self._session.get_providers()[0]
-        self._tokenizer = HfTokenizer(folder)
+        self._tokenizer = HfTokenizer(folder, manifest.id)
         self._layout(manifest, folder)
         self.n_ctx = manifest.context_length
         self.template = ChatTemplate.from_manifest(manifest.chat_template, self._tokenizer.chat_template)
@@ -169,7 +169,8 @@ class OnnxModel(Decoder):
         return self._tokenizer.piece(tok)
 
     def _read_vocabulary(self) -> Vocabulary:
-        n = min(self._tokenizer.size, self.n_vocab)
-        return Vocabulary(pieces=[self._tokenizer.piece(t) for t in range(n)],
-                          stop_ids=self._tokenizer.stop_ids, size=self.n_vocab)
+        # One piece per logit: ids past the tokenizer (padded embeddings) are empty, and
+        # stop ids past the logits cannot be sampled anyway.
+        return Vocabulary(pieces=[self._tokenizer.piece(t) for t in range(self.n_vocab)],
+                          stop_ids=[t for t in self._tokenizer.stop_ids if t < self.n_vocab], size=self.n_vocab)
 

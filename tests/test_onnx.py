@@ -10,6 +10,9 @@ import re
 import numpy as np
 import pytest
 
+pytest.importorskip("onnxruntime", reason="the `onnx` extra")
+pytest.importorskip("onnxruntime_genai", reason="the `convert` extra")
+
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
@@ -99,9 +102,20 @@ def test_control_tokens_are_empty_to_the_grammar(converted):
             return logits
 
         model._logits = biased  # the model's own output, with one token made likeliest
+        sampled: list[int] = []
+        step = model._eval
+
+        def watched(tokens: list[int]) -> None:
+            sampled.extend(tokens)
+            step(tokens)
+
+        model._eval = watched  # what the loop feeds back: the prompt, then every chosen token
         gen = model.generate(GenerationRequest(messages=USER, tools=TOOLS, tool_choice="required",
                                                max_tokens=200))
-        assert gen.tool_calls and "<|im_start|>" not in gen.text
+        prompt = len(model.tokenize(model.render(GenerationRequest(
+            messages=USER, tools=TOOLS, tool_choice="required")).encode(), prompt=True))
+        assert gen.tool_calls and gen.completion_tokens > 5
+        assert start not in sampled[prompt:]
     finally:
         model.close()
 

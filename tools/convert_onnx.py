@@ -39,7 +39,7 @@ from typing import Any
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import BadRequest, OutpostError
-from outpost.manifests.schema import MANIFEST_ID, Manifest, ModelFile
+from outpost.manifests.schema import MANIFEST_ID, Manifest
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 

@@ -10,6 +10,7 @@ What this module must not do: write the store's blobs or manifests.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -29,10 +30,14 @@ def hf_folder(gguf_path: Path, sha256: str, cache: Path) -> Path:
         str(gguf_path.parent), gguf_file=gguf_path.name,
         quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tmp = folder.with_name(folder.name + ".part")
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.part")  # a training run may convert too
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)  # one made before tokenizers were kept
-    tmp.replace(folder)
+    if not (folder / "tokenizer.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)  # one made before tokenizers were kept
+    try:
+        tmp.replace(folder)
+    except OSError:  # another process made it meanwhile: theirs serves
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
