@@ -13,6 +13,17 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
+class LoadOptions:
+    """How a worker loads its model: the daemon's `[llama]` and `[onnx]` settings, with
+    the GPU layers the VRAM ledger grants. Handed to the worker process at its fork."""
+
+    n_threads: int | None = None  # None: half the physical cores
+    n_batch: int = 512  # llama.cpp's prompt batch
+    n_gpu_layers: int | str = "auto"  # llama.cpp's offload
+    providers: tuple[str, ...] = ()  # ONNX execution providers, best first; (): the default order
+
+
+@dataclass(frozen=True)
 class AdapterRef:
     """A LoRA adapter to apply to one generation: which version, and the file's identity
     (the worker checks size and sha256 before llama.cpp reads it)."""

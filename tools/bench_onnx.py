@@ -30,7 +30,7 @@ import psutil
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import GenerationRequest
+from outpost.models.backend import GenerationRequest, LoadOptions
 from outpost.runtime.config import Settings
 
 from .bench_door import CITIES, WEATHER
@@ -46,7 +46,7 @@ def _measure(model_id: str, config: str | None, prompts: int, threads: int, out:
     import llama_cpp  # noqa: F401
     before = psutil.Process().memory_full_info().uss
     t0 = time.perf_counter()
-    model = load(manifest, store, {"n_threads": threads, "n_gpu_layers": 0})
+    model = load(manifest, store, LoadOptions(n_threads=threads, n_gpu_layers=0))
     load_ms = (time.perf_counter() - t0) * 1e3
     result: dict[str, Any] = {"model": model_id, "backend": manifest.backend, "load_ms": round(load_ms, 1)}
     for mode, extra in (("constrained", {"tools": WEATHER, "tool_choice": "required"}), ("text", {})):

@@ -39,7 +39,7 @@ from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import ADAPTER_OVERHEAD, Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import AdapterRef, Generation, GenerationRequest
+from outpost.models.backend import AdapterRef, Generation, GenerationRequest, LoadOptions
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
@@ -323,9 +323,9 @@ class ModelPool:
                manifest_toml: str | None = None) -> WorkerHandle:
         """A worker for `manifest` (its catalog text unless a trial passes the staged one)."""
         llama = self.settings.llama
-        options = {"n_threads": llama.n_threads, "n_batch": llama.n_batch,
-                   "n_gpu_layers": self.ledger.gpu_layers(manifest, self.workers.values()),
-                   "providers": self.settings.onnx.providers}
+        options = LoadOptions(n_threads=llama.n_threads, n_batch=llama.n_batch,
+                              n_gpu_layers=self.ledger.gpu_layers(manifest, self.workers.values()),
+                              providers=tuple(self.settings.onnx.providers))
         text = manifest_toml if manifest_toml is not None else self.catalog.entry(manifest.id).text
         return self._forkserver.spawn(manifest, text, str(self.store.root), options, need, pinned, ttl)
 

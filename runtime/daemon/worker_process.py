@@ -34,7 +34,7 @@ import zmq
 from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
-from outpost.models.backend import GenerationRequest
+from outpost.models.backend import GenerationRequest, LoadOptions
 from outpost.models.decoder import Decoder
 from outpost.models.errors import ModelLoadFailed
 from outpost.models.llama import LlamaModel
@@ -44,7 +44,7 @@ PARENT_CHECK_MS = 1000
 
 
 def serve_model(endpoint: str, manifest_toml: str, store_root: str, daemon_pid: int,
-                options: dict[str, Any]) -> None:
+                options: LoadOptions) -> None:
     """Entry point of the worker process."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -58,7 +58,7 @@ def serve_model(endpoint: str, manifest_toml: str, store_root: str, daemon_pid: 
 
 
 def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: int,
-           options: dict[str, Any]) -> None:
+           options: LoadOptions) -> None:
     t0 = time.perf_counter()
     try:
         model = load(Manifest.from_toml(manifest_toml), store, options)
@@ -89,7 +89,7 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
         model.close()
 
 
-def load(manifest: Manifest, store: ModelStore, options: dict[str, Any]) -> Decoder:
+def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder:
     """The manifest's model on its backend. Every file is verified before native code
     parses it: a corrupt model is refused, not run."""
     vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
@@ -99,13 +99,12 @@ def load(manifest: Manifest, store: ModelStore, options: dict[str, Any]) -> Deco
         except ImportError as exc:
             raise ModelLoadFailed(f"{manifest.id} is an ONNX model: install the `onnx` extra "
                                   f"(pip install 'outpost[onnx]'): {exc}", model=manifest.id) from exc
-        return OnnxModel(manifest, store.folder(manifest), n_threads=options.get("n_threads"),
-                         providers=options.get("providers"), vocab_cache=vocab)
+        return OnnxModel(manifest, store.folder(manifest), n_threads=options.n_threads,
+                         providers=list(options.providers), vocab_cache=vocab)
     weights = store.ensure_verified(manifest.weights)
     # A task adapter's file is checked (size, sha256) before llama.cpp reads it.
     return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=store.ensure_verified,
-                      n_threads=options.get("n_threads"), n_batch=options.get("n_batch", 512),
-                      n_gpu_layers=options.get("n_gpu_layers", "auto"))
+                      n_threads=options.n_threads, n_batch=options.n_batch, n_gpu_layers=options.n_gpu_layers)
 
 
 def _generate(model: Decoder, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:

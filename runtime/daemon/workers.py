@@ -32,7 +32,7 @@ import zmq.asyncio
 
 from outpost.manifests.errors import from_wire
 from outpost.manifests.schema import Manifest
-from outpost.models.backend import Generation, GenerationRequest
+from outpost.models.backend import Generation, GenerationRequest, LoadOptions
 
 from . import memory
 from .errors import WorkerCrashed
@@ -78,7 +78,7 @@ class Forkserver:
         probe = self._mp.Process(target=os.getpid, name="outpost-forkserver-probe")
         await asyncio.to_thread(lambda: (probe.start(), probe.join()))
 
-    def spawn(self, manifest: Manifest, manifest_toml: str, store_root: str, options: dict[str, Any],
+    def spawn(self, manifest: Manifest, manifest_toml: str, store_root: str, options: LoadOptions,
               reserve: int, pinned: bool, idle_ttl_s: float | None) -> WorkerHandle:
         """Bind a private socket for the worker and fork its process; it loads on its own."""
         endpoint = f"ipc://{self._sockdir / f'w{next(self._seq)}.sock'}"
