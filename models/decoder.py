@@ -267,7 +267,12 @@ class Decoder(ABC):
         mask.matcher.rollback(cut)
         run.truncate(len(run.out) - cut)
         run.repairs.append((len(run.written), "loop"))
-        self._truncate(run.prompt_len + len(run.out) - 1)
+        keep = run.prompt_len + len(run.out) - 1
+        if not self._truncate(keep):
+            # This cache cannot drop a suffix (recurrent state): rebuild what it should hold.
+            tokens = self._cached()[:keep]
+            self._truncate(0)
+            self._eval(tokens)
         return run.out[-1]
 
     def _jump(self, run: Run, mask: TokenMask, forced: str) -> bool:

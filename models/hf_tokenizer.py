@@ -76,9 +76,11 @@ class HfTokenizer:
         self.stop_ids = sorted(self._stops(config, generation))
 
     def encode(self, data: bytes, *, prompt: bool) -> list[int]:
-        """A prompt gets the tokenizer's own special tokens (BOS where it adds one);
-        control tokens written in the text are parsed either way (`tokenizers` splits
-        them out first)."""
+        """A prompt gets the tokenizer's own special tokens (BOS where it adds one) and
+        control tokens written in it parsed (`<|im_start|>`); generated text is plain
+        text, `<|im_start|>` in it being characters, as llama.cpp tokenizes it. Other
+        added tokens are split out either way, as llama.cpp does its user-defined ones."""
+        self._tok.encode_special_tokens = not prompt
         return self._tok.encode(data.decode("utf-8", errors="replace"), add_special_tokens=prompt).ids
 
     def piece(self, tok: int) -> bytes:

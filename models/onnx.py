@@ -32,6 +32,8 @@ from .hf_tokenizer import HfTokenizer
 from .templates import ChatTemplate
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Providers whose tensors live in GPU memory: the KV cache stays there between passes.
+ON_GPU = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda"}
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -61,13 +63,19 @@ class OnnxModel(Decoder):
         options.intra_op_num_threads = n_threads or default_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph fusions
+        chosen = choose_providers(providers)
+        if any(p in ON_GPU for p in chosen) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu from PyPI finds CUDA and cuDNN in the nvidia-* wheels (or
+            # torch's) only when asked to; without them it falls back to the CPU, warning.
+            ort.preload_dlls()
         try:
             self._session = ort.InferenceSession(str(folder / manifest.weights.name), options,
-                                                 providers=choose_providers(providers))
+                                                 providers=chosen)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeException
             raise ModelLoadFailed(f"onnxruntime could not load {manifest.id}: {exc}",
                                   model=manifest.id) from exc
         self.provider = self._session.get_providers()[0]
+        self._device = ON_GPU.get(self.provider, "cpu")
         self._tokenizer = HfTokenizer(folder, manifest.id)
         self._layout(manifest, folder)
         self.n_ctx = manifest.context_length
@@ -89,6 +97,12 @@ class OnnxModel(Decoder):
         if missing or not self._past:
             raise ModelLoadFailed(f"{manifest.id}: not a decoder graph with its KV cache as inputs and outputs "
                                   f"(missing {', '.join(missing) or 'past_key_values.*'})", model=manifest.id)
+        # An input this loop would not feed (token_type_ids, inputs_embeds, cache_position...)
+        # is refused here, not as onnxruntime's error at the first request.
+        unknown = sorted(set(inputs) - {"input_ids", "attention_mask", "position_ids", *self._past})
+        if unknown:
+            raise ModelLoadFailed(f"{manifest.id}: the graph wants inputs this backend does not feed: "
+                                  f"{', '.join(unknown)}", model=manifest.id)
         first = inputs[self._past[0]]
         self._kv_dtype = _DTYPES.get(first.type)
         heads, width = first.shape[1], first.shape[3]
@@ -107,7 +121,7 @@ class OnnxModel(Decoder):
 
     def _empty_cache(self) -> list[ort.OrtValue]:
         empty = np.zeros(self._kv_shape, dtype=self._kv_dtype)
-        return [ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past]
+        return [ort.OrtValue.ortvalue_from_numpy(empty, self._device) for _ in self._past]
 
     def info(self) -> dict[str, Any]:
         info = {"n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "n_gpu_layers": 0,
@@ -133,9 +147,9 @@ class OnnxModel(Decoder):
             binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None, :])
         for name, value in zip(self._past, self._kv, strict=True):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")
+        binding.bind_output("logits")  # to the host: the grammar masks it there
         for name in self._present:
-            binding.bind_output(name)
+            binding.bind_output(name, self._device)  # on a GPU, the cache never leaves it
         self._session.run_with_iobinding(binding)
         out = binding.get_outputs()
         # The last position's row, copied: contiguous, writable, float32 (the mask writes it).
@@ -156,7 +170,8 @@ class OnnxModel(Decoder):
         if keep == 0:
             self._kv = self._empty_cache()
         else:
-            self._kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]))
+            # Through the host, also on a GPU: a trim happens once per request at most.
+            self._kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :keep]), self._device)
                         for v in self._kv]
         del self._ids[keep:]
         self._last = None

@@ -71,6 +71,18 @@ def cached_store(model_id: str) -> ModelStore:
     return store
 
 
+def cached_onnx(quant: str = "int8") -> str:
+    """SmolLM2 converted to ONNX by `outpost models convert`'s own code, once per
+    machine, into the shared store (the `onnx` and `convert` extras); its id."""
+    from outpost.tools.convert_onnx import convert_in  # noqa: PLC0415 (the convert extra)
+
+    store = cached_store(SMOLLM2)
+    model_id = f"{SMOLLM2}-onnx-{quant}"
+    if not (store.manifests / f"{model_id}.toml").exists():
+        convert_in(store, Catalog.load(store, [], SMOLLM2), SMOLLM2, quant)
+    return model_id
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> ModelStore:
     return cached_store(SMOLLM2)

@@ -12,7 +12,7 @@ import pytest
 
 from outpost.tools import bfcl
 
-from .conftest import SMOLLM2, make_data_dir
+from .conftest import SMOLLM2, TINY, make_data_dir
 
 
 def test_the_checker_scores_without_the_model_client_packages():
@@ -55,17 +55,23 @@ def test_a_short_run_through_an_in_process_daemon(tmp_path, model_cache, tiny_gg
     monkeypatch.setenv("OUTPOST_DATA_DIR", str(data))
     monkeypatch.delenv("OUTPOST_ENDPOINT", raising=False)
     monkeypatch.delenv("OUTPOST_CONFIG", raising=False)
-    code = bfcl.main(["--in-process", "--model", SMOLLM2, "--limit", "2", "--json",
+    code = bfcl.main(["--in-process", "--model", SMOLLM2, TINY, "--limit", "2", "--json",
                       "--categories", "simple_python", "irrelevance",
                       "--outcomes", str(tmp_path / "out.jsonl")])
     assert code == 0
-    summary = json.loads(capsys.readouterr().out)["summary"]
-    for category in ("simple_python", "irrelevance"):
-        constrained = summary[category]["constrained"]
-        assert constrained["n"] == 2 and constrained["valid"] == 1.0 and constrained["errors"] == 0
-        assert set(summary[category]) == {"constrained", "unconstrained"}
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert set(results) == {SMOLLM2, TINY}  # two models, one report
+    for summary in results.values():
+        for category in ("simple_python", "irrelevance"):
+            constrained = summary[category]["constrained"]
+            assert constrained["n"] == 2 and constrained["valid"] == 1.0 and constrained["errors"] == 0
+            assert set(summary[category]) == {"constrained", "unconstrained"}
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and {r["mode"] for r in rows} == {"constrained", "unconstrained"}
+    assert len(rows) == 16 and {r["mode"] for r in rows} == {"constrained", "unconstrained"}
+    assert {r["model"] for r in rows} == {SMOLLM2, TINY}
+    text = bfcl.table(bfcl.summarize_all([bfcl.Outcome(**r) for r in rows], [SMOLLM2, TINY],
+                                         ["simple_python"], ["constrained"]))
+    assert [line.split()[0] for line in text.splitlines()[2:]] == [SMOLLM2, TINY]
 
 
 def test_auroc_and_the_routing_replay():

@@ -4,41 +4,23 @@ processes, sampled from outside at 20 Hz or more, never exceeds the budget."""
 
 from __future__ import annotations
 
-import json
 import random
-import signal
 import sqlite3
-import subprocess
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 
-from .conftest import GEMMA, REPO, SMOLLM2, ServeProcess, link_models, make_data_dir
+from .conftest import GEMMA, SMOLLM2, ServeProcess, link_models, make_data_dir
+from .helpers.pss_sampler import Sampler
 
 pytestmark = pytest.mark.slow
 SMOL_8K = "smollm2-135m-8k"
 MODELS = [SMOLLM2, GEMMA, SMOL_8K]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-
-
-class Sampler:
-    """tests/helpers/pss_sampler.py in its own process: no GIL shared with the clients."""
-
-    def __init__(self, pid: int, out: Path, hz: float = 25.0) -> None:
-        self.out = out
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.pss_sampler",
-                                      str(pid), str(hz), str(out)], cwd=REPO)
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-        return json.loads(self.out.read_text())
 
 
 # One scenario, sampled throughout; kept whole so its failure report shows the whole run.

@@ -16,10 +16,13 @@ pytest.importorskip("onnxruntime_genai", reason="the `convert` extra")
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
+from outpost.models.errors import ModelLoadFailed
 from outpost.models.llama import LlamaModel
 from outpost.models.onnx import OnnxModel, choose_providers
 from outpost.runtime.config import Settings
 from outpost.runtime.errors import BadRequest, ModelNotPulled, UnknownModel
+from outpost.sync.pull import ModelPuller
+from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.convert_onnx import convert
 
 from .conftest import TINY, make_data_dir, start_daemon
@@ -90,10 +93,10 @@ def test_control_tokens_are_empty_to_the_grammar(converted):
     model = OnnxModel(onnx, store.folder(onnx), n_threads=1)
     try:
         for text in (b"<|im_start|>", b"<|im_end|>", b"<|endoftext|>"):
-            [tok] = model.tokenize(text, prompt=False)
-            assert model.vocab.pieces[tok] == b""
+            tok = model.tokenize(text, prompt=True)[-1]  # parsed as a control token in a prompt only
+            assert model.vocab.pieces[tok] == b"" and len(model.tokenize(text, prompt=False)) > 1
         # Pushed towards `<|im_start|>` at every step, a constrained call still never holds it.
-        start = model.tokenize(b"<|im_start|>", prompt=False)[0]
+        start = model.tokenize(b"<|im_start|>", prompt=True)[-1]
         original = model._logits
 
         def biased() -> np.ndarray:
@@ -173,11 +176,48 @@ def test_a_corrupt_onnx_file_is_refused_before_it_is_loaded(converted, tmp_path)
         store.ensure_verified(next(f for f in onnx.files if f.name == "model.onnx.data"))
 
 
+def test_a_graph_wanting_inputs_the_loop_does_not_feed_is_refused_at_load(converted, tmp_path):
+    onnx_lib = pytest.importorskip("onnx")
+    data, _ = converted
+    store, _, onnx = models(data)
+    folder = store.folder(onnx)
+    for f in folder.iterdir():  # the same files, but for the graph
+        if f.name != "model.onnx":
+            os.link(f, tmp_path / f.name)
+    graph = onnx_lib.load(str(folder / "model.onnx"), load_external_data=False)
+    graph.graph.input.append(onnx_lib.helper.make_tensor_value_info(
+        "token_type_ids", onnx_lib.TensorProto.INT64, [1, "sequence"]))
+    onnx_lib.save(graph, str(tmp_path / "model.onnx"))
+    with pytest.raises(ModelLoadFailed, match="token_type_ids"):
+        OnnxModel(onnx, tmp_path, n_threads=1)
+
+
+def test_a_converted_model_is_published_and_pulled_like_any_other(converted, tmp_path):
+    """Through a signed fleet hub in a folder, to a device that trusts only its root."""
+    data, _ = converted
+    store, _, onnx = models(data)
+    hub = FleetHub.create(tmp_path / "hub", tmp_path / "keys")
+    hub.add_model((store.manifests / f"{ONNX}.toml").read_text(),
+                  {f.name: store.blob_path(f.sha256) for f in onnx.files})
+    provision(hub.root_json, tmp_path / "dev" / "trust")
+    dev = ModelStore(tmp_path / "dev" / "models")
+    [pulled] = ModelPuller(f"file://{hub.hub}", "stable", tmp_path / "dev" / "trust", dev).pull()
+    assert (pulled.model, pulled.installed) == (ONNX, True)
+    manifest, _ = dev.staged(ONNX, onnx.version)
+    model = OnnxModel(manifest, dev.folder(manifest), n_threads=1)
+    try:
+        assert model.generate(GenerationRequest(messages=USER, max_tokens=4)).completion_tokens >= 1
+    finally:
+        model.close()
+
+
 def test_convert_refuses_what_it_cannot_convert(converted):
     data, _ = converted
     settings = Settings.load(None, data_dir=data, manifest_dirs=[data / "manifests"], default_model=TINY)
     with pytest.raises(BadRequest):
         convert(settings, TINY, "int3")
+    with pytest.raises(BadRequest):
+        convert(settings, TINY, "int4", target="rocm")
     with pytest.raises(BadRequest):
         convert(settings, ONNX, "int4")  # already ONNX
     with pytest.raises(UnknownModel):

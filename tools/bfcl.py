@@ -1,6 +1,6 @@
 """BFCL v4 against Outpost: grammar-constrained vs unconstrained tool calls, side by side.
 
-    python -m outpost.tools.bfcl [--model M] [--limit N] [--categories C ...] [--json]
+    python -m outpost.tools.bfcl [--model M [M ...]] [--limit N] [--categories C ...] [--json]
                                  [--endpoint URL | --in-process]
 
 Data and scoring come from the `bfcl-eval` package (BFCL v4 question files, possible
@@ -27,7 +27,11 @@ parallel_multiple) asks with `required`; `irrelevance`, where the right answer i
 not to call, asks with `auto`. `parallel_tool_calls` is true only for the parallel
 categories.
 
-Columns, per category and mode:
+Several --model ids are asked the same questions one model after another (each is
+loaded once) and reported in one table, a row per model, category and mode; --json
+gives `results[model][category][mode]`.
+
+Columns, per model, category and mode:
   ast          BFCL's AST checker accepts the answer (irrelevance: no call was made)
   valid        every call parses and validates against its schema (and, where calls
                are expected, there is at least one)
@@ -109,6 +113,7 @@ class Outcome:
     score: float | None = None  # outpost.confidence
     cloud_ast: bool | None = None  # the cloud's answer to the same question, scored
     cloud_tokens: int = 0
+    model: str | None = None  # the manifest asked (None: the daemon's default)
 
 
 # -- BFCL data and checker ----------------------------------------------------------------
@@ -234,7 +239,7 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
     except OutpostError as exc:
         return Outcome(item.id, item.category, mode, ast=False, valid=False, executable=False,
                        repaired=0, latency_ms=(time.perf_counter() - t0) * 1e3, tokens=0,
-                       error=f"{exc.code}: {exc.message}")
+                       error=f"{exc.code}: {exc.message}", model=model)
     latency = (time.perf_counter() - t0) * 1e3
     message = reply["choices"][0]["message"]
     report = reply["outpost"]["validation"]
@@ -256,7 +261,7 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
                    tokens=reply["usage"]["completion_tokens"], calls=calls,
                    confidence={"logprob": reply["outpost"].get("logprob"), "calls": report,
                                "parts": reply["outpost"].get("confidence_parts")},
-                   score=reply["outpost"].get("confidence"))
+                   score=reply["outpost"].get("confidence"), model=model)
 
 
 def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: Any) -> bool:
@@ -303,16 +308,33 @@ def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
     }
 
 
-def table(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
-    head = (f"{'category':<18} {'mode':<13} {'n':>4} {'ast':>6} {'valid':>6} {'exec':>6} "
-            f"{'repaired':>8} {'p50 ms':>7} {'p95 ms':>7} {'tokens':>6}")
+def table(results: dict[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
+    """One table: a row per model, category and mode (`results` as `summarize_all` makes)."""
+    width = max(len("model"), *(len(m) for m in results))
+    head = (f"{'model':<{width}} {'category':<18} {'mode':<13} {'n':>4} {'ast':>6} {'valid':>6} "
+            f"{'exec':>6} {'repaired':>8} {'p50 ms':>7} {'p95 ms':>7} {'tokens':>6}")
     lines = [head, "-" * len(head)]
-    for category, modes in summary.items():
-        for mode, s in modes.items():
-            lines.append(f"{category:<18} {mode:<13} {s['n']:>4} {s['ast']:>6.1%} {s['valid']:>6.1%} "
-                         f"{s['executable']:>6.1%} {s['repaired']:>8} {s['p50_ms']:>7.0f} "
-                         f"{s['p95_ms']:>7.0f} {s['tokens_mean']:>6.1f}")
+    for model, categories in results.items():
+        for category, modes in categories.items():
+            for mode, s in modes.items():
+                lines.append(f"{model:<{width}} {category:<18} {mode:<13} {s['n']:>4} {s['ast']:>6.1%} "
+                             f"{s['valid']:>6.1%} {s['executable']:>6.1%} {s['repaired']:>8} "
+                             f"{s['p50_ms']:>7.0f} {s['p95_ms']:>7.0f} {s['tokens_mean']:>6.1f}")
     return "\n".join(lines)
+
+
+def summarize_all(outcomes: list[Outcome], models: list[str | None], categories: list[str],
+                  modes: list[str]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """model -> category -> mode -> summary; the daemon's default model is keyed "default"."""
+    results: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for model in models:
+        for category in categories:
+            for mode in modes:
+                mine = [o for o in outcomes
+                        if o.model == model and o.category == category and o.mode == mode]
+                if mine:
+                    results.setdefault(model or "default", {}).setdefault(category, {})[mode] = summarize(mine)
+    return results
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,7 +343,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Run BFCL v4 categories against an Outpost daemon, grammar-constrained "
                     "and unconstrained side by side, scored by BFCL's AST checker.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--model", help="manifest id (default: the daemon's default model)")
+    ap.add_argument("--model", nargs="+", default=[None], metavar="ID",
+                    help="manifest id (default: the daemon's default model); several ids are "
+                         "asked the same questions in turn and reported in one table, e.g. a "
+                         "GGUF model and its ONNX conversions")
     ap.add_argument("--limit", type=int, help="first N questions of each category")
     ap.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -346,9 +371,12 @@ def _parser() -> argparse.ArgumentParser:
 
 # The harness's run read top to bottom (daemon, cloud, questions, report): kept whole.
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    ap = _parser()
+    args = ap.parse_args(argv)
     if args.escalation:
         args.modes = ["constrained"]
+        if len(args.model) > 1:
+            ap.error("--escalation replays one model's answers: give one --model")
 
     check = _checker()
     outcomes: list[Outcome] = []
@@ -375,34 +403,31 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(lambda: loop.run_until_complete(cloud.close()))
         for category in args.categories:
             items = load(category, args.limit)
-            bar = tqdm(total=len(items) * len(args.modes), desc=category, unit="q",
-                       disable=args.json or not sys.stderr.isatty())
-            for item in items:
-                for mode in args.modes:
-                    outcome = ask(client, item, mode, args.model, args.max_tokens, check)
-                    if cloud is not None:
-                        outcome.cloud_ast, outcome.cloud_tokens = ask_cloud(cloud, loop, item, args.max_tokens, check)
-                    outcomes.append(outcome)
-                    bar.update()
+            # Model by model, so that each is loaded once (the pool may hold only one).
+            bar = tqdm(total=len(items) * len(args.modes) * len(args.model), desc=category,
+                       unit="q", disable=args.json or not sys.stderr.isatty())
+            for model in args.model:
+                for item in items:
+                    for mode in args.modes:
+                        outcome = ask(client, item, mode, model, args.max_tokens, check)
+                        if cloud is not None:
+                            outcome.cloud_ast, outcome.cloud_tokens = ask_cloud(cloud, loop, item, args.max_tokens, check)
+                        outcomes.append(outcome)
+                        bar.update()
             bar.close()
-    summary: dict[str, dict[str, dict[str, Any]]] = {}
-    for category in args.categories:
-        for mode in args.modes:
-            mine = [o for o in outcomes if o.category == category and o.mode == mode]
-            if mine:
-                summary.setdefault(category, {})[mode] = summarize(mine)
+    results = summarize_all(outcomes, args.model, args.categories, args.modes)
     if args.outcomes:
         with open(args.outcomes, "w") as out:
             for o in outcomes:
                 out.write(json.dumps(o.__dict__) + "\n")
     replay = routing(outcomes, sorted(args.thresholds)) if args.escalation else None
     if replay is not None and args.plot:
-        plot(replay, args.plot, f"BFCL {', '.join(args.categories)}, {args.model or 'default model'}")
+        plot(replay, args.plot, f"BFCL {', '.join(args.categories)}, {args.model[0] or 'default model'}")
     if args.json:
-        print(json.dumps({"model": args.model, "endpoint": endpoint, "summary": summary,
-                          "escalation": replay}, indent=2))
+        print(json.dumps({"models": [m or "default" for m in args.model], "endpoint": endpoint,
+                          "results": results, "escalation": replay}, indent=2))
     else:
-        print(table(summary))
+        print(table(results))
         if replay is not None:
             print()
             print(routing_table(replay))

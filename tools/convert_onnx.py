@@ -46,12 +46,19 @@ from outpost.runtime.config import Settings
 log = logging.getLogger("outpost.convert")
 
 QUANTS = ("int4", "int8", "fp32")
-# The builder's quantizer settings per --quant (its `--extra_options`): its defaults
-# (symmetric, block 32, int8 activations on CPU). Tried on SmolLM2-135M, BFCL
-# simple_python (first 100; GGUF Q4_1: 54% AST): defaults 43%; accuracy_level=1 46%
-# and 35% slower; asymmetric without shared embeddings 43%, with them a graph
-# onnxruntime 1.32 refuses. int8: 55%.
-QUANT_OPTIONS: dict[str, list[str]] = {}
+# The execution provider a graph is built for. `cuda`: fp16 activations and KV cache,
+# with the attention op onnxruntime's CUDA kernels take (its CPU graph's fp32 attention
+# would fall back to the CPU there); `cpu`: fp32, for laptops and CI.
+TARGETS = ("cpu", "cuda")
+# The builder's quantizer settings per --quant (its `--extra_options`). int4: k-quant,
+# with the language-model head (the largest, most output-sensitive MatMul) at 8 bits.
+# Tried on SmolLM2-135M, BFCL simple_python (first 100; GGUF Q4_1: 54% AST; int8: 55%):
+# builder defaults (RTN, symmetric, block 32) 43%; accuracy_level=1 46% and 35%
+# slower; asymmetric without shared embeddings 43%, with them a graph onnxruntime 1.32
+# refuses; k_quant_last 50% (102 MiB, the fastest); k_quant_mixed 49% (112 MiB);
+# k_quant_last with accuracy_level=1 over 4x slower (stopped unfinished); k_quant_last
+# with block_size=16 48% (120 MiB, 27% slower).
+QUANT_OPTIONS: dict[str, list[str]] = {"int4": ["algo_config=k_quant_last"]}
 # What the builder writes that the backend reads; genai_config.json is kept too, so the
 # folder also runs under onnxruntime-genai (a user's choice, not Outpost's).
 KEEP = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
@@ -89,10 +96,10 @@ def builder_script() -> Path:
     return script
 
 
-def build(hf: Path, out: Path, quant: str, threads: int | None = None) -> None:
+def build(hf: Path, out: Path, quant: str, threads: int | None = None, target: str = "cpu") -> None:
     """Run the builder on a transformers folder; ConversionFailed with its stderr's tail."""
     cmd = [sys.executable, str(builder_script()), "-i", str(hf), "-o", str(out), "-p", quant,
-           "-e", "cpu", "-c", str(out.parent / "builder-cache"),
+           "-e", target, "-c", str(out.parent / "builder-cache"),
            # Logits for the last position only: a prompt's prefill does not pay the
            # vocabulary-wide projection for every token. Windowed KV caches (Gemma 3's
            # sliding layers) would need pre-sized buffers; the backend feeds plain ones.
@@ -105,12 +112,12 @@ def build(hf: Path, out: Path, quant: str, threads: int | None = None) -> None:
                                exit_code=proc.returncode)
 
 
-def kv_bytes(hf: Path, context_length: int) -> int:
-    """The KV cache at the full context, fp32, from the model's config."""
+def kv_bytes(hf: Path, context_length: int, target: str = "cpu") -> int:
+    """The KV cache at the full context (fp32 on the CPU, fp16 on CUDA), from the config."""
     cfg = json.loads((hf / "config.json").read_text())
     heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * context_length * 4
+    return 2 * cfg["num_hidden_layers"] * heads * head_dim * context_length * (2 if target == "cuda" else 4)
 
 
 def _sha256(path: Path) -> str:
@@ -121,8 +128,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def eog_ids(gguf: Path) -> list[int]:
+    """The tokens llama.cpp ends a generation on for this GGUF (its end-of-generation
+    set: EOS, EOT and the end-of-turn tokens it recognises by name)."""
+    import llama_cpp
+
+    llama = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        return [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    finally:
+        llama.close()
+
+
+def write_stops(path: Path, stops: list[int]) -> None:
+    """Make `eos_token_id` in generation_config.json the GGUF's whole end-of-generation
+    set, so the ONNX model stops where the GGUF does (the tokenizer's own files name
+    fewer: SmolLM2's leave out one that llama.cpp stops on)."""
+    config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    eos = config.get("eos_token_id")
+    named = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    config["eos_token_id"] = sorted({*named, *stops})
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], kv: int,
-                  store: ModelStore) -> str:
+                  store: ModelStore, target: str = "cpu") -> str:
     import tomli_w
 
     entries = []
@@ -133,8 +164,8 @@ def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], 
                         "sources": [{"kind": "path", "path": str(store.blob_path(sha))}]})
     doc: dict[str, Any] = {
         "id": model_id, "version": base.version,
-        "description": f"{base.id} {base.version} converted to ONNX ({quant}) by onnxruntime-genai's "
-                       f"model builder from GGUF {base.weights.sha256[:12]}",
+        "description": f"{base.id} {base.version} converted to ONNX ({quant}, for {target}) by "
+                       f"onnxruntime-genai's model builder from GGUF {base.weights.sha256[:12]}",
         "tasks": list(base.tasks), "backend": "onnx", "chat_template": base.chat_template,
         "context_length": base.context_length, "sampling": base.sampling.model_dump(),
         "memory_estimate": sum(e["size"] for e in entries) + kv + RUNTIME_OVERHEAD,
@@ -148,18 +179,26 @@ def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], 
 
 
 def convert(settings: Settings, model_id: str, quant: str = "int4", new_id: str | None = None,
-            threads: int | None = None) -> Converted:
+            threads: int | None = None, target: str = "cpu") -> Converted:
+    """Convert the configured catalog's `model_id` into the configured store."""
+    store = ModelStore(settings.store_dir)
+    catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
+    return convert_in(store, catalog, model_id, quant, new_id, threads, target)
+
+
+def convert_in(store: ModelStore, catalog: Catalog, model_id: str, quant: str = "int4",
+               new_id: str | None = None, threads: int | None = None, target: str = "cpu") -> Converted:
     from .hf_folder import hf_folder
 
     if quant not in QUANTS:
         raise BadRequest(f"--quant must be one of {', '.join(QUANTS)}", field="quant")
-    store = ModelStore(settings.store_dir)
-    catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
+    if target not in TARGETS:
+        raise BadRequest(f"--target must be one of {', '.join(TARGETS)}", field="target")
     base = catalog.get(model_id)
     if base.backend != "gguf" or base.adapter is not None:
         raise BadRequest(f"{model_id} is not a GGUF base model (backend {base.backend}"
                          f"{', a task adapter' if base.adapter else ''}): only those convert", field="model")
-    new_id = new_id or f"{model_id}-onnx-{quant}"
+    new_id = new_id or f"{model_id}-onnx-{quant}" + ("-cuda" if target == "cuda" else "")
     if not re.match(MANIFEST_ID, new_id):
         raise BadRequest(f"{new_id!r} is not a valid model id", field="id")
     t0 = time.perf_counter()
@@ -169,12 +208,13 @@ def convert(settings: Settings, model_id: str, quant: str = "int4", new_id: str 
     store.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.tmp, prefix="convert-") as tmp:
         out = Path(tmp) / "onnx"
-        build(hf, out, quant, threads)
+        build(hf, out, quant, threads, target)
         for name in ("generation_config.json", "chat_template.jinja"):  # if the builder left them out
             if not (out / name).exists() and (hf / name).exists():
                 (out / name).write_bytes((hf / name).read_bytes())
+        write_stops(out / "generation_config.json", eog_ids(gguf))
         files = [out / name for name in KEEP if (out / name).is_file()]
-        text = manifest_text(base, new_id, quant, files, kv_bytes(hf, base.context_length), store)
+        text = manifest_text(base, new_id, quant, files, kv_bytes(hf, base.context_length, target), store, target)
         manifest = Manifest.from_toml(text, f"converted {new_id}")
         for path, mf in zip(files, manifest.files, strict=True):
             store.adopt(path, mf, mf.sha256)  # renamed in: the temp dir is on the store's disk
@@ -193,8 +233,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.add_argument("model", help="the GGUF model's id (pulled)")
     p.add_argument("--to", choices=["onnx"], default="onnx", help="the format (only onnx)")
     p.add_argument("--quant", choices=QUANTS, default="int4",
-                   help="weights: int4 (MatMulNBits, block 32; the default), int8, or fp32")
-    p.add_argument("--id", dest="new_id", default=None, help="the new model's id (default ID-onnx-QUANT)")
+                   help="weights: int4 (MatMulNBits, block 32, k-quant, the head at 8 bits; the "
+                        "default), int8, or fp32")
+    p.add_argument("--target", choices=TARGETS, default="cpu",
+                   help="the execution provider the graph is built for: cpu (fp32 activations; the "
+                        "default) or cuda (fp16; onnxruntime-gpu's CUDA or TensorRT provider)")
+    p.add_argument("--id", dest="new_id", default=None,
+                   help="the new model's id (default ID-onnx-QUANT, with -cuda for --target cuda)")
     p.add_argument("--threads", type=int, default=None, help="threads for the export (default all)")
     p.set_defaults(run=cmd_convert)
 
@@ -203,10 +248,10 @@ def cmd_convert(args: argparse.Namespace, settings: Settings) -> int:
     from outpost.runtime import cli_format as fmt
 
     print(f"converting {args.model} to ONNX ({args.quant}); this takes minutes ...", file=sys.stderr, flush=True)
-    done = convert(settings, args.model, args.quant, args.new_id, args.threads)
+    done = convert(settings, args.model, args.quant, args.new_id, args.threads, args.target)
     if args.json:
         fmt.print_json({"id": done.manifest.id, "version": done.manifest.version, "backend": "onnx",
-                        "quant": args.quant, "bytes": done.size, "seconds": round(done.seconds, 1),
+                        "quant": args.quant, "target": args.target, "bytes": done.size, "seconds": round(done.seconds, 1),
                         "files": [f.name for f in done.manifest.files]})
     else:
         print(f"{done.manifest.id} {done.manifest.version}: {done.size / 2**20:.0f} MiB in "

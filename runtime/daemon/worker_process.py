@@ -22,6 +22,7 @@ child with nothing but its socket, its manifest and the store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -89,11 +90,19 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
         model.close()
 
 
+# What an ONNX model's vocabulary is read from (models/hf_tokenizer.py).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
 def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder:
     """The manifest's model on its backend. Every file is verified before native code
     parses it: a corrupt model is refused, not run."""
     vocab = store.cache / f"vocab-{manifest.weights.sha256}.bin"
     if manifest.backend == "onnx":
+        # Its vocabulary (pieces and stop ids) comes from the tokenizer files, not the
+        # graph: keyed by them, so a revision that changes only those is not served stale.
+        shas = [f.sha256 for f in manifest.files if f.name in VOCABULARY_FILES]
+        vocab = store.cache / f"vocab-{hashlib.sha256(''.join(shas).encode()).hexdigest()}.bin"
         try:
             from outpost.models.onnx import OnnxModel  # noqa: PLC0415 (the `onnx` extra)
         except ImportError as exc:

@@ -20,9 +20,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Sampler:
+    """This module in its own process, sampling PID's tree: no GIL shared with the
+    clients whose load it measures. `stop()` returns the JSON document."""
+
+    def __init__(self, pid: int, out: Path, hz: float = 25.0) -> None:
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.pss_sampler",
+                                      str(pid), str(hz), str(out)], cwd=REPO)
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        return json.loads(self.out.read_text())
 
 
 def tree(pid: int) -> list[int]:
