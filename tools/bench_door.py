@@ -14,7 +14,9 @@ every door gets the same tokens) are asked:
    `total` (what the door adds on top). Then the peer a user would otherwise pick:
    llama-cpp-python's own OpenAI server on the same model file and thread count
    (its own chat format, `chatml-function-calling`; its answers differ, so its tokens
-   are reported beside its latency).
+   are reported beside its latency). Last, `sdk_alone`: the SDK against an in-memory
+   httpx transport answering at once with a captured reply, the floor of what the SDK
+   can add whatever the transport does.
 2. **Streaming.** The SDK over ZeroMQ with `stream=True`: time to the first delta that
    carries output (a call's name, or text) against the prefill time, for tool calls
    and for plain text.
@@ -42,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import psutil
 
@@ -113,6 +116,7 @@ def overhead(d: ServeProcess, http_url: str, asks: list[list[dict[str, str]]]) -
                 rows[name]["latency"].append(latency)
                 rows[name]["gen"].append(t["prefill"] + t["decode"])
                 rows[name]["over"].append(latency - t["total"])
+        captured = via_transport(asks[0])
     out = {}
     for name, r in rows.items():
         out[name] = {"latency_ms": stats(r["latency"]), "overhead_ms": stats(r["over"]),
@@ -121,7 +125,25 @@ def overhead(d: ServeProcess, http_url: str, asks: list[list[dict[str, str]]]) -
     out["sdk_adds_ms_p50"] = out["sdk_zmq"]["overhead_ms"]["p50"] - out["client"]["overhead_ms"]["p50"]
     # Of that, what the transport adds (the rest is the SDK building and parsing its models).
     out["transport_adds_ms_p50"] = out["transport"]["overhead_ms"]["p50"] - out["client"]["overhead_ms"]["p50"]
+    out["sdk_alone"] = sdk_alone(captured, asks)
     return out
+
+
+def sdk_alone(reply: dict[str, Any], asks: list[list[dict[str, str]]]) -> dict[str, Any]:
+    """The SDK's own cost: the same calls against an in-memory transport that answers at
+    once with a reply captured from the daemon (no socket, no daemon). What the SDK adds
+    over `OutpostClient` cannot go below this, whatever the transport does."""
+    body = json.dumps(reply).encode("utf-8")
+    canned = httpx.MockTransport(lambda request: httpx.Response(
+        200, content=body, headers={"content-type": "application/json"}))
+    times = []
+    with openai.OpenAI(base_url="http://outpost/v1", api_key="unused", max_retries=0,
+                       http_client=httpx.Client(transport=canned)) as sdk:
+        for messages in [asks[0]] * 10 + asks * 2:  # the first ten warm it
+            t0 = time.perf_counter()
+            sdk.chat.completions.create(model=MODEL, messages=messages, tools=WEATHER, tool_choice="required")
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"latency_ms": stats(times[10:])}
 
 
 def streaming(d: ServeProcess, asks: list[list[dict[str, str]]]) -> dict[str, Any]:
