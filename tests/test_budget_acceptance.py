@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import threading
 
 import pytest
 
@@ -14,6 +13,7 @@ from outpost.manifests.catalog import Catalog
 from outpost.manifests.store import ModelStore
 
 from .conftest import GEMMA, SMOLLM2, ServeProcess, link_models, make_data_dir
+from .helpers.load import chat_load
 from .helpers.pss_sampler import Sampler
 
 pytestmark = pytest.mark.slow
@@ -50,35 +50,15 @@ def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model
     cfg = dirs + f'[budget]\nram = {budget}\n[pool]\nidle_ttl_s = 600\n'
     with ServeProcess(data, cfg, "run") as d:
         sampler = Sampler(d.pid, tmp_path / "pss.json")
-        failures: list[BaseException] = []
-        answered: dict[str, int] = {m: 0 for m in MODELS}
-        lock = threading.Lock()
-
-        def client(seed: int) -> None:
-            rng = random.Random(seed)
-            with d.client(timeout_s=300) as c:
-                for i in range(50):
-                    model = rng.choice(MODELS)
-                    kwargs = {"tools": TOOLS, "tool_choice": "required"} if i % 3 == 0 else {}
-                    try:
-                        reply = c.chat([{"role": "user", "content": f"Weather in city number {i}?"}],
-                                       model=model, max_tokens=12, **kwargs)
-                        assert reply["outpost"]["model"] == model
-                        with lock:
-                            answered[model] += 1
-                    except BaseException as exc:  # collected, asserted below
-                        failures.append(exc)
-
-        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        rngs = {seed: random.Random(seed) for seed in range(4)}
+        plan = {seed: [rngs[seed].choice(MODELS) for _ in range(50)] for seed in range(4)}
+        answered, failures = chat_load(d, 4, 50, lambda seed, i: plan[seed][i], TOOLS,
+                                       tools_every=3, max_tokens=12)
         sampled = sampler.stop()
         with d.client() as c:
             evictions = c.status()["budget"]["evictions"]
     assert not failures, failures[:3]
-    assert sum(answered.values()) == 200 and all(answered.values())
+    assert sum(answered.values()) == 200 and set(answered) == set(MODELS)
     assert sampled["rate_hz"] >= 20, sampled
     peak = sampled["peak"]
     print(f"\nbudget {budget / 2**20:.0f} MiB, peak PSS {peak / 2**20:.0f} MiB over "

@@ -6,7 +6,6 @@ exceeds."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 
 import pytest
 
@@ -19,6 +18,7 @@ from outpost.models.llama import LlamaModel
 from outpost.models.onnx import OnnxModel
 
 from .conftest import SMOLLM2, ServeProcess, cached_onnx, link_models, make_data_dir
+from .helpers.load import chat_load
 from .helpers.pss_sampler import Sampler
 from .test_budget_acceptance import TOOLS
 
@@ -74,30 +74,8 @@ def test_onnx_and_gguf_swap_under_one_budget(tmp_path, onnx_id, model_cache):
     cfg = dirs + f'[budget]\nram = {budget}\n[pool]\nidle_ttl_s = 600\n'
     with ServeProcess(data, cfg, "run") as d:
         sampler = Sampler(d.pid, tmp_path / "pss.json")
-        failures: list[BaseException] = []
-        answered = {m: 0 for m in models}
-        lock = threading.Lock()
-
-        def client(seed: int) -> None:
-            with d.client(timeout_s=300) as c:
-                for i in range(12):
-                    model = models[(i + seed) % 2]
-                    kwargs = {"tools": TOOLS, "tool_choice": "required"} if i % 2 == 0 else {}
-                    try:
-                        reply = c.chat([{"role": "user", "content": f"Weather in city number {i}?"}],
-                                       model=model, max_tokens=40, **kwargs)
-                        assert reply["outpost"]["model"] == model
-                        assert all(v["valid"] for v in reply["outpost"]["validation"])
-                        with lock:
-                            answered[model] += 1
-                    except BaseException as exc:  # collected, asserted below
-                        failures.append(exc)
-
-        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        answered, failures = chat_load(d, 2, 12, lambda seed, i: models[(i + seed) % 2], TOOLS,
+                                       tools_every=2, max_tokens=40, valid=True)
         sampled = sampler.stop()
         with d.client() as c:
             evictions = c.status()["budget"]["evictions"]
