@@ -28,18 +28,26 @@ import zmq
 import zmq.asyncio
 
 from .client import chat_body, read_reply
-from .errors import DaemonUnreachable, OutpostError
+from .curve import ClientKeys, secure
+from .errors import ConfigError, DaemonUnreachable, OutpostError
 
 
 class AsyncOutpostClient:
     def __init__(self, endpoint: str, timeout_s: float = 300.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._own_ctx = context is None  # a shared context is not terminated here
         self._ctx = context if context is not None else zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        try:
+            secure(self._sock, endpoint, curve)  # required off loopback (runtime/curve.py)
+        except ConfigError:
+            self._sock.close(linger=0)
+            if self._own_ctx:
+                self._ctx.term()
+            raise
         self._sock.connect(endpoint)
         self._waiting: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._reader: asyncio.Task[None] | None = None

@@ -54,7 +54,7 @@ class Activation:
 
 def activate(settings: Settings, model: str, version: str) -> Activation:
     try:
-        with OutpostClient(settings.endpoint, timeout_s=5.0) as client:
+        with OutpostClient(settings.endpoint, timeout_s=5.0, curve=settings.client_keys()) as client:
             client.ping(timeout_s=PING_S)
             return _ask(client, model, version, "daemon", settings.server.load_timeout_s)
     except DaemonUnreachable:
@@ -89,7 +89,7 @@ def rollback(settings: Settings, model: str) -> tuple[str, str | None, bool]:
     does, and the next `outpost serve` serves the earlier version. `to` is None when a task
     adapter's first version was retired (its base serves the task again)."""
     try:
-        with OutpostClient(settings.endpoint, timeout_s=30.0) as client:
+        with OutpostClient(settings.endpoint, timeout_s=30.0, curve=settings.client_keys()) as client:
             client.ping(timeout_s=PING_S)
             done = client.rollback(model)
             return done["previous"], done["version"], True

@@ -33,6 +33,7 @@ from outpost.manifests.store import ModelStore
 from . import VERSION
 from . import cli_format as fmt
 from .cli_logs import add_logs_commands
+from .cli_keys import add_keys_commands
 from .cli_versions import add_version_commands
 from .client import OutpostClient
 from .config import Settings
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model store and logs.db live here (env: OUTPOST_DATA_DIR)")
     client = argparse.ArgumentParser(add_help=False)
     client.add_argument("--endpoint", metavar="URL",
-                        help="daemon endpoint, ipc://PATH or tcp://127.0.0.1:PORT (env: OUTPOST_ENDPOINT)")
+                        help="daemon endpoint: ipc://PATH, tcp://127.0.0.1:PORT, or tcp://HOST:PORT off "
+                        "loopback with CURVE keys ([curve], outpost keys) (env: OUTPOST_ENDPOINT)")
     client.add_argument("--timeout", type=float, default=300.0, metavar="S",
                         help="seconds to wait for the daemon (default 300)")
     as_json = argparse.ArgumentParser(add_help=False)
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(docs/log.md).")
     logs.set_defaults(group=logs)
     add_logs_commands(logs.add_subparsers(metavar="ACTION"), common, client, as_json)
+    add_keys_commands(sub, common, as_json)
     _add_plugin_commands(sub, common, client, as_json)
     return parser
 
@@ -289,6 +292,11 @@ def _env_config() -> Path | None:
     return Path(p) if (p := os.environ.get("OUTPOST_CONFIG")) else None
 
 
+def _client(settings: Settings, timeout_s: float) -> OutpostClient:
+    """A client of the configured daemon, with CURVE keys when it is off loopback."""
+    return OutpostClient(settings.endpoint, timeout_s=timeout_s, curve=settings.client_keys())
+
+
 def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     messages = []
     if args.system:
@@ -302,7 +310,7 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
     for key in ("task", "max_tokens", "temperature", "seed"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
-    with OutpostClient(settings.endpoint, timeout_s=args.timeout) as client:
+    with _client(settings, args.timeout) as client:
         reply = client.chat(messages, model=args.model, tools=tools, tool_choice=choice, **params)
     if args.json:
         fmt.print_json(reply)
@@ -321,7 +329,7 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    with OutpostClient(settings.endpoint, timeout_s=min(args.timeout, 10.0)) as client:
+    with _client(settings, min(args.timeout, 10.0)) as client:
         status = client.status()
     if args.json:
         fmt.print_json(status)
@@ -348,7 +356,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
-    with OutpostClient(settings.endpoint, timeout_s=min(args.timeout, 10.0)) as client:
+    with _client(settings, min(args.timeout, 10.0)) as client:
         status = client.status()
     if args.json:
         fmt.print_json({"budget": status["budget"], "models": status["loaded"]})

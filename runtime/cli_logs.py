@@ -188,7 +188,7 @@ def cmd_logs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_logs_feedback(args: argparse.Namespace, settings: Settings) -> int:
-    with OutpostClient(settings.endpoint, timeout_s=args.timeout) as client:
+    with OutpostClient(settings.endpoint, timeout_s=args.timeout, curve=settings.client_keys()) as client:
         result = client.feedback(args.id, args.outcome, args.note)
     if args.json:
         fmt.print_json(result)

@@ -21,13 +21,16 @@ from typing import Any
 
 import zmq
 
-from .errors import BadRequest, DaemonUnreachable, OutpostError, from_wire
+from .curve import ClientKeys, secure
+from .errors import BadRequest, ConfigError, DaemonUnreachable, OutpostError, from_wire
 
 
 class OutpostClient:
-    def __init__(self, endpoint: str, timeout_s: float = 300.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 300.0, context: zmq.Context | None = None,
+                 curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = curve  # required off loopback (runtime/curve.py)
         # A shared context (the SDK transport's) is never terminated here: a client left
         # to the garbage collector must not block in term() on another's sockets.
         self._own_ctx = context is None
@@ -37,6 +40,11 @@ class OutpostClient:
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        try:
+            secure(sock, self.endpoint, self.curve)
+        except ConfigError:
+            sock.close(linger=0)
+            raise
         sock.connect(self.endpoint)
         return sock
 

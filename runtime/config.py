@@ -24,6 +24,8 @@ from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, Setting
 
 from outpost.manifests.errors import ConfigError
 
+from . import curve as curve_keys
+from .curve import ClientKeys
 from .daemon.settings import (BudgetSettings, DaemonSettings, LlamaSettings, ModelPolicy,
                               PoolSettings, ServerSettings, default_data_dir, default_endpoint)
 from .escalation.settings import (CloudSettings, ConfidenceSettings, EscalationSettings, Policy,
@@ -83,6 +85,10 @@ class Settings(BaseSettings, DaemonSettings):
     def trust_dir(self) -> Path:
         """The device's TUF state: the fleet's root.json and the metadata it verified."""
         return self.data_dir / "sync"
+
+    def client_keys(self) -> ClientKeys | None:
+        """The CURVE keys a client of `endpoint` needs: None on ipc and loopback."""
+        return curve_keys.client_keys(self.endpoint, self.keys_dir, self.curve.server_key)
 
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:

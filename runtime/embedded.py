@@ -49,7 +49,7 @@ class EmbeddedDaemon:
             self._ready.set()
 
     def client(self, timeout_s: float = 120.0) -> OutpostClient:
-        return OutpostClient(self.settings.endpoint, timeout_s=timeout_s)
+        return OutpostClient(self.settings.endpoint, timeout_s=timeout_s, curve=self.settings.client_keys())
 
     def stop(self) -> None:
         if self._loop is not None:

@@ -40,20 +40,32 @@ import zmq.asyncio
 from . import openai_shape as shape
 from .aclient import AsyncOutpostClient
 from .client import OutpostClient
-from .errors import BadRequest, DaemonUnreachable, OutpostError
+from .curve import ClientKeys, needs_curve
+from .errors import BadRequest, ConfigError, DaemonUnreachable, OutpostError
 
 BASE_URL = "http://outpost/v1"  # any URL does: the transport never resolves it
 
 
-def http_client(endpoint: str, timeout_s: float = 300.0) -> httpx.Client:
-    """An httpx client for `OpenAI(http_client=...)` that talks to the daemon at `endpoint`."""
-    return httpx.Client(transport=ZmqTransport(endpoint, timeout_s), base_url=BASE_URL, timeout=timeout_s)
+def http_client(endpoint: str, timeout_s: float = 300.0, curve: ClientKeys | None = None) -> httpx.Client:
+    """An httpx client for `OpenAI(http_client=...)` that talks to the daemon at `endpoint`
+    (with `curve` keys when it is off loopback: runtime/curve.py)."""
+    return httpx.Client(transport=ZmqTransport(endpoint, timeout_s, curve), base_url=BASE_URL,
+                        timeout=timeout_s)
 
 
-def async_http_client(endpoint: str, timeout_s: float = 300.0) -> httpx.AsyncClient:
+def async_http_client(endpoint: str, timeout_s: float = 300.0,
+                      curve: ClientKeys | None = None) -> httpx.AsyncClient:
     """The same for `AsyncOpenAI(http_client=...)`."""
-    return httpx.AsyncClient(transport=AsyncZmqTransport(endpoint, timeout_s), base_url=BASE_URL,
+    return httpx.AsyncClient(transport=AsyncZmqTransport(endpoint, timeout_s, curve), base_url=BASE_URL,
                              timeout=timeout_s)
+
+
+def secure_check(endpoint: str, curve: ClientKeys | None) -> None:
+    """Refuse a transport that could never connect (off loopback without keys) when it is
+    made, not at the SDK's first request."""
+    if curve is None and needs_curve(endpoint):
+        raise ConfigError(f"{endpoint} is off loopback: pass curve=ClientKeys (runtime/curve.py)",
+                          endpoint=endpoint)
 
 
 def _call(request: httpx.Request) -> tuple[str, str | None, dict[str, Any]]:
@@ -109,9 +121,11 @@ def _method(kind: str) -> str:
 
 # -- sync ------------------------------------------------------------------------------
 class ZmqTransport(httpx.BaseTransport):
-    def __init__(self, endpoint: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 300.0, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = curve
+        secure_check(endpoint, curve)
         self._idle: list[OutpostClient] = []
         self._lock = threading.Lock()
 
@@ -119,7 +133,7 @@ class ZmqTransport(httpx.BaseTransport):
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return OutpostClient(self.endpoint, self.timeout_s, zmq.Context.instance())
+        return OutpostClient(self.endpoint, self.timeout_s, zmq.Context.instance(), self.curve)
 
     def _give_back(self, client: OutpostClient) -> None:
         with self._lock:
@@ -180,9 +194,11 @@ class _SyncEvents(httpx.SyncByteStream):
 
 # -- async -----------------------------------------------------------------------------
 class AsyncZmqTransport(httpx.AsyncBaseTransport):
-    def __init__(self, endpoint: str, timeout_s: float = 300.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = 300.0, curve: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.curve = curve
+        secure_check(endpoint, curve)
         self._client: AsyncOutpostClient | None = None  # made in the loop that uses it
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -191,7 +207,8 @@ class AsyncZmqTransport(httpx.AsyncBaseTransport):
         except BadRequest as exc:
             return _error(request, exc.to_wire())
         if self._client is None:
-            self._client = AsyncOutpostClient(self.endpoint, self.timeout_s, zmq.asyncio.Context.instance())
+            self._client = AsyncOutpostClient(self.endpoint, self.timeout_s, zmq.asyncio.Context.instance(),
+                                              self.curve)
         frames = self._client.frames(_method(kind), params, _timeout(request, self.timeout_s))
         try:
             first = await anext(frames)

@@ -203,3 +203,9 @@ class _StateCollector(Collector):
                 failing.add_metric([direction], 1 if rec.get("error") else 0)
         yield sync
         yield failing
+        refused = CounterMetricFamily("outpost_handshakes_refused", "Connections refused at the CURVE "
+                                      "handshake, by why (unknown_key, no_curve, bad_handshake)",
+                                      labels=["reason"])
+        for reason, n in (s.get("security") or {}).get("refused", {}).items():
+            refused.add_metric([reason], n)
+        yield refused

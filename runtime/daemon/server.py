@@ -49,6 +49,7 @@ from . import adapters, endpoint, protocol, replies, smoke, streaming
 from .background import Background
 from .calls import InFlight, handling
 from .clients import ClientGate
+from .guard import Guard
 from .metrics import Metrics, MetricsRecorder
 from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
 from .pool import ModelPool
@@ -104,11 +105,12 @@ class Daemon:
         self._streaming = {"chat"}  # methods that may send chunks before their result
         self._inflight: dict[tuple[bytes, str], InFlight] = {}  # (peer, request id) -> request
         self.clients = ClientGate(settings.clients)
+        self.guard: Guard | None = None  # CURVE's, on a TCP endpoint off loopback
 
     # -- lifecycle -------------------------------------------------------------------
     async def serve(self, on_ready: Callable[[str], None] | None = None) -> None:
         try:
-            sock = endpoint.bind(self.zmq, self.settings)
+            sock, self.guard = endpoint.bind(self.zmq, self.settings)
         except OutpostError:
             await self.pool.close()
             self.logs.close()
@@ -152,6 +154,8 @@ class Daemon:
             await self.pool.close()
             await self.cloud.close()
             self.logs.close()
+            if self.guard is not None:
+                self.guard.close(sock)
             sock.close(linger=0)
             self.zmq.term()
 
@@ -168,7 +172,8 @@ class Daemon:
         """What a metrics scrape reads: status's budget, workers, clients and sync."""
         used, snapshot = self.pool.measure()
         return {"budget": self.pool.budget(used), "loaded": self.pool.describe(snapshot),
-                "clients": dict(self.clients.in_flight), "sync": self._sync_status()}
+                "clients": dict(self.clients.in_flight), "sync": self._sync_status(),
+                "security": self._security()}
 
     # -- one message -----------------------------------------------------------------
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
@@ -260,8 +265,12 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1), "requests": self.requests,
                 "default_model": self.catalog.default, "budget": self.pool.budget(used),
                 "loaded": self.pool.describe(snapshot), "escalation": self._escalation_status(),
-                "sync": self._sync_status(),
+                "sync": self._sync_status(), "security": self._security(),
                 "clients": {name: n for name, n in self.clients.in_flight.items() if n}}
+
+    def _security(self) -> dict[str, Any]:
+        """Who may connect: CURVE's allow-list and its refusals, or keyless (ipc, loopback)."""
+        return self.guard.view() if self.guard is not None else {"curve": False}
 
     def _sync_status(self) -> dict[str, Any] | None:
         """The last field sync's outcome, as `outpost sync` recorded it (a JSON file the

@@ -95,6 +95,15 @@ class HttpSettings(_Section):
     api_key: SecretStr | None = None
 
 
+class CurveSettings(_Section):
+    """CURVE on TCP endpoints off loopback (runtime/curve.py, docs/security.md)."""
+
+    # The daemon's and this client's key pairs and the allow-list; None: <data_dir>/keys.
+    keys_dir: Path | None = None
+    # A client's view: the daemon's public key (z85, `outpost keys show` on its machine).
+    server_key: str | None = None
+
+
 class LlamaSettings(_Section):
     # None: half the physical cores (at least 1), so two models can decode at once
     # without llama.cpp's spinning threads fighting over the cores.
@@ -139,6 +148,11 @@ class DaemonSettings(BaseModel):
     clients: dict[str, ClientLimits] = {}
     metrics: MetricsSettings = MetricsSettings()
     http: HttpSettings = HttpSettings()
+    curve: CurveSettings = CurveSettings()
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.curve.keys_dir or self.data_dir / "keys"
 
     @property
     def store_dir(self) -> Path:
