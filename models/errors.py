@@ -43,6 +43,18 @@ class ModelLoadFailed(OutpostError):
     code = "model_load_failed"
 
 
+class ModelInvalid(ModelLoadFailed):
+    """A model file that fails Outpost's own structural check (models/gguf_check.py), or
+    a chat template it carries that reaches outside the sandbox: refused before native
+    code parses it."""
+
+    code = "model_invalid"
+
+    def __init__(self, file: str, reason: str, offset: int = 0) -> None:
+        super().__init__(f"{file} refused: {reason}", file=file, reason=reason, offset=offset)
+        self.file, self.reason, self.offset = file, reason, offset
+
+
 class AdapterLoadFailed(ModelLoadFailed):
     """A task adapter could not be applied to its base (the base keeps serving)."""
 

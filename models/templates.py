@@ -14,12 +14,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from outpost.manifests.errors import BadRequest
 
-from .errors import ModelLoadFailed
+from .errors import ModelInvalid, ModelLoadFailed
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -74,8 +74,31 @@ class ChatTemplate:
             if not gguf_template:
                 raise ModelLoadFailed("the manifest asks for the GGUF's chat template, "
                                       "but the file carries none")
-            return cls(gguf_template, True)
-        return cls(spec, True)
+            return cls.checked(gguf_template, "the model file's chat template")
+        return cls.checked(spec, "the manifest's chat template")
+
+    @classmethod
+    def checked(cls, source: str, where: str) -> ChatTemplate:
+        """A template from a model file or a manifest (untrusted text), refused with
+        ModelInvalid unless it parses, keeps to public attributes, and renders a turn in
+        the sandbox. Jinja's sandbox already stops `__class__` and friends at render
+        time (CVE-2024-34359 was a template rendered outside one); refusing at load
+        says so once, not on every request."""
+        env = ImmutableSandboxedEnvironment()
+        try:
+            tree = env.parse(source)
+        except TemplateError as exc:
+            raise ModelInvalid(where, f"it does not parse: {exc}") from None
+        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            name = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+            if isinstance(name, str) and name.startswith("_"):
+                raise ModelInvalid(where, f"it reaches for {name!r}, outside what a template may read")
+        template = cls(source, True)
+        try:
+            template.render([{"role": "user", "content": "hi"}], None)
+        except BadRequest as exc:
+            raise ModelInvalid(where, f"it fails on a one-turn chat: {exc.message}") from None
+        return template
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                extra: dict[str, Any] | None = None) -> str:

@@ -18,6 +18,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── FetchError                    fetch_failed            manifests/errors.py
     ├── ContextOverflow               context_overflow        models/errors.py
     ├── ModelLoadFailed               model_load_failed       models/errors.py
+    │   ├── ModelInvalid              model_invalid           models/errors.py
     │   └── AdapterLoadFailed         adapter_load_failed     models/errors.py
     ├── WorkerCrashed                 worker_crashed          runtime/daemon/errors.py
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
@@ -58,8 +59,8 @@ from __future__ import annotations
 from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError, FetchError,
                                       InternalError, ModelFileError, ModelNotPulled, NotFound,
                                       OutpostError, UnknownModel, error_class, from_wire)
-from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, InvalidSchema, ModelLoadFailed,
-                                   UnsupportedSchema)
+from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, InvalidSchema, ModelInvalid,
+                                   ModelLoadFailed, UnsupportedSchema)
 
 from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, Overloaded,
                             RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
@@ -70,7 +71,7 @@ from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
-    "FetchError", "ContextOverflow", "ModelLoadFailed", "AdapterLoadFailed", "WorkerCrashed",
+    "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "WorkerCrashed",
     "BudgetExceeded", "Overloaded", "Timeout", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",

@@ -34,11 +34,13 @@ import zmq
 
 from outpost.manifests.errors import InternalError, OutpostError
 from outpost.manifests.schema import Manifest
-from outpost.manifests.store import ModelStore
-from outpost.models.backend import GenerationRequest, LoadOptions
+from outpost.manifests.store import FileIdentity, ModelStore
+from outpost.models import gguf_check
+from outpost.models.backend import AdapterRef, GenerationRequest, LoadOptions
 from outpost.models.decoder import Decoder
 from outpost.models.errors import ModelLoadFailed
 from outpost.models.llama import LlamaModel
+from outpost.models.templates import ChatTemplate
 
 log = logging.getLogger("outpost.worker")
 PARENT_CHECK_MS = 1000
@@ -110,10 +112,32 @@ def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder
                                   f"(pip install 'outpost[onnx]'): {exc}", model=manifest.id) from exc
         return OnnxModel(manifest, store.folder(manifest), n_threads=options.n_threads,
                          providers=list(options.providers), vocab_cache=vocab)
-    weights = store.ensure_verified(manifest.weights)
-    # A task adapter's file is checked (size, sha256) before llama.cpp reads it.
-    return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=store.ensure_verified,
+    weights = _checked(store, manifest.weights, manifest)
+
+    def adapter_path(ref: AdapterRef) -> Path:
+        return _checked(store, ref, None)
+
+    # A task adapter's file is checked (size, sha256, structure) before llama.cpp reads it.
+    return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=adapter_path,
                       n_threads=options.n_threads, n_batch=options.n_batch, n_gpu_layers=options.n_gpu_layers)
+
+
+def _checked(store: ModelStore, file: FileIdentity, manifest: Manifest | None) -> Path:
+    """A GGUF file's path once its bytes match the manifest and its structure passes
+    Outpost's own reader (models/gguf_check.py), and the chat template it carries (when
+    the manifest uses it) parses within the sandbox: llama.cpp never parses a file that
+    did not. Checked once per file and manifest, and remembered by sha256."""
+    path = store.ensure_verified(file)
+    template = manifest is not None and manifest.chat_template == "gguf"
+    stamp = store.cache / f"gguf-ok-{gguf_check.CHECKER}-{file.sha256}-{int(template)}"
+    if not stamp.exists():
+        head = gguf_check.check_model(path, name=file.name)
+        source = head.metadata.get("tokenizer.chat_template")
+        if template and isinstance(source, str):
+            ChatTemplate.checked(source, f"{file.name}'s chat template")
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.touch()
+    return path
 
 
 def _generate(model: Decoder, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:
