@@ -352,6 +352,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     print(line)
     fmt.print_sync(status.get("sync"))
     fmt.print_workers(status["loaded"])
+    fmt.print_quarantined(b.get("quarantined"))
     return 0
 
 
@@ -365,6 +366,7 @@ def cmd_ps(args: argparse.Namespace, settings: Settings) -> int:
     print(f"budget {fmt.mib(b['ram_bytes'])}, in use {fmt.mib(b['used_bytes'])} "
           f"(daemon, forkserver and workers, PSS)")
     fmt.print_workers(status["loaded"])
+    fmt.print_quarantined(b.get("quarantined"))
     return 0
 
 

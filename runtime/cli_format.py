@@ -49,6 +49,12 @@ def print_sync(sync: dict[str, Any] | None) -> None:
         print(line)
 
 
+def print_quarantined(rows: list[dict[str, Any]] | None) -> None:
+    for q in rows or []:
+        print(f"quarantined {q['model']} {q['version']}: {q['failures']} failed loads in a row, "
+              f"retried in {q['retry_in_s']:.0f} s (last: {q['last_error']})")
+
+
 def print_workers(workers: list[dict[str, Any]]) -> None:
     if not workers:
         print("no models loaded")

@@ -21,6 +21,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     │   ├── ModelInvalid              model_invalid           models/errors.py
     │   └── AdapterLoadFailed         adapter_load_failed     models/errors.py
     ├── WorkerCrashed                 worker_crashed          runtime/daemon/errors.py
+    ├── ModelQuarantined              model_quarantined       runtime/daemon/errors.py
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
     ├── Overloaded                    overloaded              runtime/daemon/errors.py
     ├── Timeout                       timeout                 runtime/daemon/errors.py
@@ -62,8 +63,8 @@ from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError,
 from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, InvalidSchema, ModelInvalid,
                                    ModelLoadFailed, UnsupportedSchema)
 
-from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, Overloaded,
-                            RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
+from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, ModelQuarantined,
+                            Overloaded, RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
 from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
                                 CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
 from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
@@ -71,7 +72,7 @@ from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
-    "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "WorkerCrashed",
+    "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "WorkerCrashed", "ModelQuarantined",
     "BudgetExceeded", "Overloaded", "Timeout", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",

@@ -27,12 +27,12 @@ STATUS: dict[str, int] = {
     "timeout": 504,
     "budget_exceeded": 503, "log_locked": 503, "log_disk_full": 507, "log_unavailable": 503,
     "worker_crashed": 502, "model_load_failed": 502, "adapter_load_failed": 502,
-    "model_invalid": 502,
+    "model_invalid": 502, "model_quarantined": 503,
     "checksum_mismatch": 502, "adapter_base_mismatch": 409, "activation_failed": 409,
     "internal": 500,
 }
 # Retrying cannot help these; the SDK honours `x-should-retry: false`.
-NO_RETRY = {"checksum_mismatch", "model_invalid", "adapter_base_mismatch", "budget_exceeded", "log_disk_full"}
+NO_RETRY = {"checksum_mismatch", "model_invalid", "model_quarantined", "adapter_base_mismatch", "budget_exceeded", "log_disk_full"}
 
 _MODEL_PATH = re.compile(r"(?:.*/)?models/(?P<id>[^/]+)")
 

@@ -35,6 +35,20 @@ class WorkerCrashed(OutpostError):
         self.model, self.exitcode = model, exitcode
 
 
+class ModelQuarantined(OutpostError):
+    """A model version failed to load several times in a row; it is not tried again
+    until its backoff ends (quarantine.py)."""
+
+    code = "model_quarantined"
+
+    def __init__(self, model: str, version: str, failures: int, retry_in_s: float, last_error: str) -> None:
+        super().__init__(f"{model} {version} failed to load {failures} times in a row (last: "
+                         f"{last_error}); not tried again for {retry_in_s:.0f} s", model=model,
+                         version=version, failures=failures, retry_in_s=round(retry_in_s, 1),
+                         last_error=last_error)
+        self.model, self.version, self.failures = model, version, failures
+
+
 class BudgetExceeded(OutpostError):
     """The model cannot fit the memory budget even with everything evictable gone."""
 

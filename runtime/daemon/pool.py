@@ -48,6 +48,7 @@ from .adapters import Lease
 from .background import Background
 from .errors import BudgetExceeded, Overloaded, Timeout, WorkerCrashed
 from .ledger import MemoryLedger
+from .quarantine import Quarantine
 from .settings import DaemonSettings
 from .workers import LIVE, Forkserver, Snapshot, WorkerHandle, WorkerState
 
@@ -82,6 +83,7 @@ class ModelPool:
         self.background = Background(log)  # the reaper, the forkserver's start, log writes
         self.ledger = MemoryLedger(settings.budget, settings.llama, recorder.footprints())
         self.evictions = 0
+        self.quarantine = Quarantine(settings.pool.quarantine_after, settings.pool.quarantine_s)
         self._forkserver = Forkserver(zmq_ctx)
 
     async def start(self) -> None:
@@ -154,34 +156,27 @@ class ModelPool:
         try:
             t0 = time.monotonic()
             while True:
+                worker = await self._leased(base, t0, deadline)
                 try:
-                    worker = await asyncio.wait_for(self.acquire(base), deadline - time.monotonic())
-                except TimeoutError:
-                    raise Timeout(model, time.monotonic() - t0, "the model to load") from None
-                # acquire() resumes us on a later loop turn; check and lease in one step,
-                # so no eviction can fall between them.
-                if self.workers.get(model) is worker and worker.state in LIVE and not worker.draining \
-                        and worker.manifest.version == base.version:
-                    worker.leases += 1
-                    break
-                # It is being evicted to make room: wait for that, then load it again.
-                if not await self._wait_released(deadline):
-                    raise Timeout(model, time.monotonic() - t0, "the model to be reloaded")
-            try:
-                if adapter is not None and adapter.sha256 not in worker.adapters:
-                    await asyncio.wait_for(self._admit_adapter(worker, manifest, adapter),
+                    if adapter is not None and adapter.sha256 not in worker.adapters:
+                        await asyncio.wait_for(self._admit_adapter(worker, manifest, adapter),
+                                               max(0.0, deadline - time.monotonic()))
+                    t1 = time.monotonic()
+                    timings["load"] = (t1 - t0) * 1e3
+                    # Requests for the adapter applied last go first (turns.py): a switch
+                    # clears the prompt cache.
+                    await asyncio.wait_for(worker.turns.acquire(adapter and adapter.sha256, batch),
                                            max(0.0, deadline - time.monotonic()))
-                t1 = time.monotonic()
-                timings["load"] = (t1 - t0) * 1e3
-                # Requests for the adapter applied last go first (turns.py): a switch
-                # clears the prompt cache.
-                await asyncio.wait_for(worker.turns.acquire(adapter and adapter.sha256, batch),
-                                       max(0.0, deadline - time.monotonic()))
-            except BaseException as exc:
+                except BaseException as exc:
+                    await self._release(worker)
+                    if isinstance(exc, TimeoutError):
+                        raise Timeout(model, time.monotonic() - t0, "earlier requests to finish") from None
+                    raise
+                if worker.alive:
+                    break
+                # Its worker crashed while this request waited for its turn: load it again.
+                worker.turns.release()
                 await self._release(worker)
-                if isinstance(exc, TimeoutError):
-                    raise Timeout(model, time.monotonic() - t0, "earlier requests to finish") from None
-                raise
             timings["queue"] = (time.monotonic() - t1) * 1e3
         finally:
             self._queued[model] -= 1
@@ -194,6 +189,24 @@ class ModelPool:
                 # The first generation touches the compute buffers: measure it now, so
                 # the stored footprint includes them; after that the reaper samples.
                 self._remeasure(worker, settle=True)
+
+    async def _leased(self, base: Manifest, t0: float, deadline: float) -> WorkerHandle:
+        """A live worker for `base` with one more lease on it, loading it if needed."""
+        model = base.id
+        while True:
+            try:
+                worker = await asyncio.wait_for(self.acquire(base), deadline - time.monotonic())
+            except TimeoutError:
+                raise Timeout(model, time.monotonic() - t0, "the model to load") from None
+            # acquire() resumes us on a later loop turn; check and lease in one step,
+            # so no eviction can fall between them.
+            if self.workers.get(model) is worker and worker.state in LIVE and not worker.draining \
+                    and worker.manifest.version == base.version:
+                worker.leases += 1
+                return worker
+            # It is being evicted to make room: wait for that, then load it again.
+            if not await self._wait_released(deadline):
+                raise Timeout(model, time.monotonic() - t0, "the model to be reloaded")
 
     async def _admit_adapter(self, worker: WorkerHandle, manifest: Manifest, adapter: AdapterRef) -> None:
         """Charge a task adapter to its base's worker before its first use: llama.cpp
@@ -220,6 +233,10 @@ class ModelPool:
     async def _release(self, worker: WorkerHandle) -> None:
         worker.leases -= 1
         worker.last_used = time.monotonic()
+        if not worker.alive and self.workers.get(worker.manifest.id) is worker:
+            # It crashed serving this lease: its memory leaves the budget now, not when
+            # the next request for it comes.
+            await self._forget(worker, f"exit code {worker.process.exitcode}")
         async with self._released:
             self._released.notify_all()
 
@@ -249,6 +266,7 @@ class ModelPool:
 
     # -- loading and evicting ----------------------------------------------------------
     async def _load(self, manifest: Manifest, reason: str) -> WorkerHandle:
+        self.quarantine.check(manifest)  # failed too often lately: no fork, no eviction
         self.store.weights_path(manifest)  # raises ModelNotPulled before anything is evicted
         pinned, ttl = self.policy(manifest)
         need = self.ledger.estimate(manifest)
@@ -267,10 +285,17 @@ class ModelPool:
             await worker.stop(grace_s=0 if isinstance(exc, WorkerCrashed) else 1)
             async with self._released:
                 self._released.notify_all()
+            failure = exc
             if isinstance(exc, WorkerCrashed):
-                raise ModelLoadFailed(f"the worker for {manifest.id} died while loading "
-                                      f"(exit code {exc.exitcode})", model=manifest.id) from exc
-            raise
+                failure = ModelLoadFailed(f"the worker for {manifest.id} died while loading "
+                                          f"(exit code {exc.exitcode})", model=manifest.id)
+            if isinstance(failure, OutpostError) and self.quarantine.failed(manifest, failure):
+                log.warning("quarantined %s %s: %s", manifest.id, manifest.version, failure.message)
+                self._note(PoolEventKind.QUARANTINE, manifest, failure.message)
+            if failure is exc:
+                raise
+            raise failure from exc
+        self.quarantine.loaded(manifest)
         if (manifest.id, manifest.version) not in self.ledger.footprints:
             # Charge what the first load measures, not the coarse estimate. A model
             # loaded before is charged its stored high-water mark already; the
@@ -427,7 +452,7 @@ class ModelPool:
                 try:
                     if w.state in LIVE and w.process.is_alive():
                         self._remeasure(w, snapshot=snapshot)
-                    if w.state is WorkerState.READY and not w.process.is_alive():
+                    if w.state is not WorkerState.LOADING and not w.process.is_alive():
                         await self._forget(w, f"exit code {w.process.exitcode}")
                     elif eviction.expired(self._candidate(w, snapshot), w.idle_ttl_s):
                         await self.evict(w, f"idle for more than {w.idle_ttl_s:g} s",
@@ -461,7 +486,7 @@ class ModelPool:
     def budget(self, used: int | None = None) -> dict[str, Any]:
         return {**self.ledger.view(self.used() if used is None else used),
                 "evictions": self.evictions, "loading": sorted(self._loading),
-                "admitting": self._admit.locked(),
+                "admitting": self._admit.locked(), "quarantined": self.quarantine.view(),
                 "queued": {m: n for m, n in self._queued.items() if n}}
 
     async def close(self) -> None:

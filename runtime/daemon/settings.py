@@ -64,6 +64,11 @@ class PoolSettings(_Section):
     queue_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     # Unload a model idle this long (None: never); per model in [models.<id>].
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = 900.0
+    # A version whose load fails this many times in a row is quarantined: requests get
+    # `model_quarantined` without a load for `quarantine_s`, doubling after each further
+    # failure (up to an hour).
+    quarantine_after: Annotated[int, Field(ge=1)] = 3
+    quarantine_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class ModelPolicy(_Section):

@@ -252,7 +252,7 @@ class WorkerHandle:
     def describe(self, budget: int, snapshot: Snapshot | None = None) -> dict[str, Any]:
         charge = self.charge(snapshot)
         return {"model": self.manifest.id, "version": self.manifest.version, "state": self.state,
-                "pid": self.pid, "ram_bytes": charge, "vram_bytes": self.vram,
+                "pid": self.pid or self.process.pid, "ram_bytes": charge, "vram_bytes": self.vram,
                 "budget_share": round(charge / budget, 3) if budget else None,
                 "pinned": self.pinned, "leases": self.leases, "draining": self.draining,
                 "load_ms": round(self.load_ms, 1), "served": self.served,

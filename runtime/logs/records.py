@@ -35,6 +35,7 @@ class PoolEventKind(StrEnum):
     REPLACE = "replace"  # a new version became active; the old one drained and went
     TRIAL = "trial"  # a version's smoke test before activation (reason: passed or why not)
     ADAPTER = "adapter"  # a task adapter was charged to its base's worker, to be loaded
+    QUARANTINE = "quarantine"  # failed to load too often in a row; not retried for a while
 
 
 def _column(value: Any) -> Any:
