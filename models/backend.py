@@ -21,6 +21,7 @@ class LoadOptions:
     n_batch: int = 512  # llama.cpp's prompt batch
     n_gpu_layers: int | str = "auto"  # llama.cpp's offload
     providers: tuple[str, ...] = ()  # ONNX execution providers, best first; (): the default order
+    grammar_timeout_s: float | None = None  # a tool grammar's compile, at most
 
 
 @dataclass(frozen=True)

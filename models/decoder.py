@@ -44,8 +44,9 @@ class Decoder(ABC):
     n_vocab: int
     template: ChatTemplate
 
-    def _init_decoder(self, vocab_cache: Path | None) -> None:
+    def _init_decoder(self, vocab_cache: Path | None, grammar_timeout_s: float | None = None) -> None:
         self._vocab_cache = vocab_cache
+        self._grammar_timeout_s = grammar_timeout_s
         self._grammars: GrammarCache | None = None
         # What closing an open call can cost at most in tokens, beyond the values:
         # a string, an array and two objects, then the closing tag.
@@ -114,7 +115,7 @@ class Decoder(ABC):
                 vocab = self._read_vocabulary()
                 if self._vocab_cache is not None:
                     vocab.save(self._vocab_cache)
-            self._grammars = GrammarCache(vocab)
+            self._grammars = GrammarCache(vocab, timeout_s=self._grammar_timeout_s)
         return self._grammars
 
     @property

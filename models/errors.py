@@ -30,6 +30,16 @@ class UnsupportedSchema(BadRequest):
         self.tool, self.reason = tool, reason
 
 
+class GrammarTooComplex(UnsupportedSchema):
+    """The tools' grammar did not compile within `[server] grammar_timeout_s`: the worker
+    that tried is replaced (its compile cannot be stopped), the daemon serves on."""
+
+    def __init__(self, tool: str, timeout_s: float) -> None:
+        super().__init__(tool, f"the grammar did not compile within {timeout_s:g} s; simplify "
+                               "the schema (fewer enum values, less nesting)")
+        self.data.update(keyword="compile_timeout", timeout_s=timeout_s)
+
+
 class ContextOverflow(OutpostError):
     code = "context_overflow"
 

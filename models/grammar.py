@@ -22,6 +22,8 @@ import json
 import os
 import struct
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +33,7 @@ import xgrammar as xgr
 
 from outpost.manifests.errors import BadRequest
 
-from .errors import UnsupportedSchema
+from .errors import GrammarTooComplex, UnsupportedSchema
 
 from .schemas import for_grammar, tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
@@ -122,8 +124,14 @@ def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice,
 class GrammarCache:
     """Compiles tool grammars for one vocabulary and keeps the recent ones."""
 
-    def __init__(self, vocab: Vocabulary, capacity: int = 64, threads: int = 2) -> None:
+    def __init__(self, vocab: Vocabulary, capacity: int = 64, threads: int = 2,
+                 timeout_s: float | None = None) -> None:
         self.vocab = vocab
+        # A compile runs in a thread of its own (xgrammar releases the GIL), so a schema
+        # that would compile for minutes is given up on; the thread cannot be stopped,
+        # so the worker that started it exits after answering (worker_process.py).
+        self.timeout_s = timeout_s
+        self._compile_thread: ThreadPoolExecutor | None = None
         self._info = vocab.tokenizer_info()
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=threads)
         self._lru: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()  # key -> compiled
@@ -144,7 +152,7 @@ class GrammarCache:
             return self._lru[key]
         self.misses += 1
         try:
-            compiled = self._compiler.compile_structural_tag(json.dumps(tag))
+            compiled = self._compile(json.dumps(tag), tools)
         except (RuntimeError, ValueError) as exc:
             # xgrammar rejects schema features it cannot turn into a grammar.
             names = ",".join(t["function"]["name"] for t in tools)
@@ -153,6 +161,17 @@ class GrammarCache:
         if len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
         return compiled
+
+    def _compile(self, tag: str, tools: list[dict[str, Any]]) -> xgr.CompiledGrammar:
+        if self.timeout_s is None:
+            return self._compiler.compile_structural_tag(tag)
+        if self._compile_thread is None:
+            self._compile_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar")
+        future = self._compile_thread.submit(self._compiler.compile_structural_tag, tag)
+        try:
+            return future.result(self.timeout_s)
+        except FutureTimeout:
+            raise GrammarTooComplex(",".join(t["function"]["name"] for t in tools), self.timeout_s) from None
 
     def closers(self, in_string: bool) -> tuple[np.ndarray, ...]:
         """Token ids that move a JSON value towards its end, best first.

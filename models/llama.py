@@ -48,7 +48,8 @@ class LlamaModel(Decoder):
     def __init__(self, manifest: Manifest, path: Path, *, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int | str = "auto",
                  vocab_cache: Path | None = None,
-                 adapter_path: Callable[[AdapterRef], Path] | None = None) -> None:
+                 adapter_path: Callable[[AdapterRef], Path] | None = None,
+                 grammar_timeout_s: float | None = None) -> None:
         if n_gpu_layers == "auto":
             n_gpu_layers = -1
         self.manifest = manifest
@@ -65,7 +66,7 @@ class LlamaModel(Decoder):
         self.n_ctx = self._llama.n_ctx()
         self.n_vocab = self._llama.n_vocab()
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self._llama.model)
-        self._init_decoder(vocab_cache)
+        self._init_decoder(vocab_cache, grammar_timeout_s)
         # Where an adapter's checked file is (the worker asks the store); None: no adapters.
         self._adapter_path = adapter_path
         self._adapters: dict[str, tuple[AdapterRef, Any]] = {}  # sha256 -> (ref, native pointer)

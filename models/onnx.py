@@ -57,7 +57,8 @@ class OnnxModel(Decoder):
     """An ONNX model in memory. Not thread-safe: one generation at a time."""
 
     def __init__(self, manifest: Manifest, folder: Path, *, n_threads: int | None = None,
-                 providers: list[str] | None = None, vocab_cache: Path | None = None) -> None:
+                 providers: list[str] | None = None, vocab_cache: Path | None = None,
+                 grammar_timeout_s: float | None = None) -> None:
         self.manifest = manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = n_threads or default_threads()
@@ -84,7 +85,7 @@ class OnnxModel(Decoder):
         self._ids: list[int] = []  # the tokens the cache holds
         self._kv: list[ort.OrtValue] = self._empty_cache()
         self._last: np.ndarray | None = None
-        self._init_decoder(vocab_cache)
+        self._init_decoder(vocab_cache, grammar_timeout_s)
 
     def _layout(self, manifest: Manifest, folder: Path) -> None:
         """Names, shapes and types of the graph's inputs: what every pass binds."""

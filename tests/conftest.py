@@ -7,7 +7,6 @@ hard-linked into each test's own data dir. The tiny random GGUF is written fresh
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from pathlib import Path
@@ -20,7 +19,7 @@ from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 from outpost.runtime.embedded import EmbeddedDaemon
 from outpost.tools.serve_process import ServeProcess as _ServeProcess
-from outpost.tools.tiny_gguf import write_tiny_gguf
+from outpost.tools.tiny_gguf import tiny_manifest_toml, write_tiny_gguf  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = "smollm2-135m-instruct"
@@ -31,35 +30,6 @@ TINY = "tiny-random"
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
-
-
-def tiny_manifest_toml(path: Path, context_length: int = 2048, model_id: str = TINY,
-                       memory_estimate: str = "16MiB") -> str:
-    data = path.read_bytes()
-    return f'''
-id = "{model_id}"
-version = "1"
-description = "random weights, for plumbing tests"
-tasks = ["plumbing"]
-backend = "gguf"
-chat_template = "chatml"
-context_length = {context_length}
-memory_estimate = "{memory_estimate}"
-
-# Random weights cannot be trusted to finish a JSON call: the smoke test asks for text.
-[smoke_test]
-tools = []
-max_tokens = 8
-
-[[files]]
-name = "tiny.gguf"
-size = {len(data)}
-sha256 = "{hashlib.sha256(data).hexdigest()}"
-
-[[files.sources]]
-kind = "path"
-path = "{path}"
-'''
 
 
 def cached_store(model_id: str) -> ModelStore:

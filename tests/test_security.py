@@ -179,3 +179,25 @@ def test_ipc_in_a_folder_others_can_write_is_refused(tmp_path, tiny_gguf):
     os.chmod(shared, 0o777)
     with pytest.raises(ConfigError, match="other users can write there"):
         _start(data, f"ipc://{shared}/outpost.sock")
+
+
+def test_keys_commands(tmp_path):
+    """`outpost keys new|allow|show|revoke`, as an operator runs them."""
+    exe = str(Path(sys.executable).with_name("outpost"))
+
+    def keys(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([exe, "keys", *argv, "--data-dir", str(tmp_path)], capture_output=True,
+                              text=True, timeout=60)
+
+    server = keys("new", "server").stdout.strip()
+    client = keys("new", "client").stdout.strip()
+    assert len(server) == len(client) == 40
+    assert keys("new", "server").returncode == 2  # kept unless --force
+    assert keys("allow", "planner", client).returncode == 0
+    assert keys("allow", "bad", "not-a-key").returncode == 2
+    shown = json.loads(keys("show", "--json").stdout)
+    assert shown["server"] == server and shown["allowed"] == {"planner": client}
+    assert stat.S_IMODE((tmp_path / "keys" / "server.key_secret").stat().st_mode) == 0o600
+    assert keys("revoke", "planner").returncode == 0
+    assert keys("revoke", "planner").returncode == 1  # not_found
+    assert json.loads(keys("show", "--json").stdout)["allowed"] == {}

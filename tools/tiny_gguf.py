@@ -11,6 +11,7 @@ string is expressible and llama.cpp's byte-level BPE path is exercised.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,50 @@ def write_tiny_gguf(path: Path, seed: int = 0, output_std: float = 0.02) -> Path
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_manifest_toml(path: Path, context_length: int = 2048, model_id: str = "tiny-random",
+                       memory_estimate: str = "16MiB") -> str:
+    data = path.read_bytes()
+    return f'''
+id = "{model_id}"
+version = "1"
+description = "random weights, for plumbing tests"
+tasks = ["plumbing"]
+backend = "gguf"
+chat_template = "chatml"
+context_length = {context_length}
+memory_estimate = "{memory_estimate}"
+
+# Random weights cannot be trusted to finish a JSON call: the smoke test asks for text.
+[smoke_test]
+tools = []
+max_tokens = 8
+
+[[files]]
+name = "tiny.gguf"
+size = {len(data)}
+sha256 = "{hashlib.sha256(data).hexdigest()}"
+
+[[files.sources]]
+kind = "path"
+path = "{path}"
+'''
+
+
+def tiny_data_dir(root: Path, model_id: str = "tiny-random", seed: int = 0) -> Path:
+    """A data dir under `root` with the tiny model written and pulled, its manifest in
+    `<data>/manifests` (pass it as `manifest_dirs`): for tools that run a real daemon."""
+    from outpost.manifests.catalog import Catalog  # noqa: PLC0415 (the CLI needs neither)
+    from outpost.manifests.store import ModelStore  # noqa: PLC0415
+
+    data = root / "data"
+    (data / "manifests").mkdir(parents=True, exist_ok=True)
+    text = tiny_manifest_toml(write_tiny_gguf(data / f"{model_id}.gguf", seed=seed), model_id=model_id)
+    (data / "manifests" / f"{model_id}.toml").write_text(text)
+    store = ModelStore(data / "models")
+    store.pull(Catalog.load(store, [data / "manifests"], model_id).get(model_id), text)
+    return data
 
 
 def main() -> None:

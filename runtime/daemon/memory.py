@@ -122,3 +122,24 @@ def plan_gpu_layers(n_layers: int, weights_bytes: int, kv_bytes: int, vram_free:
     if whole <= vram_free:
         return -1
     return max(0, min(n_layers - 1, math.floor((vram_free - overhead) / per_layer)))
+
+
+def _libc_trim() -> object | None:
+    try:
+        import ctypes  # noqa: PLC0415
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim). A large
+    frame is allocated and freed on whichever thread read it; glibc keeps those pages in
+    that thread's arena, so without this the daemon's memory settles at the high-water
+    mark of the largest requests it ever saw (measured by tools/fuzz_wire.py)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

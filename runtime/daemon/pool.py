@@ -43,7 +43,7 @@ from outpost.models.backend import AdapterRef, Generation, GenerationRequest, Lo
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
-from . import adapters, eviction
+from . import adapters, eviction, memory
 from .adapters import Lease
 from .background import Background
 from .errors import BudgetExceeded, Overloaded, Timeout, WorkerCrashed
@@ -54,6 +54,7 @@ from .workers import LIVE, Forkserver, Snapshot, WorkerHandle, WorkerState
 
 log = logging.getLogger("outpost.pool")
 REAP_S = 1.0  # how often idle and dead workers are looked for
+TRIM_EVERY = 5  # reaper rounds between returning the daemon's free heap (memory.release_free_heap)
 
 
 class PoolRecorder(Protocol):
@@ -350,7 +351,8 @@ class ModelPool:
         llama = self.settings.llama
         options = LoadOptions(n_threads=llama.n_threads, n_batch=llama.n_batch,
                               n_gpu_layers=self.ledger.gpu_layers(manifest, self.workers.values()),
-                              providers=tuple(self.settings.onnx.providers))
+                              providers=tuple(self.settings.onnx.providers),
+                              grammar_timeout_s=self.settings.server.grammar_timeout_s)
         text = manifest_toml if manifest_toml is not None else self.catalog.entry(manifest.id).text
         return self._forkserver.spawn(manifest, text, str(self.store.root), options, need, pinned, ttl)
 
@@ -445,6 +447,7 @@ class ModelPool:
     async def _reap(self) -> None:
         """Unload models idle past their TTL; notice workers that died between requests;
         re-measure the live ones (here, once a second, not on each request's path)."""
+        tick = 0
         while True:
             await asyncio.sleep(REAP_S)
             used, snapshot = self.measure() if self.workers else (0, {})
@@ -461,6 +464,8 @@ class ModelPool:
                     log.exception("reaper could not unload %s", w.manifest.id)
             if used > self.ledger.ram and not self._admit.locked():
                 await self._restore_budget()
+            if (tick := tick + 1) % TRIM_EVERY == 0:
+                memory.release_free_heap()
 
     async def _restore_budget(self) -> None:
         """Workers can grow past what they were charged (a longer prompt, a new grammar):

@@ -23,6 +23,9 @@ from outpost.models.backend import GenerationRequest
 from .errors import RequestTooLarge
 
 VERSION = 1
+# Deeper frames are refused: tool schemas nest (MAX_DEPTH 32 in models/schemas.py), and
+# nothing an agent sends needs more than this.
+MAX_NESTING = 64
 
 
 class _Strict(BaseModel):
@@ -70,7 +73,9 @@ class ChatParams(_Strict):
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    seed: int | None = None
+    # Any 64-bit integer, signed or not (OpenAI leaves the range open; a negative one is
+    # taken modulo 2^64, as numpy's generator wants it unsigned).
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     # Outpost extension: narrow the configured escalation policy for this request
     # ("off" keeps private data on the device); widening it is refused.
     escalation: Literal["off", "on_low_confidence", "shadow", "cloud_only"] | None = None
@@ -106,7 +111,7 @@ class ChatParams(_Strict):
             max_tokens=self.max_completion_tokens or self.max_tokens or sampling.max_tokens,
             temperature=sampling.temperature if self.temperature is None else self.temperature,
             top_p=sampling.top_p if self.top_p is None else self.top_p,
-            top_k=sampling.top_k, seed=self.seed)
+            top_k=sampling.top_k, seed=None if self.seed is None else self.seed % 2**64)
 
 
 class FeedbackParams(_Strict):
@@ -135,12 +140,41 @@ def decode_frame(frame: bytes, limit: int) -> tuple[dict[str, Any] | None, Envel
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"frame is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise BadRequest(f"frame is nested deeper than {MAX_NESTING} levels") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise BadRequest(f"frame is not usable JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise BadRequest("a request must be a JSON object")
+    _check_shape(raw)
     try:
         return raw, Envelope.model_validate(raw)
     except ValidationError as exc:
         raise bad_fields(exc) from exc
+
+
+def _check_shape(value: Any) -> None:
+    """Refuse a decoded frame that nests deeper than MAX_NESTING (code that walks it
+    recursively later must not run out of stack) or holds a string with a lone surrogate
+    (JSON can escape one, `\\ud800`; no UTF-8 encoder, SQLite or tokenizer takes it).
+    Walked without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("frame holds a string with a lone surrogate escape (\\ud800-\\udfff "
+                                 "not in a pair): not Unicode text") from None
+        elif isinstance(item, dict | list):
+            if level > MAX_NESTING:
+                raise BadRequest(f"frame is nested deeper than {MAX_NESTING} levels", limit=MAX_NESTING)
+            if isinstance(item, dict):
+                stack.extend((k, level) for k in item)
+                stack.extend((v, level + 1) for v in item.values())
+            else:
+                stack.extend((v, level + 1) for v in item)
 
 
 def bad_fields(exc: ValidationError) -> BadRequest:

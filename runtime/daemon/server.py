@@ -357,9 +357,16 @@ class Daemon:
             # otherwise become a series of its own.
             model = exc.data.get("model") or params.get("model")
             known = model if isinstance(model, str) and model in self.catalog.ids() else ""
-            task = params.get("task") if isinstance(params.get("task"), str) else ""
-            self.metrics.failed(known, task if known or not task else "", exc.code)
+            self.metrics.failed(known, self._task_label(params.get("task")) if known else "", exc.code)
             raise
+
+    def _task_label(self, task: Any) -> str:
+        """A task as a metrics label: one a model or the escalation settings know, else
+        `other` (an agent's free text must not grow the series without bound)."""
+        if not isinstance(task, str) or not task:
+            return ""
+        known = task in self.settings.escalation.tasks or self.catalog.for_task(task) is not None
+        return task if known else "other"
 
     async def _chat(self, chat: protocol.ChatParams, emit: Emit | None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -403,7 +410,7 @@ class Daemon:
         if stream is not None and outcome.answered:
             await stream.finish(outcome)  # the calls take the ids the agent was sent
         timings_ms = replies.timings(waited, outcome, t0)
-        self.metrics.chat(manifest.id, task, outcome, timings_ms)
+        self.metrics.chat(manifest.id, self._task_label(task), outcome, timings_ms)
         if stream is not None and stream.first_at is not None:
             self.metrics.ttft.labels(manifest.id).observe(stream.first_at - t0)
         log_id = await self._log(

@@ -42,6 +42,9 @@ class ServerSettings(_Section):
     load_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     # How long one generation may take before the worker is declared stuck.
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    # How long a tool grammar may take to compile; beyond it the request gets
+    # `unsupported_schema` and the worker that tried is replaced.
+    grammar_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class BudgetSettings(_Section):

@@ -10,6 +10,7 @@ to the broker over a private DEALER socket with one JSON frame per message:
     worker -> broker   {"type": "delta", "id", "text"}  (streaming: settled text, as it grows)
                        {"type": "result", "id", "generation": Generation}
                        {"type": "error", "id", "error": {...}}
+                       (each with "exiting": true when the worker exits after it)
     broker -> worker   {"type": "info", "id"} / {"type": "shutdown"}
 
 A crash in native code kills only this process; the broker sees the exit and fails
@@ -87,7 +88,15 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
             if kind == "info":
                 sock.send_json({"type": "result", "id": msg.get("id"), "info": model.info()})
             elif kind == "generate":
-                sock.send_json(_generate(model, msg, sock))
+                reply = _generate(model, msg, sock)
+                # A compile that overran goes on in its thread and cannot be stopped: this
+                # worker says so in its reply, exits, and the next request loads a new one.
+                exiting = reply.get("error", {}).get("data", {}).get("keyword") == "compile_timeout"
+                sock.send_json({**reply, "exiting": exiting})
+                if exiting:
+                    log.warning("a grammar compile overran its limit; the worker exits")
+                    sock.close(linger=2000)
+                    os._exit(0)
     finally:
         model.close()
 
@@ -111,7 +120,8 @@ def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder
             raise ModelLoadFailed(f"{manifest.id} is an ONNX model: install the `onnx` extra "
                                   f"(pip install 'outpost[onnx]'): {exc}", model=manifest.id) from exc
         return OnnxModel(manifest, store.folder(manifest), n_threads=options.n_threads,
-                         providers=list(options.providers), vocab_cache=vocab)
+                         providers=list(options.providers), vocab_cache=vocab,
+                         grammar_timeout_s=options.grammar_timeout_s)
     weights = _checked(store, manifest.weights, manifest)
 
     def adapter_path(ref: AdapterRef) -> Path:
@@ -119,7 +129,8 @@ def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder
 
     # A task adapter's file is checked (size, sha256, structure) before llama.cpp reads it.
     return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=adapter_path,
-                      n_threads=options.n_threads, n_batch=options.n_batch, n_gpu_layers=options.n_gpu_layers)
+                      n_threads=options.n_threads, n_batch=options.n_batch, n_gpu_layers=options.n_gpu_layers,
+                      grammar_timeout_s=options.grammar_timeout_s)
 
 
 def _checked(store: ModelStore, file: FileIdentity, manifest: Manifest | None) -> Path:

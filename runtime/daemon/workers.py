@@ -177,6 +177,8 @@ class WorkerHandle:
             if self.state is WorkerState.BUSY:
                 self.state = WorkerState.READY
             self.last_used = time.monotonic()
+        if reply.get("exiting"):
+            self.state = WorkerState.DEAD  # no lease after this one: the pool forgets it
         if reply.get("type") == "error":
             if "adapter_switches" in reply:
                 self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]

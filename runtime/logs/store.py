@@ -52,6 +52,9 @@ from .schema import insert, open_db
 log = logging.getLogger("outpost.logstore")
 CHECKPOINT_EVERY = 64  # writer jobs between checkpoints (and one a second when idle)
 CHECKPOINT_IDLE_S = 1.0
+KNOWN_TOOLS_CAP = 4096  # tool-set hashes remembered as already stored
+
+
 @dataclass
 class _Job:
     fn: Callable[..., Any]
@@ -223,7 +226,11 @@ class LogStore:
                                           "created_at": now, "tools_hash": tools_hash})
         if tools_hash:
             # Later requests skip the insert. In a batch the commit is still to come;
-            # a batch that fails forgets every hash (`_batch`).
+            # a batch that fails forgets every hash (`_batch`). Agents that send a new
+            # tool set each time must not grow it for ever: past the cap it starts over
+            # (a hash forgotten costs one INSERT OR IGNORE).
+            if len(self._known_tools) >= KNOWN_TOOLS_CAP:
+                self._known_tools.clear()
             self._known_tools.add(tools_hash)
         return int(request_id)
 
