@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import resource
 import time
 import traceback
 from pathlib import Path
@@ -50,6 +51,10 @@ PARENT_CHECK_MS = 1000
 def serve_model(endpoint: str, manifest_toml: str, store_root: str, daemon_pid: int,
                 options: LoadOptions) -> None:
     """Entry point of the worker process."""
+    # No core dump: a crashed worker that writes one (hundreds of MiB, or a slow
+    # core_pattern pipe) stays alive while it does, holding its request and its queue;
+    # the daemon must see it gone at once and reload it.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 1000
