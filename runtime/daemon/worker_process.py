@@ -100,7 +100,10 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
                 sock.send_json({**reply, "exiting": exiting})
                 if exiting:
                     log.warning("a grammar compile overran its limit; the worker exits")
+                    # close() alone leaves the reply to zmq's I/O thread, which _exit
+                    # would kill: term() waits (up to the linger) until it has gone out.
                     sock.close(linger=2000)
+                    sock.context.term()
                     os._exit(0)
     finally:
         model.close()
