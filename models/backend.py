@@ -77,6 +77,7 @@ class Generation:
     repaired: int = 0  # calls cut short and closed (a loop, or max_tokens; see llama.py)
     prompt: str = ""  # the prompt exactly as the model saw it
     grammar: str | None = None  # what constrained decoding, if anything
+    batch_size: float = 1.0  # sequences per forward pass it took part in, on average
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
+from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import Manifest
 
 from .backend import AdapterRef, Generation, GenerationRequest
@@ -58,23 +60,38 @@ class Decoder(ABC):
         """Token ids of `data`. A prompt gets the model's BOS and its control tokens
         parsed (`<|im_start|>`); generated text is plain text."""
 
-    @abstractmethod
-    def _eval(self, tokens: list[int]) -> None:
-        """Run `tokens` through the model after the cached positions; their keys and
-        values join the cache, and the last one's logits are what `_logits` returns."""
+    # A backend that decodes several sequences together (llama.py) has `n_slots` > 1
+    # and a `slot` per sequence, each with its own cache; one that does not has slot 0.
+    n_slots: int = 1
+    n_batch: int = 1 << 30  # tokens one forward pass takes at most (a backend without a limit chunks itself)
 
     @abstractmethod
-    def _logits(self) -> np.ndarray:
-        """The last evaluated position's logits: float32, contiguous, writable (the mask
-        is applied in place), `n_vocab` wide."""
+    def _eval(self, tokens: list[int], slot: int = 0) -> None:
+        """Run `tokens` through the model after the slot's cached positions; their keys
+        and values join its cache, and the last one's logits are what `_logits` returns."""
+
+    def _eval_many(self, work: list[tuple[int, list[int], bool]]) -> None:
+        """One forward pass for several slots: (slot, tokens, whether its logits are
+        wanted). A backend with one slot runs them one by one."""
+        for slot, tokens, _ in work:
+            self._eval(tokens, slot)
 
     @abstractmethod
-    def _cached(self) -> list[int]:
-        """The tokens whose keys and values the cache holds, in order."""
+    def _logits(self, slot: int = 0) -> np.ndarray:
+        """The slot's last evaluated position's logits: float32, contiguous, writable
+        (the mask is applied in place), `n_vocab` wide."""
 
     @abstractmethod
-    def _truncate(self, keep: int) -> bool:
-        """Forget every cached position from `keep` on; False if this cache cannot."""
+    def _cached(self, slot: int = 0) -> list[int]:
+        """The tokens whose keys and values the slot's cache holds, in order."""
+
+    @abstractmethod
+    def _truncate(self, keep: int, slot: int = 0) -> bool:
+        """Forget every cached position of the slot from `keep` on; False if this cache cannot."""
+
+    def _share(self, src: int, dst: int, n: int) -> bool:
+        """Make slot `dst` hold slot `src`'s first `n` positions; False if this cache cannot."""
+        return False
 
     @abstractmethod
     def _is_eog(self, tok: int) -> bool:
@@ -129,12 +146,25 @@ class Decoder(ABC):
 
     def generate(self, request: GenerationRequest,
                  on_text: Callable[[str], None] | None = None) -> Generation:
-        """One answer. `on_text` (streaming) is given the generated text as it settles:
-        pieces that join to a prefix of `Generation.text` (decoding.settled says when
-        a piece can no longer be cut by a loop repair)."""
+        """One answer, alone on slot 0. `on_text` (streaming) is given the generated text
+        as it settles: pieces that join to a prefix of `Generation.text`
+        (decoding.settled says when a piece can no longer be cut by a loop repair)."""
+        self.use_adapter(request.adapter)
+        seq = self.start(request, on_text)
+        seq.slot = 0
+        for tokens in seq.steps:
+            self._eval(tokens, 0)
+            seq.passes += 1
+            seq.batched += 1
+        assert seq.result is not None
+        return seq.result
+
+    def start(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Sequence:
+        """A generation ready to step: everything that can refuse the request (its tools,
+        the grammar, the context) is checked here, before it joins a batch. The caller
+        applies the request's adapter first and gives the sequence a slot."""
         if request.tools:
             check_tools(request.tools)
-        self.use_adapter(request.adapter)
         compiled = None
         if request.tools and request.constrained:
             compiled = self.grammars.compiled(request.tools, request.tool_choice,
@@ -143,17 +173,27 @@ class Decoder(ABC):
         prompt = self.tokenize(prompt_text.encode("utf-8"), prompt=True)
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
-        budget = min(request.max_tokens, self.n_ctx - len(prompt))
-        mask = TokenMask(compiled, self.n_vocab) if compiled is not None else None
+        seq = Sequence(request=request, prompt=prompt, prompt_text=prompt_text,
+                       mask=TokenMask(compiled, self.n_vocab) if compiled is not None else None,
+                       stream=TextStream(on_text) if on_text else None)
+        seq.steps = self._steps(seq)
+        return seq
+
+    def _steps(self, seq: Sequence) -> Iterator[list[int]]:
+        """The generation of `seq` as a series of forward passes: each `yield` hands
+        out the tokens to evaluate on its slot next and resumes once they have been."""
+        request = seq.request
         rng = np.random.default_rng(request.seed)
-
         t0 = time.perf_counter()
-        self._eval_prompt(prompt)
+        yield from self._prompt_steps(seq.prompt, seq.slot)
         t1 = time.perf_counter()
-        run = Run(budget=budget, prompt_len=len(prompt))
-        self._decode(run, mask, request, rng, TextStream(on_text) if on_text else None)
+        run = Run(budget=min(request.max_tokens, self.n_ctx - len(seq.prompt)), prompt_len=len(seq.prompt))
+        yield from self._decode(run, seq.mask, request, rng, seq.stream, seq.slot)
         t2 = time.perf_counter()
+        seq.result = self._answer(seq, run, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
 
+    def _answer(self, seq: Sequence, run: Run, prefill_ms: float, decode_ms: float) -> Generation:
+        request, mask = seq.request, seq.mask
         text = run.written.decode("utf-8", errors="replace")
         content, tool_calls, validation = text, [], []
         finish = run.finish
@@ -165,19 +205,21 @@ class Decoder(ABC):
                 finish = "tool_calls"
         return Generation(
             text=text, content=content, tool_calls=tool_calls, finish_reason=finish,
-            prompt_tokens=len(prompt), completion_tokens=len(run.out),
-            prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3,
+            prompt_tokens=len(seq.prompt), completion_tokens=len(run.out),
+            prefill_ms=prefill_ms, decode_ms=decode_ms,
             constrained=mask is not None, grammar_dead_end=run.dead_end, logprobs=run.logprobs,
-            validation=validation, repaired=len(run.repairs), prompt=prompt_text,
+            validation=validation, repaired=len(run.repairs), prompt=seq.prompt_text,
             grammar=(f"xgrammar tool_choice={request.tool_choice} "
-                     f"parallel={request.parallel_tool_calls}") if mask is not None else None)
+                     f"parallel={request.parallel_tool_calls}") if mask is not None else None,
+            batch_size=round(seq.batched / seq.passes, 2) if seq.passes else 1.0)
 
     # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
     # splitting it would add a call per token and hide the order of mask, sample, accept.
     def _decode(self, run: Run, mask: TokenMask | None, request: GenerationRequest,
-                rng: np.random.Generator, stream: TextStream | None = None) -> None:
+                rng: np.random.Generator, stream: TextStream | None = None,
+                slot: int = 0) -> Iterator[list[int]]:
         """Generate into `run`, one token per forward pass, until a stop token, the
-        grammar's end or max_tokens.
+        grammar's end or max_tokens; each pass is a `yield` of the tokens to evaluate.
 
         Under a grammar, a call must not end unclosed. Two things would leave it so:
         a degenerate loop (cut back to one copy of what repeats) and max_tokens
@@ -195,14 +237,15 @@ class Decoder(ABC):
             if len(run.out) >= run.budget:
                 return
             if closing_left >= 0:
-                if (forced := mask.matcher.find_jump_forward_string()) and self._jump(run, mask, forced):
+                if (forced := mask.matcher.find_jump_forward_string()) and (tokens := self._jump(run, mask, forced)):
+                    yield tokens
                     if not run.in_call:
                         closing_left = -1
                     continue
                 closing_left -= 1
                 if closing_left < 0:
                     return  # could not close it: reported as a truncated, invalid call
-            logits = self._logits()
+            logits = self._logits(slot)
             if mask is not None:
                 mask.apply(logits)
                 if (closing_left < 0 and not run.in_call and run.calls.spans
@@ -231,7 +274,7 @@ class Decoder(ABC):
                         run.repairs.append((len(run.written), "length"))
                         closing_left = reserve
                     elif loop := degenerate_loop(run.out):
-                        tok = self._cut_loop(run, mask, *loop)
+                        tok = yield from self._cut_loop(run, mask, slot, *loop)
                         closing_left = LOOP_CLOSE_TOKENS
                 elif repeats_a_call(run):
                     # Greedy decoding also loops on whole calls; a repeat carries no
@@ -240,7 +283,7 @@ class Decoder(ABC):
                     return
             if stream is not None:
                 stream.push(run)  # the sampled token goes out before its forward pass
-            self._eval([tok])
+            yield [tok]
 
     def _forced(self, run: Run, mask: TokenMask | None, reserve: int) -> bytes:
         """What the grammar forces next, when a stream may send it ahead: at the start of
@@ -256,7 +299,7 @@ class Decoder(ABC):
         forced = mask.matcher.find_jump_forward_string().encode("utf-8")
         return forced if len(run.out) + len(forced) + reserve < run.budget else b""
 
-    def _cut_loop(self, run: Run, mask: TokenMask, cut: int, period: int) -> int:
+    def _cut_loop(self, run: Run, mask: TokenMask, slot: int, cut: int, period: int) -> Iterator[list[int]]:
         """Drop a loop's repeats (keeping one copy) from the output, the grammar state
         and the KV cache; returns the token to evaluate next."""
         # Of the copy's phases, cut where the rest closes cleanly:
@@ -269,24 +312,23 @@ class Decoder(ABC):
         run.truncate(len(run.out) - cut)
         run.repairs.append((len(run.written), "loop"))
         keep = run.prompt_len + len(run.out) - 1
-        if not self._truncate(keep):
+        if not self._truncate(keep, slot):
             # This cache cannot drop a suffix (recurrent state): rebuild what it should hold.
-            tokens = self._cached()[:keep]
-            self._truncate(0)
-            self._eval(tokens)
+            tokens = self._cached(slot)[:keep]
+            self._truncate(0, slot)
+            yield tokens
         return run.out[-1]
 
-    def _jump(self, run: Run, mask: TokenMask, forced: str) -> bool:
-        """Take text the grammar forces in one batch: accepted by the grammar,
-        tokenized, evaluated at once. False if it does not fit in max_tokens."""
+    def _jump(self, run: Run, mask: TokenMask, forced: str) -> list[int]:
+        """Take text the grammar forces in one batch: accepted by the grammar and
+        tokenized; the tokens to evaluate at once. [] if it does not fit in max_tokens."""
         data = forced.encode("utf-8")
         tokens = self.tokenize(data, prompt=False)
-        if len(run.out) + len(tokens) > run.budget or not mask.matcher.accept_string(data):
-            return False
+        if not tokens or len(run.out) + len(tokens) > run.budget or not mask.matcher.accept_string(data):
+            return []
         for tok in tokens:
             run.add(tok, self._piece(tok), 0.0)  # forced: probability 1
-        self._eval(tokens)
-        return True
+        return tokens
 
     def _piece(self, tok: int) -> bytes:
         if self._grammars is not None:
@@ -303,18 +345,44 @@ class Decoder(ABC):
                 return int(allowed[np.argmax(logits[allowed])])
         return int(np.argmax(logits))
 
-    def _eval_prompt(self, prompt: list[int]) -> None:
-        """Evaluate `prompt`, reusing the KV cache for the prefix it shares with the last one."""
-        keep = 0
-        for a, b in zip(self._cached(), prompt):
-            if a != b:
-                break
-            keep += 1
+    def _prompt_steps(self, prompt: list[int], slot: int) -> Iterator[list[int]]:
+        """Evaluate `prompt` on `slot`, reusing the cache for the prefix it shares with
+        what the slot holds (batching.py may have given the slot another's prefix)."""
+        keep = common_prefix(self._cached(slot), prompt)
         keep = min(keep, len(prompt) - 1)  # always evaluate >= 1 token to get fresh logits
-        if keep == 0 or not self._truncate(keep):
+        if keep == 0 or not self._truncate(keep, slot):
             keep = 0  # this cache cannot drop a suffix (e.g. recurrent state): start over
-            self._truncate(0)
-        self._eval(prompt[keep:])
+            self._truncate(0, slot)
+        yield prompt[keep:]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request being generated: what it asked, the prompt as tokens, its grammar
+    state, and `steps`, the generator that drives it (Decoder._steps). `slot` is the
+    cache it decodes on, set before the first step; `passes` counts the forward passes it
+    took part in and `batched` the sequences in them, summed (its mean batch size)."""
+
+    request: GenerationRequest
+    prompt: list[int]
+    prompt_text: str
+    mask: TokenMask | None
+    stream: TextStream | None
+    slot: int = -1
+    steps: Iterator[list[int]] = field(default_factory=lambda: iter(()))
+    result: Generation | None = None
+    error: OutpostError | None = None  # why it left a batch without a result
+    passes: int = 0
+    batched: int = 0
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def default_threads() -> int:

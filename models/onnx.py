@@ -139,7 +139,7 @@ class OnnxModel(Decoder):
     def tokenize(self, data: bytes, *, prompt: bool) -> list[int]:
         return self._tokenizer.encode(data, prompt=prompt)
 
-    def _eval(self, tokens: list[int]) -> None:
+    def _eval(self, tokens: list[int], slot: int = 0) -> None:
         start, total = len(self._ids), len(self._ids) + len(tokens)
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))
@@ -158,14 +158,14 @@ class OnnxModel(Decoder):
         self._kv = list(out[1:])
         self._ids.extend(tokens)
 
-    def _logits(self) -> np.ndarray:
+    def _logits(self, slot: int = 0) -> np.ndarray:
         assert self._last is not None, "a pass runs before the logits are read"
         return self._last
 
-    def _cached(self) -> list[int]:
+    def _cached(self, slot: int = 0) -> list[int]:
         return self._ids
 
-    def _truncate(self, keep: int) -> bool:
+    def _truncate(self, keep: int, slot: int = 0) -> bool:
         if keep >= len(self._ids):
             return True
         if keep == 0:

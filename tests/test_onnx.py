@@ -70,8 +70,8 @@ def test_the_graph_computes_what_llama_cpp_computes(converted):
         tokens = a.tokenize(prompt, prompt=True)
         assert b.tokenize(prompt, prompt=True) == tokens
         assert a.vocab.pieces == b.vocab.pieces and sorted(a.vocab.stop_ids) == sorted(b.vocab.stop_ids)
-        a._eval_prompt(tokens)
-        b._eval_prompt(tokens)
+        a._eval(tokens)
+        b._eval(tokens)
         assert np.allclose(a._logits(), b._logits(), atol=1e-3)
         # Step by step through the cache, and after a trim (a loop cut) too.
         for tok in (5, 17, 200):
@@ -99,8 +99,8 @@ def test_control_tokens_are_empty_to_the_grammar(converted):
         start = model.tokenize(b"<|im_start|>", prompt=True)[-1]
         original = model._logits
 
-        def biased() -> np.ndarray:
-            logits = original()
+        def biased(slot: int = 0) -> np.ndarray:
+            logits = original(slot)
             logits[start] += 50.0
             return logits
 
@@ -108,9 +108,9 @@ def test_control_tokens_are_empty_to_the_grammar(converted):
         sampled: list[int] = []
         step = model._eval
 
-        def watched(tokens: list[int]) -> None:
+        def watched(tokens: list[int], slot: int = 0) -> None:
             sampled.extend(tokens)
-            step(tokens)
+            step(tokens, slot)
 
         model._eval = watched  # what the loop feeds back: the prompt, then every chosen token
         gen = model.generate(GenerationRequest(messages=USER, tools=TOOLS, tool_choice="required",

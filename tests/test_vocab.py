@@ -27,7 +27,7 @@ def load(store, model_id):
 
 
 def piece_of(model: LlamaModel, text: str) -> bytes:
-    [token] = model._llama.tokenize(text.encode(), add_bos=False, special=True)
+    [token] = model._tokenize(text.encode(), bos=False, special=True)
     return model.vocab.pieces[token]
 
 
@@ -46,22 +46,22 @@ def gemma(gemma_cache):
 
 
 def test_byte_level_vocabulary(smollm2):
-    assert smollm2._llama.metadata["tokenizer.ggml.model"] == "gpt2"
+    assert smollm2.meta("tokenizer.ggml.model") == "gpt2"
     assert piece_of(smollm2, " Paris") == b" Paris"  # stored as "ĠParis"
     assert piece_of(smollm2, "\n") == b"\n"  # stored as "Ċ"
-    end = smollm2._llama.tokenize(b"<|im_end|>", add_bos=False, special=True)[0]
+    end = smollm2._tokenize(b"<|im_end|>", bos=False, special=True)[0]
     assert smollm2.vocab.pieces[end] == b"" and end in smollm2.vocab.stop_ids
 
 
 def test_byte_fallback_vocabulary(gemma):
-    assert gemma._llama.metadata["tokenizer.ggml.model"] == "llama"
+    assert gemma.meta("tokenizer.ggml.model") == "llama"
     assert piece_of(gemma, " Paris") == b" Paris"  # stored as "▁Paris"
-    newline = gemma._llama.tokenize(b"\n", add_bos=False, special=True)
+    newline = gemma._tokenize(b"\n", bos=False, special=True)
     assert b"".join(gemma.vocab.pieces[t] for t in newline) == b"\n"
     # Some tokens are single raw bytes ("<0x..>"): they must come through as one byte.
     raw_bytes = [p for p in gemma.vocab.pieces if len(p) == 1 and p[0] >= 0x80]
     assert len(raw_bytes) == 128
-    end = gemma._llama.tokenize(b"<end_of_turn>", add_bos=False, special=True)[0]
+    end = gemma._tokenize(b"<end_of_turn>", bos=False, special=True)[0]
     assert gemma.vocab.pieces[end] == b"" and end in gemma.vocab.stop_ids
 
 
