@@ -29,9 +29,7 @@ or import a backend's runtime.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
-from typing import Any
 
 from outpost.manifests.errors import InternalError, OutpostError
 
@@ -40,7 +38,6 @@ from .decoder import Decoder, Sequence, common_prefix
 
 log = logging.getLogger("outpost.worker")
 
-_NONE = object()  # no adapter decided yet (the batch is empty)
 MIN_SHARED = 16  # fewer shared tokens than this are not worth rearranging a slot for
 
 
@@ -49,8 +46,6 @@ class Batch:
         self.model = model
         self.active: dict[int, Sequence] = {}  # slot -> the sequence decoding on it
         self._pending: dict[int, list[int]] = {}  # slot -> tokens of its step not evaluated yet
-        self._joined: dict[int, float] = {}  # slot -> when its sequence joined (prefill order)
-        self._adapter: Any = _NONE
         self.passes = 0  # forward passes run
         self.shared = 0  # prompt tokens taken from another slot's cache
 
@@ -60,7 +55,10 @@ class Batch:
 
     def admits(self, request: GenerationRequest) -> bool:
         """Whether `request` may join now: a free slot, and the adapter the batch runs."""
-        return self.free > 0 and (not self.active or request.adapter == self._adapter)
+        return self.free > 0 and (not self.active or request.adapter == self._adapter())
+
+    def _adapter(self) -> AdapterRef | None:
+        return next(iter(self.active.values())).request.adapter
 
     def join(self, request: GenerationRequest, on_text: Callable[[str], None] | None = None) -> Sequence:
         """Start `request` on a free slot; it is evaluated from the next `step`. Its typed
@@ -70,11 +68,9 @@ class Batch:
             raise InternalError("a request joined a batch that does not admit it")
         if not self.active:
             self.model.use_adapter(request.adapter)
-            self._adapter = request.adapter
         seq = self.model.start(request, on_text)
         seq.slot = self._slot_for(seq.prompt)
-        self.active[seq.slot] = seq
-        self._joined[seq.slot] = time.monotonic()
+        self.active[seq.slot] = seq  # in the order they joined (dicts keep it)
         self._resume(seq)  # to its first yield: the prompt tokens the slot lacks
         return seq
 
@@ -91,9 +87,9 @@ class Batch:
             return []
         room = self.model.n_batch
         work: list[tuple[int, list[int], bool]] = []
-        # Decoding sequences first (a token each), then prompts in the order they came.
-        for seq in sorted(self.active.values(),
-                          key=lambda s: (len(self._pending[s.slot]) > 1, self._joined[s.slot])):
+        # Decoding sequences first (a token each), then prompts in the order they came
+        # (the sort is stable).
+        for seq in sorted(self.active.values(), key=lambda s: len(self._pending[s.slot]) > 1):
             if room <= 0:
                 break
             tokens = self._pending[seq.slot]
@@ -141,10 +137,8 @@ class Batch:
         return seq
 
     def _leave(self, seq: Sequence) -> None:
-        del self.active[seq.slot], self._joined[seq.slot]
+        del self.active[seq.slot]
         self._pending.pop(seq.slot, None)
-        if not self.active:
-            self._adapter = _NONE
 
     def _slot_for(self, prompt: list[int]) -> int:
         """The free slot whose cache serves `prompt` best, given the longest prefix any

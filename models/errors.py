@@ -53,6 +53,19 @@ class ModelLoadFailed(OutpostError):
     code = "model_load_failed"
 
 
+class DecodeFailed(OutpostError):
+    """llama.cpp refused a forward pass (`status` 1: no room in its KV cache for the
+    batch; 2: aborted; negative: an invalid batch). It fails the requests in that pass;
+    the worker and the others go on."""
+
+    code = "decode_failed"
+
+    def __init__(self, model: str, n_tokens: int, status: int) -> None:
+        super().__init__(f"llama.cpp could not decode a pass of {n_tokens} tokens for {model} "
+                         f"(llama_decode returned {status})", model=model, n_tokens=n_tokens, status=status)
+        self.model, self.n_tokens, self.status = model, n_tokens, status
+
+
 class ModelInvalid(ModelLoadFailed):
     """A model file that fails Outpost's own structural check (models/gguf_check.py), or
     a chat template it carries that reaches outside the sandbox: refused before native

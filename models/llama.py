@@ -34,7 +34,7 @@ from outpost.manifests.schema import Manifest
 
 from .backend import AdapterRef
 from .decoder import Decoder, default_threads
-from .errors import AdapterLoadFailed, ModelLoadFailed
+from .errors import AdapterLoadFailed, DecodeFailed, ModelLoadFailed
 from .grammar import Vocabulary
 from .templates import ChatTemplate
 
@@ -252,9 +252,7 @@ class LlamaModel(Decoder):
         self._batch.n_tokens = i
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc != 0:
-            # 1: no room in the KV cache for this batch; the cache is left as it was.
-            raise ModelLoadFailed(f"llama.cpp could not decode a batch of {i} tokens for "
-                                  f"{self.manifest.id} (llama_decode returned {rc})", model=self.manifest.id)
+            raise DecodeFailed(self.manifest.id, i, rc)
         for slot, tokens, _ in work:
             self._tokens[slot].extend(tokens)
         self._rows = rows

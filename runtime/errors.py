@@ -20,6 +20,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── ModelLoadFailed               model_load_failed       models/errors.py
     │   ├── ModelInvalid              model_invalid           models/errors.py
     │   └── AdapterLoadFailed         adapter_load_failed     models/errors.py
+    ├── DecodeFailed                  decode_failed           models/errors.py
     ├── WorkerCrashed                 worker_crashed          runtime/daemon/errors.py
     ├── ModelQuarantined              model_quarantined       runtime/daemon/errors.py
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
@@ -60,7 +61,7 @@ from __future__ import annotations
 from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError, FetchError,
                                       InternalError, ModelFileError, ModelNotPulled, NotFound,
                                       OutpostError, UnknownModel, error_class, from_wire)
-from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, InvalidSchema, ModelInvalid,
+from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, DecodeFailed, InvalidSchema, ModelInvalid,
                                    ModelLoadFailed, UnsupportedSchema)
 
 from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, ModelQuarantined,
@@ -72,7 +73,7 @@ from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
-    "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "WorkerCrashed", "ModelQuarantined",
+    "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "DecodeFailed", "WorkerCrashed", "ModelQuarantined",
     "BudgetExceeded", "Overloaded", "Timeout", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",

@@ -26,7 +26,7 @@ STATUS: dict[str, int] = {
     # gateway timeout, which the SDK retries like any 5xx.
     "timeout": 504,
     "budget_exceeded": 503, "log_locked": 503, "log_disk_full": 507, "log_unavailable": 503,
-    "worker_crashed": 502, "model_load_failed": 502, "adapter_load_failed": 502,
+    "worker_crashed": 502, "decode_failed": 502, "model_load_failed": 502, "adapter_load_failed": 502,
     "model_invalid": 502, "model_quarantined": 503,
     "checksum_mismatch": 502, "adapter_base_mismatch": 409, "activation_failed": 409,
     "internal": 500,

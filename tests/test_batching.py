@@ -12,7 +12,7 @@ import pytest
 from outpost.manifests.schema import Manifest
 from outpost.models.backend import AdapterRef, GenerationRequest
 from outpost.models.batching import MIN_SHARED, Batch
-from outpost.models.errors import ContextOverflow
+from outpost.models.errors import ContextOverflow, DecodeFailed
 from outpost.models.llama import LlamaModel
 from outpost.tools.tiny_gguf import tiny_manifest_toml
 
@@ -164,3 +164,13 @@ def test_requests_for_another_adapter_wait_for_the_batch_to_drain(batched):
     assert batch.admits(ask(2)) and not batch.admits(ask(2, adapter=other))
     drain(batch, [])
     assert batch.admits(ask(2, adapter=other))
+
+
+def test_a_pass_llama_cpp_refuses_is_a_typed_error_and_the_slot_stays_usable(solo, batched):
+    with pytest.raises(DecodeFailed) as refused:
+        batched._eval_many([(0, [batched.n_vocab + 7], True)])  # a token id past the vocabulary
+    assert refused.value.status != 0 and batched._cached(0) == []
+    batch = Batch(batched)
+    seq = batch.join(ask(1, max_tokens=6))
+    drain(batch, [])
+    assert seq.result.text == solo.generate(ask(1, max_tokens=6)).text
