@@ -70,7 +70,9 @@ def test_onnx_and_gguf_swap_under_one_budget(tmp_path, onnx_id, model_cache):
     fp = {m: w["ram_bytes"] for m, w in loaded.items()}
     assert {(m, w["backend"], w["runs_on"]) for m, w in loaded.items()} == {
         (SMOLLM2, "gguf", "cpu"), (onnx_id, "onnx", "CPU")}
-    budget = base + max(fp.values()) + min(fp.values()) // 2  # one at a time
+    # One at a time (both never fit), with room for a footprint to grow past its
+    # calibration (the ONNX session's arena grows with tool prompts: +43 MiB seen on CI).
+    budget = base + max(fp.values()) + min(fp.values()) * 3 // 4
     cfg = dirs + f'[budget]\nram = {budget}\n[pool]\nidle_ttl_s = 600\n'
     with ServeProcess(data, cfg, "run") as d:
         sampler = Sampler(d.pid, tmp_path / "pss.json")
