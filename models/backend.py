@@ -22,6 +22,7 @@ class LoadOptions:
     n_gpu_layers: int | str = "auto"  # llama.cpp's offload
     providers: tuple[str, ...] = ()  # ONNX execution providers, best first; (): the default order
     grammar_timeout_s: float | None = None  # a tool grammar's compile, at most
+    n_parallel: int = 1  # sequences decoded together (models/batching.py); llama.cpp only
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ def print_workers(workers: list[dict[str, Any]]) -> None:
         print(f"{w['model'] + pin:<26} {backend:<10} {w['state']:<8} {w['pid'] or '-':>7} "
               f"{mib(w['ram_bytes']):>8} {share:>6} {w['idle_s']:>6.0f}s {w['served']:>6} "
               f"{w['load_ms']:>6.0f}ms {grammars:>17}")
+        if w.get("slots", 1) > 1:  # a batching worker: its requests decoding now, of how many
+            print(f"  batch: {w.get('generating', 0)} of {w['slots']} slots generating")
         if w.get("adapters"):
             # Task adapters served by this base: the one applied now is marked `>`.
             names = ", ".join(f"{'>' if a == w.get('adapter') else ''}{a}" for a in w["adapters"])

@@ -89,3 +89,44 @@ def test_interactive_requests_go_ahead_of_batch_ones():
 def test_batch_requests_still_progress_under_a_stream_of_interactive_ones():
     order, _ = _run_priorities([("b1", True)] + [(f"i{i}", False) for i in range(7)], max_interactive_run=3)
     assert order.index("b1") == 3  # after three interactive turns in a row, the batch one
+
+
+def test_a_worker_with_slots_holds_that_many_turns_of_one_adapter():
+    """A batching worker: up to `slots` requests at once, all for one adapter (llama.cpp
+    applies an adapter to the whole batch); another adapter waits for the slots to drain."""
+    async def main() -> None:
+        turns = Turns()
+        turns.slots = 3
+        await turns.acquire("a")
+        await turns.acquire("a")  # a second slot, at once
+        other = asyncio.create_task(turns.acquire("b"))
+        await asyncio.sleep(0)
+        assert not other.done()  # another adapter: not in this batch
+        late = asyncio.create_task(turns.acquire("a"))
+        await asyncio.sleep(0)
+        assert not late.done()  # queued behind `b`, which waits for the drain: no overtaking
+        turns.release()
+        await asyncio.sleep(0)
+        assert late.done() and not other.done()  # its adapter's run goes on (max_run)
+        turns.release()
+        turns.release()
+        await asyncio.wait_for(other, 1.0)  # drained: the batch switches to b
+        assert turns.locked() is False and turns._held == 1
+    asyncio.run(main())
+
+
+def test_full_slots_lock_the_worker():
+    async def main() -> None:
+        turns = Turns()
+        turns.slots = 2
+        await turns.acquire(None)
+        assert not turns.locked()
+        await turns.acquire(None)
+        assert turns.locked()
+        waiter = asyncio.create_task(turns.acquire(None, batch=True))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        turns.release()
+        await asyncio.wait_for(waiter, 1.0)
+        assert turns.locked()
+    asyncio.run(main())

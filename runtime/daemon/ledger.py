@@ -31,6 +31,13 @@ log = logging.getLogger("outpost.pool")
 # A worker's own private memory beyond its model (Python heap touched after the fork,
 # llama.cpp and xgrammar state); only used until the model's footprint is measured.
 WORKER_OVERHEAD = 96 << 20
+AUTO_SLOTS_GPU = 4  # [llama] n_parallel = "auto" on a GPU
+
+
+def context_bytes(manifest: Manifest) -> int:
+    """One context's KV cache and buffers, as the manifest's estimate puts it: what it
+    says beyond the weights."""
+    return max(0, int(manifest.memory_estimate) - manifest.weights.size)
 
 
 class MemoryLedger:
@@ -49,11 +56,26 @@ class MemoryLedger:
         """What loads may fill: the budget less the margin kept for the daemon's growth."""
         return self.ram - self.margin
 
-    def estimate(self, manifest: Manifest) -> int:
+    def estimate(self, manifest: Manifest, slots: int = 1) -> int:
+        """What a worker for `manifest` with `slots` sequences will cost: its measured
+        footprint, or the manifest's estimate, with a context's cache per slot more or
+        fewer than it was measured with."""
         stored = self.footprints.get((manifest.id, manifest.version))
         if stored:
-            return stored.ram_bytes
-        return int(manifest.memory_estimate) + WORKER_OVERHEAD
+            return stored.ram_bytes + (slots - stored.n_slots) * context_bytes(manifest)
+        return int(manifest.memory_estimate) + WORKER_OVERHEAD + (slots - 1) * context_bytes(manifest)
+
+    def slots(self, manifest: Manifest, configured: int | str, gpu_layers: int | str) -> int:
+        """Sequences a worker for `manifest` decodes together: as configured ("auto": see
+        AUTO_SLOTS_GPU), but no more than the budget holds; a model short of memory runs
+        fewer rather than not loading. ONNX models decode one at a time."""
+        if manifest.backend == "onnx":
+            return 1
+        on_gpu = bool(gpu_layers) and self.gpus.count > 0
+        n = configured if isinstance(configured, int) else (AUTO_SLOTS_GPU if on_gpu else 1)
+        while n > 1 and self.estimate(manifest, n) > self.limit:
+            n -= 1
+        return n
 
     def measure(self, workers: Iterable[WorkerHandle]) -> tuple[int, Snapshot]:
         """PSS of the daemon and every process under it, plus reserved-but-untouched
@@ -101,6 +123,8 @@ class MemoryLedger:
             worker.vram = self.gpus.used_by({worker.pid}).get(worker.pid, 0)
         key = (worker.manifest.id, worker.manifest.version)
         stored = self.footprints.get(key)
+        if stored is not None and stored.n_slots != worker.slots:
+            stored = None  # measured with another number of sequences: this one replaces it
         measured = max(seen, stored.ram_bytes if stored else 0)
         # Right after a first load the worker has not yet touched its compute buffers,
         # so what it measures then is not its footprint: the estimate stays reserved
@@ -109,7 +133,7 @@ class MemoryLedger:
         if stored is not None and seen <= stored.ram_bytes + (1 << 20):
             return None
         new = Footprint(model=key[0], version=key[1], ram_bytes=measured, vram_bytes=worker.vram,
-                        load_ms=worker.load_ms, n_layer=worker.info.get("n_layer"))
+                        load_ms=worker.load_ms, n_layer=worker.info.get("n_layer"), n_slots=worker.slots)
         self.footprints[key] = new
         return new
 

@@ -234,9 +234,11 @@ class ModelPool:
     async def _release(self, worker: WorkerHandle) -> None:
         worker.leases -= 1
         worker.last_used = time.monotonic()
-        if not worker.alive and self.workers.get(worker.manifest.id) is worker:
+        if not worker.alive and self.workers.get(worker.manifest.id) is worker \
+                and (not worker.process.is_alive() or not worker.generating):
             # It crashed serving this lease: its memory leaves the budget now, not when
-            # the next request for it comes.
+            # the next request for it comes. (One that said it exits finishes its batch
+            # first: the last of its requests forgets it.)
             await self._forget(worker, f"exit code {worker.process.exitcode}")
         async with self._released:
             self._released.notify_all()
@@ -270,14 +272,18 @@ class ModelPool:
         self.quarantine.check(manifest)  # failed too often lately: no fork, no eviction
         self.store.weights_path(manifest)  # raises ModelNotPulled before anything is evicted
         pinned, ttl = self.policy(manifest)
-        need = self.ledger.estimate(manifest)
+        layers = self.ledger.gpu_layers(manifest, self.workers.values())
+        p = self.settings.models.get(manifest.id)
+        slots = self.ledger.slots(manifest, p.n_parallel if p and p.n_parallel else self.settings.llama.n_parallel,
+                                  layers)
+        need = self.ledger.estimate(manifest, slots)
         t0 = time.perf_counter()
         await self.ready()
         async with self._admit:
             t1 = time.perf_counter()
             await self._make_room(manifest, need)
             t2 = time.perf_counter()
-            worker = self._spawn(manifest, need, pinned, ttl)
+            worker = self._spawn(manifest, need, pinned, ttl, slots=slots, layers=layers)
             self.workers[manifest.id] = worker
         try:
             await worker.wait_ready(self.settings.server.load_timeout_s)
@@ -346,13 +352,14 @@ class ModelPool:
         self.background.spawn(self.recorder.record_event(event), f"logging a {kind} of {manifest.id}")
 
     def _spawn(self, manifest: Manifest, need: int, pinned: bool, ttl: float | None,
-               manifest_toml: str | None = None) -> WorkerHandle:
+               manifest_toml: str | None = None, slots: int = 1, layers: int | str | None = None) -> WorkerHandle:
         """A worker for `manifest` (its catalog text unless a trial passes the staged one)."""
         llama = self.settings.llama
         options = LoadOptions(n_threads=llama.n_threads, n_batch=llama.n_batch,
-                              n_gpu_layers=self.ledger.gpu_layers(manifest, self.workers.values()),
+                              n_gpu_layers=layers if layers is not None else
+                              self.ledger.gpu_layers(manifest, self.workers.values()),
                               providers=tuple(self.settings.onnx.providers),
-                              grammar_timeout_s=self.settings.server.grammar_timeout_s)
+                              grammar_timeout_s=self.settings.server.grammar_timeout_s, n_parallel=slots)
         text = manifest_toml if manifest_toml is not None else self.catalog.entry(manifest.id).text
         return self._forkserver.spawn(manifest, text, str(self.store.root), options, need, pinned, ttl)
 

@@ -10,11 +10,15 @@ to the broker over a private DEALER socket with one JSON frame per message:
     worker -> broker   {"type": "delta", "id", "text"}  (streaming: settled text, as it grows)
                        {"type": "result", "id", "generation": Generation}
                        {"type": "error", "id", "error": {...}}
-                       (each with "exiting": true when the worker exits after it)
-    broker -> worker   {"type": "info", "id"} / {"type": "shutdown"}
+                       (an error with "exiting": true: the worker exits once its batch is done)
+    broker -> worker   {"type": "cancel", "id"} (the caller gave up: its slot is freed)
+    worker -> broker   {"type": "cancelled", "id"}
+                       {"type": "info", "id"} / {"type": "shutdown"}
 
+Several generate requests are in flight at once, up to the model's slots: they decode
+together (models/batching.py) and their replies come back in the order they finish.
 A crash in native code kills only this process; the broker sees the exit and fails
-the in-flight request with `worker_crashed`. The worker exits by itself if the
+the in-flight requests with `worker_crashed`. The worker exits by itself if the
 daemon that started it disappears.
 
 What this module must not do: import the daemon, the pool or the log; it runs in a
@@ -29,6 +33,8 @@ import os
 import resource
 import time
 import traceback
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from outpost.manifests.schema import Manifest
 from outpost.manifests.store import FileIdentity, ModelStore
 from outpost.models import gguf_check
 from outpost.models.backend import AdapterRef, GenerationRequest, LoadOptions
+from outpost.models.batching import Batch
 from outpost.models.decoder import Decoder
 from outpost.models.errors import ModelLoadFailed
 from outpost.models.llama import LlamaModel
@@ -81,32 +88,90 @@ def _serve(sock: zmq.Socket, manifest_toml: str, store: ModelStore, daemon_pid: 
     sock.send_json({"type": "ready", "pid": os.getpid(),
                     "load_ms": (time.perf_counter() - t0) * 1e3, "info": model.info()})
     try:
-        while True:
-            if not sock.poll(PARENT_CHECK_MS):
-                if not _alive(daemon_pid):
-                    return
-                continue
-            msg = sock.recv_json()
-            kind = msg.get("type")
-            if kind == "shutdown":
-                return
-            if kind == "info":
-                sock.send_json({"type": "result", "id": msg.get("id"), "info": model.info()})
-            elif kind == "generate":
-                reply = _generate(model, msg, sock)
-                # A compile that overran goes on in its thread and cannot be stopped: this
-                # worker says so in its reply, exits, and the next request loads a new one.
-                exiting = reply.get("error", {}).get("data", {}).get("keyword") == "compile_timeout"
-                sock.send_json({**reply, "exiting": exiting})
-                if exiting:
-                    log.warning("a grammar compile overran its limit; the worker exits")
-                    # close() alone leaves the reply to zmq's I/O thread, which _exit
-                    # would kill: term() waits (up to the linger) until it has gone out.
-                    sock.close(linger=2000)
-                    sock.context.term()
-                    os._exit(0)
+        _loop(sock, model, daemon_pid)
     finally:
         model.close()
+
+
+def _loop(sock: zmq.Socket, model: Decoder, daemon_pid: int) -> None:
+    """Read what the broker sends between forward passes; run passes while any request
+    is in the batch. Requests join as slots free up, in the order they came (the pool
+    sends no more than the worker has slots, so the queue is short-lived)."""
+    batch = Batch(model)
+    queue: deque[dict[str, Any]] = deque()  # generate messages waiting for a slot
+    ids: dict[int, Any] = {}  # id(sequence) -> the broker's message id
+    exiting = False
+    while True:
+        busy = bool(batch.active)
+        if sock.poll(0 if busy else PARENT_CHECK_MS):
+            while sock.poll(0):
+                msg = sock.recv_json()
+                kind = msg.get("type")
+                if kind == "shutdown":
+                    return
+                if kind == "info":
+                    sock.send_json({"type": "result", "id": msg.get("id"), "info": model.info()})
+                elif kind == "cancel":  # its caller gave up: free the slot at this pass
+                    _cancel(batch, queue, ids, msg.get("id"))
+                    sock.send_json({"type": "cancelled", "id": msg.get("id")})
+                elif kind == "generate":
+                    queue.append(msg)
+        elif not busy and not _alive(daemon_pid):
+            return
+        while queue and not exiting:
+            msg = queue[0]
+            request = GenerationRequest.from_dict(msg["request"])
+            if not batch.admits(request):
+                break
+            queue.popleft()
+            try:
+                seq = batch.join(request, _streamer(sock, msg) if msg.get("stream") else None)
+            except Exception as exc:  # refused: this request alone
+                reply = _failure(msg.get("id"), exc, model)
+                # A compile that overran goes on in its thread and cannot be stopped: this
+                # worker says so in its reply, finishes the batch, exits, and the next
+                # request loads a new one.
+                exiting = reply["error"].get("data", {}).get("keyword") == "compile_timeout"
+                sock.send_json({**reply, "exiting": exiting})
+                continue
+            ids[id(seq)] = msg.get("id")
+        for seq in batch.step():
+            msg_id = ids.pop(id(seq))
+            if seq.error is not None:
+                sock.send_json(_failure(msg_id, seq.error, model))
+            else:
+                sock.send_json({"type": "result", "id": msg_id, "generation": seq.result.to_dict(),
+                                "grammar_cache": model.grammars.stats(), **model.adapter_info()})
+        if exiting and not batch.active:
+            log.warning("a grammar compile overran its limit; the worker exits")
+            # close() alone leaves the reply to zmq's I/O thread, which _exit would
+            # kill: term() waits (up to the linger) until it has gone out.
+            sock.close(linger=2000)
+            sock.context.term()
+            os._exit(0)
+
+
+def _cancel(batch: Batch, queue: deque[dict[str, Any]], ids: dict[int, Any], msg_id: Any) -> None:
+    for msg in list(queue):
+        if msg.get("id") == msg_id:
+            queue.remove(msg)
+    for seq in list(batch.active.values()):
+        if ids.get(id(seq)) == msg_id:
+            batch.cancel(seq)
+            del ids[id(seq)]
+
+
+def _streamer(sock: zmq.Socket, msg: dict[str, Any]) -> Callable[[str], None]:
+    def on_text(text: str) -> None:
+        sock.send_json({"type": "delta", "id": msg.get("id"), "text": text})
+    return on_text
+
+
+def _failure(msg_id: Any, exc: BaseException, model: Decoder) -> dict[str, Any]:
+    if isinstance(exc, OutpostError):
+        return {"type": "error", "id": msg_id, "error": exc.to_wire(), **model.adapter_info()}
+    log.error("generation failed", exc_info=exc)
+    return {"type": "error", "id": msg_id, "error": InternalError(f"generation failed: {exc!r}").to_wire()}
 
 
 # What an ONNX model's vocabulary is read from (models/hf_tokenizer.py).
@@ -138,6 +203,7 @@ def load(manifest: Manifest, store: ModelStore, options: LoadOptions) -> Decoder
     # A task adapter's file is checked (size, sha256, structure) before llama.cpp reads it.
     return LlamaModel(manifest, weights, vocab_cache=vocab, adapter_path=adapter_path,
                       n_threads=options.n_threads, n_batch=options.n_batch, n_gpu_layers=options.n_gpu_layers,
+                      n_slots=options.n_parallel,
                       grammar_timeout_s=options.grammar_timeout_s)
 
 
@@ -157,23 +223,6 @@ def _checked(store: ModelStore, file: FileIdentity, manifest: Manifest | None) -
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.touch()
     return path
-
-
-def _generate(model: Decoder, msg: dict[str, Any], sock: zmq.Socket) -> dict[str, Any]:
-    on_text = None
-    if msg.get("stream"):
-        def on_text(text: str) -> None:
-            sock.send_json({"type": "delta", "id": msg.get("id"), "text": text})
-    try:
-        generation = model.generate(GenerationRequest.from_dict(msg["request"]), on_text)
-    except OutpostError as exc:
-        return {"type": "error", "id": msg.get("id"), "error": exc.to_wire(), **model.adapter_info()}
-    except Exception as exc:
-        log.exception("generation failed")
-        return {"type": "error", "id": msg.get("id"),
-                "error": InternalError(f"generation failed: {exc!r}").to_wire()}
-    return {"type": "result", "id": msg.get("id"), "generation": generation.to_dict(),
-            "grammar_cache": model.grammars.stats(), **model.adapter_info()}
 
 
 def _alive(pid: int) -> bool:

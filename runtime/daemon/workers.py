@@ -14,6 +14,7 @@ What this module must not do: choose which worker to evict or when to load one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -35,12 +36,15 @@ from outpost.manifests.schema import Manifest
 from outpost.models.backend import Generation, GenerationRequest, LoadOptions
 
 from . import memory
-from .errors import WorkerCrashed
+from .errors import Timeout, WorkerCrashed
 from .turns import Turns
 
 log = logging.getLogger("outpost.pool")
 Snapshot = dict[int, "memory.ProcessMemory | None"]  # pid -> one read of its memory
 POLL_MS = 100  # how often a waiting request checks that its worker is still alive
+# How long a worker may take to acknowledge a cancel: it reads between forward passes,
+# and one pass (a prompt chunk of n_batch tokens) takes well under this on any CPU.
+CANCEL_GRACE_S = 10.0
 
 
 class WorkerState(StrEnum):
@@ -104,7 +108,7 @@ class WorkerHandle:
     reserve: int  # bytes charged to the budget for this worker
     pinned: bool = False
     idle_ttl_s: float | None = None
-    turns: Turns = field(default_factory=Turns)  # one generation at a time (turns.py)
+    turns: Turns = field(default_factory=Turns)  # who gets a slot next (turns.py)
     state: WorkerState = WorkerState.LOADING
     pid: int | None = None
     load_ms: float = 0.0
@@ -117,7 +121,10 @@ class WorkerHandle:
     adapter: str | None = None  # the adapter applied last ("id version")
     adapter_switches: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    generating: int = 0  # requests in the worker's batch now
     _ids: itertools.count = field(default_factory=itertools.count)
+    _inbox: dict[int, asyncio.Queue[dict[str, Any]]] = field(default_factory=dict)  # id -> its replies
+    _reader: asyncio.Task[None] | None = None
 
 
     # -- talking to the process ---------------------------------------------------
@@ -149,22 +156,61 @@ class WorkerHandle:
             self.state = WorkerState.DEAD
             raise from_wire(msg["error"])
         self.pid, self.load_ms, self.info = msg["pid"], msg["load_ms"], msg["info"]
+        self.turns.slots = int(self.info.get("n_slots", 1))
         self.state = WorkerState.READY
+        self._reader = asyncio.create_task(self._read(), name=f"replies of {self.manifest.id}")
+
+    async def _read(self) -> None:
+        """Hand each reply to the request it answers, while the worker lives; when it
+        dies, every request still waiting gets its exit code."""
+        while True:
+            if await self.socket.poll(POLL_MS):
+                msg = await self.socket.recv_json()
+                if (inbox := self._inbox.get(msg.get("id"))) is not None:
+                    inbox.put_nowait(msg)  # else: for a request whose caller gave up
+            elif not self.process.is_alive():
+                self.state = WorkerState.DEAD
+                self._fail_waiting()
+                return
+
+    def _fail_waiting(self) -> None:
+        """Every request still waiting on this worker learns it is gone."""
+        for inbox in self._inbox.values():
+            inbox.put_nowait({"type": "crashed", "exitcode": self.process.exitcode})
 
     async def generate(self, request: GenerationRequest, timeout_s: float,
                        on_text: Callable[[str], Awaitable[None]] | None = None) -> Generation:
-        """Send one generation; the caller holds its turn. `on_text` (streaming) is
-        awaited with each piece of settled text the worker sends before its result."""
-        self.state = WorkerState.BUSY
+        """Send one generation; the caller holds one of the worker's slots (turns.py).
+        `on_text` (streaming) is awaited with each piece of settled text the worker
+        sends before its result.
+
+        Past `timeout_s` the request is cancelled in the worker (its slot frees at the
+        next pass) and fails with `timeout`; a worker that does not acknowledge the
+        cancel is stuck, and is killed (its requests get `worker_crashed`)."""
+        if self._reader is None or self._reader.done():  # it died before this request came
+            self.state = WorkerState.DEAD
+            raise WorkerCrashed(self.manifest.id, self.process.exitcode)
         msg_id = next(self._ids)
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._inbox[msg_id] = inbox
+        self.generating += 1
+        self.state = WorkerState.BUSY
         deadline = time.monotonic() + timeout_s
         try:
             await self._send({"type": "generate", "id": msg_id, "request": asdict(request),
                               "stream": on_text is not None})
             while True:
-                reply = await self._recv(deadline - time.monotonic())
-                if reply.get("id") != msg_id:
-                    continue  # from a generation whose caller gave up (a cancelled stream)
+                try:
+                    reply = await asyncio.wait_for(inbox.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    await self._give_up(msg_id, inbox)
+                    raise Timeout(self.manifest.id, timeout_s, "the generation") from None
+                except asyncio.CancelledError:  # its caller went away (shutdown, a closed HTTP stream)
+                    with contextlib.suppress(WorkerCrashed, zmq.ZMQError):
+                        await self._send({"type": "cancel", "id": msg_id})  # its slot frees at once
+                    raise
+                if reply["type"] == "crashed":
+                    raise WorkerCrashed(self.manifest.id, reply["exitcode"])
                 if reply["type"] != "delta":
                     break
                 if on_text is not None:
@@ -172,23 +218,40 @@ class WorkerHandle:
                         await on_text(reply["text"])
                     except Exception:  # the stream broke: read on to the result regardless,
                         log.exception("streaming a delta failed; the answer comes whole")
-                        on_text = None  # or the worker would be left generating unread
+                        on_text = None  # or its slot would be left generating unread
         finally:
-            if self.state is WorkerState.BUSY:
+            del self._inbox[msg_id]
+            self.generating -= 1
+            if self.state is WorkerState.BUSY and not self.generating:
                 self.state = WorkerState.READY
             self.last_used = time.monotonic()
         if reply.get("exiting"):
             self.state = WorkerState.DEAD  # no lease after this one: the pool forgets it
+        if "adapter_switches" in reply:
+            self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]
         if reply.get("type") == "error":
-            if "adapter_switches" in reply:
-                self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]
             raise from_wire(reply["error"])
         self.served += 1
         if "grammar_cache" in reply:
             self.info["grammar_cache"] = reply["grammar_cache"]
-        if "adapter_switches" in reply:
-            self.adapter, self.adapter_switches = reply["adapter"], reply["adapter_switches"]
         return Generation.from_dict(reply["generation"])
+
+    async def _give_up(self, msg_id: int, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        """Cancel a request in the worker; a worker that does not acknowledge within
+        CANCEL_GRACE_S is stuck (the loop answers between forward passes), and is killed."""
+        try:
+            await self._send({"type": "cancel", "id": msg_id})
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            while (await asyncio.wait_for(inbox.get(), deadline - time.monotonic()))["type"] not in (
+                    "cancelled", "crashed"):
+                pass  # a delta or the result, sent before the worker read the cancel
+        except WorkerCrashed:
+            pass  # gone meanwhile: the reader tells the others
+        except TimeoutError:
+            log.warning("worker for %s (pid %s) did not answer a cancel in %.0f s: killed",
+                        self.manifest.id, self.pid, CANCEL_GRACE_S)
+            self.state = WorkerState.DEAD
+            self.process.kill()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.state = WorkerState.STOPPING
@@ -205,6 +268,9 @@ class WorkerHandle:
             if self.process.is_alive():
                 self.process.kill()
         await self._exited(5.0)
+        if self._reader is not None:
+            self._reader.cancel()
+        self._fail_waiting()  # stopped under them (an eviction of a crashed worker)
         self.socket.close(linger=0)
         self.state = WorkerState.DEAD
 
@@ -237,6 +303,11 @@ class WorkerHandle:
 
     # -- memory ---------------------------------------------------------------------
     @property
+    def slots(self) -> int:
+        """Requests it decodes together (its model's batch)."""
+        return self.turns.slots
+
+    @property
     def alive(self) -> bool:
         return self.state is not WorkerState.DEAD and self.process.is_alive()
 
@@ -257,6 +328,7 @@ class WorkerHandle:
                 "pid": self.pid or self.process.pid, "ram_bytes": charge, "vram_bytes": self.vram,
                 "budget_share": round(charge / budget, 3) if budget else None,
                 "pinned": self.pinned, "leases": self.leases, "draining": self.draining,
+                "slots": self.slots, "generating": self.generating,
                 "load_ms": round(self.load_ms, 1), "served": self.served,
                 "adapters": sorted(self.adapters.values()), "adapter": self.adapter,
                 "adapter_switches": self.adapter_switches, "grouped": self.turns.jumps,

@@ -30,7 +30,8 @@ def local_attempt(model: str, version: str, gen: Generation, confidence: float |
         repaired=gen.repaired, mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
         min_logprob=min(logprobs) if logprobs else None, confidence=confidence,
         confidence_parts=parts, prompt_tokens=gen.prompt_tokens,
-        completion_tokens=gen.completion_tokens, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms)
+        completion_tokens=gen.completion_tokens, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
+        batch_size=gen.batch_size)
 
 
 def failed_local_attempt(model: str, version: str, error: OutpostError) -> AttemptRecord:

@@ -91,6 +91,7 @@ class AttemptRecord(_Row):
     completion_tokens: int | None = None
     prefill_ms: float | None = None
     decode_ms: float | None = None
+    batch_size: float | None = None  # sequences per forward pass it decoded in, on average
     cost_usd: float | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -170,3 +171,4 @@ class Footprint:
     vram_bytes: int = 0
     load_ms: float = 0.0
     n_layer: int | None = None
+    n_slots: int = 1  # the sequences it was loaded for (each has a context's KV cache)

@@ -120,6 +120,14 @@ def m006_unload_time(db: sqlite_utils.Database) -> None:
     db["pool_events"].add_column("stop_ms", float)
 
 
+@migration
+def m007_batching(db: sqlite_utils.Database) -> None:
+    # Continuous batching: the batch a local answer decoded in, and the slots a
+    # footprint was measured with (more slots, more KV cache).
+    db["attempts"].add_column("batch_size", float)
+    db["footprints"].add_column("n_slots", int)
+
+
 def migrate(db: sqlite_utils.Database) -> list[str]:
     """Apply the migrations not yet recorded; returns the names applied."""
     if "_migrations" not in db.table_names():

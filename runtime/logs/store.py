@@ -273,7 +273,7 @@ class LogStore:
         return {(r["model"], r["version"]): Footprint(
             model=r["model"], version=r["version"], ram_bytes=int(r["ram_bytes"]),
             vram_bytes=int(r["vram_bytes"] or 0), load_ms=float(r["load_ms"] or 0.0),
-            n_layer=r["n_layer"]) for r in rows}
+            n_layer=r["n_layer"], n_slots=int(r["n_slots"] or 1)) for r in rows}
 
     async def record_footprint(self, footprint: Footprint) -> None:
         await self._run(self._upsert_footprint, footprint)
@@ -283,11 +283,12 @@ class LogStore:
             self._db.conn.execute("BEGIN IMMEDIATE")
             self._db.conn.execute(
                 "insert into footprints (model, version, ram_bytes, vram_bytes, load_ms, n_layer, "
-                "samples, updated_at) values (?, ?, ?, ?, ?, ?, 1, ?) on conflict (model, version) "
+                "n_slots, samples, updated_at) values (?, ?, ?, ?, ?, ?, ?, 1, ?) on conflict (model, version) "
                 "do update set ram_bytes = excluded.ram_bytes, vram_bytes = excluded.vram_bytes, "
-                "load_ms = excluded.load_ms, n_layer = excluded.n_layer, samples = samples + 1, "
-                "updated_at = excluded.updated_at",
-                [fp.model, fp.version, fp.ram_bytes, fp.vram_bytes, fp.load_ms, fp.n_layer, time.time()])
+                "load_ms = excluded.load_ms, n_layer = excluded.n_layer, n_slots = excluded.n_slots, "
+                "samples = samples + 1, updated_at = excluded.updated_at",
+                [fp.model, fp.version, fp.ram_bytes, fp.vram_bytes, fp.load_ms, fp.n_layer, fp.n_slots,
+                 time.time()])
 
     async def record_event(self, event: PoolEvent) -> None:
         await self._run(self._event, event)
