@@ -69,6 +69,8 @@ def degenerate_loop(tokens: list[int]) -> tuple[int, int] | None:
         need = max(LOOP_MIN_REPEATS, -(-LOOP_MIN_TOKENS // period))
         if n < period * need:
             break
+        if tokens[-1] != tokens[-1 - period]:
+            continue  # not even one repeat at this period (most periods, most tokens)
         unit = tokens[n - period:]
         reps = 1
         while reps * period + period <= n and tokens[n - (reps + 1) * period: n - reps * period] == unit:

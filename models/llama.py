@@ -116,6 +116,7 @@ class LlamaModel(Decoder):
                               for name in ("token", "pos", "n_seq_id", "logits")}
         self._tokens: list[list[int]] = [[] for _ in range(n_slots)]  # what each slot's cache holds
         self._rows: dict[int, int] = {}  # slot -> its logits' row in the last forward pass
+        self._outputs: np.ndarray | None = None  # those rows
         self.n_ctx = manifest.context_length
         self._vocab_ptr = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab_ptr)
@@ -247,7 +248,7 @@ class LlamaModel(Decoder):
                 seq_ids[j][0] = slot
             if logits:
                 arrays["logits"][i + n - 1] = 1
-                rows[slot] = i + n - 1
+                rows[slot] = len(rows)  # outputs are stored in batch order
             i += n
         self._batch.n_tokens = i
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
@@ -256,10 +257,13 @@ class LlamaModel(Decoder):
         for slot, tokens, _ in work:
             self._tokens[slot].extend(tokens)
         self._rows = rows
+        # Every output's logits, one row each in the order they were asked for: wrapped
+        # once per pass, not once per sequence (numpy builds a ctypes type per wrap).
+        self._outputs = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
+                                              shape=(len(rows), self.n_vocab)) if rows else None
 
     def _logits(self, slot: int = 0) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, self._rows[slot]),
-                                     shape=(self.n_vocab,))
+        return self._outputs[self._rows[slot]]
 
     def _cached(self, slot: int = 0) -> list[int]:
         return self._tokens[slot]
