@@ -20,6 +20,9 @@ its generation tok/s at N over at 1 is the ceiling of what batching can give her
 
 The engine alone (models/batching.py, no daemon) is tools/bench_engine.py.
 
+The peers get `-t THREADS -tb <every core>`, as Outpost's worker has them: one thread
+for a single token, every core for a pass of several (a prompt, or a batch).
+
 `--baseline DIR`: a checkout of an earlier Outpost (e.g. `git worktree add DIR <rev>`);
 its daemon serves the one-client run too, for "1 client >= 0.97x today".
 
@@ -168,11 +171,17 @@ def build_llama_cpp() -> Path:
     return bin_dir
 
 
+def threads_batch(threads: int) -> int:
+    """What Outpost's worker decodes a multi-token pass with (models/llama.py: every
+    core), so the peers are given the same."""
+    return max(threads, os.cpu_count() or 1)
+
+
 def batched_bench(bin_dir: Path, model: Path, threads: int, npl: list[int]) -> dict[int, float]:
     """Generation tok/s at each number of sequences."""
     out = subprocess.run([str(bin_dir / "llama-batched-bench"), "-m", str(model), "-c", str(4096 * max(npl)),
                           "-b", "512", "-ub", "512", "-npp", "128", "-ntg", str(MAX_TOKENS),
-                          "-npl", ",".join(map(str, npl)), "-t", str(threads), "-tb", str(threads),
+                          "-npl", ",".join(map(str, npl)), "-t", str(threads), "-tb", str(threads_batch(threads)),
                           "--output-format", "jsonl"], capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"n_kv_max"')]
     return {int(r["pl"]): round(float(r["speed_tg"]), 1) for r in rows}
@@ -183,7 +192,7 @@ def server_run(bin_dir: Path, model: Path, threads: int, n_clients: int, per_cli
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "-t", str(threads), "-tb", str(threads),
+                             "--port", str(port), "-t", str(threads), "-tb", str(threads_batch(threads)),
                              "--parallel", str(n_clients), "-c", str(2048 * n_clients), "--no-webui"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -219,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=8, help="chats per client (default 8)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads, for every server (default 1)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp's batched-bench and server")
+    ap.add_argument("--no-outpost", action="store_true", help="run only the peers (and --baseline)")
     ap.add_argument("--baseline", type=Path, help="an earlier Outpost checkout for the one-client baseline")
     ap.add_argument("--store", type=Path, default=REPO_STORE, help="where SmolLM2 is pulled already")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         store = ModelStore(Path(tmp) / "models")
         link_model(store, ModelStore(args.store), MODEL)
         model_path = store.weights_path(Catalog.load(store, [], MODEL).get(MODEL))
-        for n in npl:
+        for n in ([] if args.no_outpost else npl):
             for mode, slots in (("off", 1), ("on", n)):
                 if n == 1 and mode == "on":
                     continue  # one client: on and off are the same worker
@@ -257,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in npl:
                 print(f"llama-server --parallel {n} ...", flush=True)
                 report["llama_server"][str(n)] = server_run(bin_dir, model_path, args.threads, n, args.requests)
-    report["ratios"] = ratios(report, npl)
+    if not args.no_outpost:
+        report["ratios"] = ratios(report, npl)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

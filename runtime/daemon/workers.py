@@ -269,7 +269,13 @@ class WorkerHandle:
                 self.process.kill()
         await self._exited(5.0)
         if self._reader is not None:
+            # Wait for the reader to end before its socket closes: left to fail on a closed
+            # socket, its unretrieved exception would hold this handle (and the process's
+            # pipes) in a reference cycle until the garbage collector ran.
             self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+                await self._reader
+            self._reader = None
         self._fail_waiting()  # stopped under them (an eviction of a crashed worker)
         self.socket.close(linger=0)
         self.state = WorkerState.DEAD
