@@ -24,7 +24,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 # One scenario, sampled throughout; kept whole so its failure report shows the whole run.
-def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model_cache, gemma_cache):
+# n_parallel 4: each worker batches (a context's KV cache per slot, measured so), and the
+# four clients' requests for one model decode together.
+@pytest.mark.parametrize("n_parallel", [1, 4])
+def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model_cache, gemma_cache, n_parallel):
     data = make_data_dir(tmp_path)
     link_models(data, model_cache, [SMOLLM2])
     link_models(data, gemma_cache, [GEMMA])
@@ -37,7 +40,7 @@ def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model
     store.pull(Catalog.load(store, [data / "manifests"], SMOLLM2).get(SMOL_8K), text)
 
     # Measure: the daemon alone, then each model's footprint (stored for the next daemon).
-    dirs = f'manifest_dirs = ["{data / "manifests"}"]\npreload = []\n'
+    dirs = f'manifest_dirs = ["{data / "manifests"}"]\npreload = []\n[llama]\nn_parallel = {n_parallel}\n'
     with ServeProcess(data, dirs + '[budget]\nram = "8GiB"\n', "calib") as d, d.client() as c:
         base = c.status()["budget"]["used_bytes"]
         for model in MODELS:
@@ -68,4 +71,6 @@ def test_200_mixed_requests_under_a_budget_that_holds_two_models(tmp_path, model
     assert evictions > 10  # the budget really forced swaps
     conn = sqlite3.connect(data / "logs.db")
     assert conn.execute("select count(*) from requests where error_code is null").fetchone()[0] >= 200
+    if n_parallel > 1:  # and requests really shared passes
+        assert conn.execute("select max(batch_size) from attempts").fetchone()[0] > 1
     conn.close()
