@@ -6,6 +6,8 @@ from a catalog GGUF model, into the store with its manifest.
       -> onnxruntime-genai's model builder, in a subprocess: model.onnx, model.onnx.data
          (weights 4- or 8-bit block-quantized, MatMulNBits; GroupQueryAttention with its
          KV cache as inputs and outputs), the tokenizer files
+      -> int4 for the CPU: the GGUF's own Q4_0/Q4_1/Q8_0 blocks put back into those
+         MatMulNBits nodes (gguf_blocks.py), so the weights are not quantized twice
       -> each file hashed and adopted into the store; a manifest (backend "onnx") staged
          and made active: `outpost call --model ID-onnx-int4` serves it, sync publishes it
 
@@ -43,6 +45,8 @@ from outpost.manifests.schema import MANIFEST_ID, Manifest
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 
+from .gguf_blocks import Carried, carry
+
 log = logging.getLogger("outpost.convert")
 
 QUANTS = ("int4", "int8", "fp32")
@@ -57,7 +61,9 @@ TARGETS = ("cpu", "cuda")
 # slower; asymmetric without shared embeddings 43%, with them a graph onnxruntime 1.32
 # refuses; k_quant_last 50% (102 MiB, the fastest); k_quant_mixed 49% (112 MiB);
 # k_quant_last with accuracy_level=1 over 4x slower (stopped unfinished); k_quant_last
-# with block_size=16 48% (120 MiB, 27% slower).
+# with block_size=16 48% (120 MiB, 27% slower). Whatever gguf_blocks.py can carry over
+# exactly replaces these weights afterwards (all of SmolLM2's); they remain for the rest
+# (K-quants, a Hugging Face folder's fp32 weights) and for --target cuda.
 QUANT_OPTIONS: dict[str, list[str]] = {"int4": ["algo_config=k_quant_last"]}
 # What the builder writes that the backend reads; genai_config.json is kept too, so the
 # folder also runs under onnxruntime-genai (a user's choice, not Outpost's).
@@ -153,7 +159,7 @@ def write_stops(path: Path, stops: list[int]) -> None:
 
 
 def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], kv: int,
-                  store: ModelStore, target: str = "cpu") -> str:
+                  store: ModelStore, target: str = "cpu", carried: Carried | None = None) -> str:
     import tomli_w
 
     entries = []
@@ -165,7 +171,9 @@ def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], 
     doc: dict[str, Any] = {
         "id": model_id, "version": base.version,
         "description": f"{base.id} {base.version} converted to ONNX ({quant}, for {target}) by "
-                       f"onnxruntime-genai's model builder from GGUF {base.weights.sha256[:12]}",
+                       f"onnxruntime-genai's model builder from GGUF {base.weights.sha256[:12]}"
+                       + (f", the GGUF's own blocks in {carried.exact} of {carried.exact + carried.kept} "
+                          "MatMulNBits nodes" if carried else ""),
         "tasks": list(base.tasks), "backend": "onnx", "chat_template": base.chat_template,
         "context_length": base.context_length, "sampling": base.sampling.model_dump(),
         "memory_estimate": sum(e["size"] for e in entries) + kv + RUNTIME_OVERHEAD,
@@ -209,12 +217,14 @@ def convert_in(store: ModelStore, catalog: Catalog, model_id: str, quant: str = 
     with tempfile.TemporaryDirectory(dir=store.tmp, prefix="convert-") as tmp:
         out = Path(tmp) / "onnx"
         build(hf, out, quant, threads, target)
+        carried = carry(gguf, hf, out) if quant == "int4" and target == "cpu" else None
         for name in ("generation_config.json", "chat_template.jinja"):  # if the builder left them out
             if not (out / name).exists() and (hf / name).exists():
                 (out / name).write_bytes((hf / name).read_bytes())
         write_stops(out / "generation_config.json", eog_ids(gguf))
         files = [out / name for name in KEEP if (out / name).is_file()]
-        text = manifest_text(base, new_id, quant, files, kv_bytes(hf, base.context_length, target), store, target)
+        text = manifest_text(base, new_id, quant, files, kv_bytes(hf, base.context_length, target), store, target,
+                             carried)
         manifest = Manifest.from_toml(text, f"converted {new_id}")
         for path, mf in zip(files, manifest.files, strict=True):
             store.adopt(path, mf, mf.sha256)  # renamed in: the temp dir is on the store's disk
@@ -233,8 +243,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
     p.add_argument("model", help="the GGUF model's id (pulled)")
     p.add_argument("--to", choices=["onnx"], default="onnx", help="the format (only onnx)")
     p.add_argument("--quant", choices=QUANTS, default="int4",
-                   help="weights: int4 (MatMulNBits, block 32, k-quant, the head at 8 bits; the "
-                        "default), int8, or fp32")
+                   help="weights: int4 (MatMulNBits, block 32: the GGUF's own Q4_0/Q4_1/Q8_0 blocks "
+                        "where it has them, else k-quant with the head at 8 bits; the default), int8, or fp32")
     p.add_argument("--target", choices=TARGETS, default="cpu",
                    help="the execution provider the graph is built for: cpu (fp32 activations; the "
                         "default) or cuda (fp16; onnxruntime-gpu's CUDA or TensorRT provider)")
