@@ -10,11 +10,12 @@ rewritten into the same tags, so every template sees plain role/content turns.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError, nodes
+from jinja2 import Template, TemplateError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from outpost.manifests.errors import BadRequest
@@ -58,6 +59,14 @@ def answer_text(message: dict[str, Any]) -> str:
     """An assistant message as the model writes it when serving: its text, then its calls
     in the shape the grammar enforces (what training on logged answers must teach)."""
     return normalise([message], None)[0]["content"]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(source: str) -> Template:
+    """A template's source compiled once: parsing and compiling it again for every
+    request took ~2 ms, on the path before the prompt's prefill. (A compiled template
+    renders from any thread; one that fails to compile is not kept.)"""
+    return ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False).from_string(source)
 
 
 @dataclass(frozen=True)
@@ -105,9 +114,8 @@ class ChatTemplate:
         turns = normalise(messages, tools)
         if not self.system_role:
             turns = _fold_system(turns)
-        env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         try:
-            return env.from_string(self.source).render(
+            return _compiled(self.source).render(
                 messages=turns, add_generation_prompt=True, bos_token="", eos_token="",
                 **(extra or {}))
         except TemplateError as exc:
