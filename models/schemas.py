@@ -23,6 +23,7 @@ Generated calls are still validated against the schema the agent sent.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
@@ -124,20 +125,22 @@ _LIST = ("prefixItems", "anyOf", "oneOf", "allOf")
 _MAP = ("properties", "$defs", "definitions")
 
 
-# Tool lists already accepted, by their canonical JSON. An agent sends the same tools
-# with every request, and checking them against the 2020-12 meta-schema cost 1.4 ms
-# idle and ~9 ms with llama.cpp busy on both cores (a profile of the daemon: 41% of
-# its own time per streamed tool call), on the path before the prompt's prefill, and
-# again in the worker. The check depends on nothing but the tools, so an accepted
-# list stays accepted; refusals are not kept (they are the rare case).
-_accepted: dict[str, None] = {}
+# Tool lists already accepted, by the sha256 of their canonical JSON (32 bytes each,
+# whatever a request's size). An agent sends the same tools with every request, and
+# checking them against the 2020-12 meta-schema cost 1.4 ms idle and ~9 ms with
+# llama.cpp busy on both cores (a profile of the daemon: 41% of its own time per
+# streamed tool call), on the path before the prompt's prefill, and again in the
+# worker. The check depends on nothing but the tools, so an accepted list stays
+# accepted; refusals are not kept (they are the rare case).
+_accepted: dict[bytes, None] = {}
 ACCEPTED_MAX = 256  # forgotten all at once when full: a bound, not an LRU
 
 
 def check_tools(tools: list[dict[str, Any]]) -> None:
     """Refuse tools that are not OpenAI tools with valid, enforceable JSON Schemas."""
     try:
-        key = json.dumps(tools, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        canonical = json.dumps(tools, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        key = hashlib.sha256(canonical.encode()).digest()  # ASCII: ensure_ascii
     except (TypeError, ValueError, RecursionError):
         key = None  # not plain JSON, or nested past the stack: checked (and refused) below
     if key is not None and key in _accepted:
