@@ -200,7 +200,7 @@ def carry(gguf_path: Path, hf: Path, folder: Path) -> Carried:
     inits = {t.name: t for t in graph.initializer}
     added: list = []
     sums: dict[str, str] = {}  # an input's block sums, made once for every node reading it
-    summers: dict[str, object] = {}  # the [K, K/32] matrices that make them, one per K
+    summers: set[str] = set()  # the [K, K/32] 0/1 matrices that make them, one per K
     exact = kept = corrected = 0
     new_nodes = []
     for node in graph.node:
@@ -223,8 +223,8 @@ def carry(gguf_path: Path, hf: Path, folder: Path) -> Carried:
             safe = np.where(blocks.scale > 0, blocks.scale, 1.0)
             zp = np.where(blocks.scale > 0, np.clip(np.rint(-blocks.offset / safe), 0, 15), 8).astype(np.uint8)
             remainder = blocks.offset + blocks.scale * zp
-        inits[weight].CopyFrom(numpy_helper.from_array(_pack(blocks.codes, blocks.bits).reshape(
-            numpy_helper.to_array(inits[weight]).shape), weight))
+        inits[weight].CopyFrom(numpy_helper.from_array(
+            _pack(blocks.codes, blocks.bits).reshape(tuple(inits[weight].dims)), weight))
         scale_init.CopyFrom(numpy_helper.from_array(blocks.scale.reshape(tuple(scale_init.dims)), scale_init.name))
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{weight}_gguf_zp"
         zp_packed = _pack(zp, blocks.bits)
@@ -243,8 +243,8 @@ def carry(gguf_path: Path, hf: Path, folder: Path) -> Carried:
         if x not in sums:  # one matmul by a 0/1 matrix: fewer ops than reshape + sum
             ones = f"gguf_blocksum_{nb}"
             if ones not in summers:
-                summers[ones] = numpy_helper.from_array(np.repeat(np.eye(nb, dtype=np.float32), BLOCK, axis=0), ones)
-                added.append(summers[ones])
+                summers.add(ones)
+                added.append(numpy_helper.from_array(np.repeat(np.eye(nb, dtype=np.float32), BLOCK, axis=0), ones))
             sums[x] = f"{x}_gguf_blocksum"
             new_nodes.append(helper.make_node("MatMul", [x, ones], [sums[x]]))
         r_name = f"{weight}_gguf_remainder"
