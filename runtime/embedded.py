@@ -55,6 +55,8 @@ class EmbeddedDaemon:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.daemon.stop)
         self._thread.join(30)
+        if self._thread.is_alive():  # a socket left open blocks the context's term() for good
+            raise RuntimeError("the daemon did not stop within 30 s")
 
     def __enter__(self) -> EmbeddedDaemon:
         return self

@@ -59,6 +59,7 @@ class Guard:
         self._auth = _Authenticator(ctx, self)
         self._auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self._auth)
         self._monitor: asyncio.Task[None] | None = None
+        self._monitor_sock: zmq.asyncio.Socket | None = None
 
     def arm(self, sock: zmq.asyncio.Socket) -> None:
         """Make `sock` a CURVE server checked by ZAP; call before it binds."""
@@ -67,8 +68,8 @@ class Guard:
         sock.curve_secretkey = self.pair.secret
         sock.curve_publickey = self.pair.public
         sock.curve_server = True
-        monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
-        self._monitor = asyncio.ensure_future(self._watch(monitor))
+        self._monitor_sock = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._monitor = asyncio.ensure_future(self._watch(self._monitor_sock))
 
     def admit(self, key: bytes, peer: str) -> bool:
         name = self.allow_list.admits(key)
@@ -120,4 +121,8 @@ class Guard:
                 except zmq.ZMQError:
                     pass
             self._monitor.cancel()
+        if self._monitor_sock is not None:
+            # Closed now, not when the cancelled task next runs (or never, if it had not
+            # started): the context's term() right after waits for every socket.
+            self._monitor_sock.close(linger=0)
         self._auth.stop()
