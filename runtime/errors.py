@@ -26,6 +26,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── BudgetExceeded                budget_exceeded         runtime/daemon/errors.py
     ├── Overloaded                    overloaded              runtime/daemon/errors.py
     ├── Timeout                       timeout                 runtime/daemon/errors.py
+    ├── Cancelled                     cancelled               runtime/daemon/errors.py (logged only)
     ├── ActivationFailed              activation_failed       runtime/daemon/errors.py
     ├── AdapterBaseMismatch           adapter_base_mismatch   runtime/daemon/errors.py
     ├── NotFound                      not_found               manifests/errors.py
@@ -64,7 +65,7 @@ from outpost.manifests.errors import (BadRequest, ChecksumMismatch, ConfigError,
 from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, DecodeFailed, InvalidSchema, ModelInvalid,
                                    ModelLoadFailed, UnsupportedSchema)
 
-from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, ModelQuarantined,
+from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, Cancelled, ModelQuarantined,
                             Overloaded, RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
 from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
                                 CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
@@ -74,7 +75,7 @@ __all__ = [
     "OutpostError", "BadRequest", "RequestTooLarge", "UnknownMethod", "InvalidSchema",
     "UnsupportedSchema", "UnknownModel", "ModelNotPulled", "ModelFileError", "ChecksumMismatch",
     "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "DecodeFailed", "WorkerCrashed", "ModelQuarantined",
-    "BudgetExceeded", "Overloaded", "Timeout", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
+    "BudgetExceeded", "Overloaded", "Timeout", "Cancelled", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
     "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",
     "InternalError", "error_class", "from_wire",

@@ -88,6 +88,17 @@ class Timeout(OutpostError):
         self.model, self.waited_s, self.stage = model, waited_s, stage
 
 
+class Cancelled(OutpostError):
+    """Its agent cancelled it while it generated. Only ever logged: an agent that
+    cancels asks for no reply."""
+
+    code = "cancelled"
+
+    def __init__(self, model: str, after_s: float) -> None:
+        super().__init__(f"cancelled by its agent after {after_s:.1f} s", model=model, after_s=after_s)
+        self.model, self.after_s = model, after_s
+
+
 class ActivationFailed(OutpostError):
     """A staged model version failed its smoke test; the active version keeps serving."""
 

@@ -5,7 +5,7 @@
 For agents in other languages and tools that only speak HTTP: `POST
 /v1/chat/completions` (with server-sent events when `stream` is true) and `GET
 /v1/models`, `GET /v1/models/{id}`. A request is handled by the very methods the
-ZeroMQ socket's are (`Daemon.chat`, `Daemon.models_list`), so validation, routing,
+ZeroMQ socket's are (`Daemon.chat`, `Versions.list`), so validation, routing,
 escalation, logging and metrics are one code path; statuses and error bodies are
 openai_shape's, the same the SDK transport gives.
 
@@ -111,7 +111,7 @@ def app(daemon: Daemon, settings: HttpSettings) -> Starlette:
     async def models(request: Request) -> Response:
         if not authorised(request):
             return unauthorised()
-        rows = (await daemon.models_list({}))["models"]
+        rows = (await daemon.versions.list({}))["models"]
         model_id = request.path_params.get("model_id")
         if model_id is None:
             return JSONResponse(shape.model_page(rows))
@@ -160,7 +160,7 @@ async def _stream(daemon: Daemon, params: dict[str, Any]) -> Response:
                     return
                 item = await queue.get()
         finally:
-            call.abandon()  # the agent went away: a request still queued leaves the queue
+            call.abandon()  # the agent went away: the request stops, queued or generating
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -1,7 +1,7 @@
 """The pool of loaded models under one memory budget: one worker process per model.
 
-    lease(manifest)  ->  acquire (load on demand, deduplicated)  ->  queue on the
-    worker's lock  ->  generate  ->  release
+    lease(manifest)  ->  acquire (load on demand, deduplicated)  ->  wait for one of
+    the worker's slots  ->  generate  ->  release
 
 Budget. The ledger (ledger.py) knows the budget, what Outpost uses and what each
 model will cost. A load that does not fit evicts idle models, chosen by
@@ -10,9 +10,11 @@ eviction.py; one larger than everything that could ever be freed is refused with
 is never evicted; a load that needs its memory drains it and waits for the lease
 to end.
 
-Queueing. Requests to one worker run one at a time, in arrival order (asyncio
-locks are fair); beyond `max_queue` waiting requests a new one gets `overloaded`,
-and a request that waits longer than `queue_timeout_s` gets `timeout`.
+Queueing. Requests to one worker take its slots (`n_parallel`, turns.py): the
+ones in slots are decoded together in one batch, interactive requests are given a
+free slot before batch ones, and one adapter's requests go together. Beyond
+`max_queue` waiting requests a new one gets `overloaded`, and a request that waits
+longer than `queue_timeout_s` gets `timeout`.
 
 The reaper, once a second: unloads models idle past their TTL, notices workers
 that died between requests, re-measures the live ones, and evicts idle models while

@@ -12,12 +12,13 @@ What this module must not do: route, generate or log; it parses and serialises.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from outpost.manifests.errors import BadRequest, OutpostError
-from outpost.manifests.schema import Sampling
+from outpost.manifests.schema import MANIFEST_ID, Sampling
 from outpost.models.backend import GenerationRequest
 
 from .errors import RequestTooLarge
@@ -191,7 +192,25 @@ def parse_chat(params: dict[str, Any]) -> ChatParams:
         raise bad_fields(exc) from exc
 
 
+def text_param(params: dict[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"`{name}` must be a non-empty string", field=name)
+    return value
+
+
+def model_param(params: dict[str, Any]) -> str:
+    """A model id from a request, checked before it names a folder in the store."""
+    model_id = text_param(params, "model")
+    if not re.fullmatch(MANIFEST_ID, model_id):
+        raise BadRequest(f"`model` {model_id!r} is not a model id", field="model")
+    return model_id
+
+
 def reply_ok(request_id: str | None, result: dict[str, Any]) -> bytes:
+    # The body goes last, after `id`: the SDK's transport cuts it out of the frame as it
+    # is and hands it on without decoding it (runtime/client.py, split_reply; a frame
+    # written otherwise is still read, only decoded).
     return json.dumps({"v": VERSION, "id": request_id, "result": result},
                       ensure_ascii=False).encode("utf-8")
 

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -29,49 +28,35 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from outpost.manifests.catalog import Catalog, model_row
+from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import BadRequest, ConfigError, InternalError, OutpostError, UnknownModel
-from outpost.manifests.schema import MANIFEST_ID, Manifest
+from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import Generation
 from outpost.models.schemas import check_tools
 from outpost.runtime import VERSION
 from outpost.runtime.escalation.attempts import attempts, cloud_attempt
 from outpost.runtime.escalation.cloud import CloudClient
-from outpost.runtime.escalation.flow import Escalator, Turn
+from outpost.runtime.escalation.flow import Escalator, Outcome, Turn
 from outpost.runtime.escalation.policy import resolve
 from outpost.runtime.escalation.settings import Policy
-from outpost.runtime.logs.records import AttemptRecord, PoolEvent, PoolEventKind, RequestRecord
+from outpost.runtime.logs.records import AttemptRecord, RequestRecord
 from outpost.runtime.logs import retention
 from outpost.runtime.logs.store import LogStore
 
-from . import adapters, endpoint, protocol, replies, smoke, streaming
+from . import adapters, endpoint, protocol, replies, streaming
 from .background import Background
 from .calls import InFlight, handling
 from .clients import ClientGate
 from .guard import Guard
 from .metrics import Metrics, MetricsRecorder
-from .errors import ActivationFailed, BudgetExceeded, Overloaded, Timeout, UnknownMethod
+from .errors import Cancelled, UnknownMethod
 from .pool import ModelPool
 from .settings import DaemonSettings
+from .versions import Versions
 
 log = logging.getLogger("outpost.server")
 Emit = Callable[[dict[str, Any]], Awaitable[None]]  # sends one streamed chunk to the agent
-
-
-def _text(params: dict[str, Any], name: str) -> str:
-    value = params.get(name)
-    if not isinstance(value, str) or not value:
-        raise BadRequest(f"`{name}` must be a non-empty string", field=name)
-    return value
-
-
-def _model_id(params: dict[str, Any]) -> str:
-    """A model id from a request, checked before it names a folder in the store."""
-    model_id = _text(params, "model")
-    if not re.fullmatch(MANIFEST_ID, model_id):
-        raise BadRequest(f"`model` {model_id!r} is not a model id", field="model")
-    return model_id
 
 
 class Daemon:
@@ -93,13 +78,14 @@ class Daemon:
                 t.policy not in (None, Policy.OFF) for t in settings.escalation.tasks.values())):
             log.warning("an escalation policy is set but [cloud] base_url is not: every "
                         "escalation will answer locally, marked degraded (not_configured)")
+        self.versions = Versions(store, catalog, self.pool, self.logs)
         self.started = time.time()
         self.requests = 0
         self.background = Background(log)  # request handlers, retention, shadow calls
         self._stop = asyncio.Event()
         self._methods: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
-            "ping": self.ping, "status": self.status, "models.list": self.models_list,
-            "models.activate": self.models_activate, "models.rollback": self.models_rollback,
+            "ping": self.ping, "status": self.status, "models.list": self.versions.list,
+            "models.activate": self.versions.activate, "models.rollback": self.versions.rollback,
             "chat": self.chat, "feedback": self.feedback,
         }
         self._streaming = {"chat"}  # methods that may send chunks before their result
@@ -193,10 +179,7 @@ class Daemon:
             if env.method == "cancel":  # not counted, and only the sender's own requests
                 await sock.send_multipart([*envelope, protocol.reply_ok(request_id, self.cancel(identity, env.params))])
                 return
-            emit = None
-            if env.method in self._streaming:
-                async def emit(chunk: dict[str, Any], request_id: str = env.id) -> None:
-                    await sock.send_multipart([*envelope, protocol.reply_chunk(request_id, chunk)])
+            emit = _emitter(sock, envelope, env.id) if env.method in self._streaming else None
             reply = protocol.reply_ok(request_id, await self.serve_call(env.method, env.params, emit,
                                                                         key=(identity, env.id)))
         except OutpostError as exc:
@@ -243,16 +226,16 @@ class Daemon:
 
     # -- methods ---------------------------------------------------------------------
     def cancel(self, peer: bytes, params: dict[str, Any]) -> dict[str, Any]:
-        """An agent gives up on one of its requests. One still waiting for its model
-        leaves the queue (its place is free at once) and gets no reply; one already
-        generating runs to its end, is logged and answered as usual."""
-        request_id = _text(params, "id")
+        """An agent gives up on one of its requests, which gets no reply. One still
+        waiting for its model leaves the queue (its place is free at once); one
+        generating is stopped in its worker at the next forward pass (its slot is free
+        then) and logged as `cancelled`."""
+        request_id = protocol.text_param(params, "id")
         entry = self._inflight.get((peer, request_id))
-        if entry is None:
+        state = entry.abandon() if entry is not None else None
+        if state is None:
             return {"id": request_id, "cancelled": False, "state": "unknown"}
-        if not entry.abandon():
-            return {"id": request_id, "cancelled": False, "state": "generating"}
-        return {"id": request_id, "cancelled": True, "state": "queued"}
+        return {"id": request_id, "cancelled": True, "state": state}
 
     async def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "version": VERSION, "pid": os.getpid()}
@@ -290,52 +273,6 @@ class Daemon:
                     "model": self.settings.cloud.model, "breaker": cloud.breaker.state,
                     "requests_today": cap.requests, "tokens_today": cap.tokens,
                     "daily_max_requests": cap.max_requests, "daily_max_tokens": cap.max_tokens}}
-
-    async def models_list(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {"models": [{**model_row(m, self.store, self.catalog), "loaded": m.id in self.pool.workers}
-                           for m in self.catalog]}
-
-    async def models_activate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Make a staged version active once it has answered its smoke test in a worker
-        of its own; new requests then go to it and the old version's worker drains."""
-        model_id, version = _model_id(params), _text(params, "version")
-        manifest, text = self.store.staged(model_id, version)
-        t0 = time.perf_counter()
-        try:
-            problem = smoke.problem(await self.pool.trial(manifest, text, smoke.request(manifest)))
-        except (BudgetExceeded, Overloaded, Timeout):
-            raise  # no room or no time now, not a fault of the version: it stays staged, to retry
-        except OutpostError as exc:
-            problem = f"{exc.code}: {exc}"
-        smoke_ms = round((time.perf_counter() - t0) * 1e3, 1)
-        await self._note_trial(manifest, problem or "passed")
-        if problem:
-            self.store.mark_failed(model_id, version, {"reason": problem, "at": time.time()})
-            raise ActivationFailed(model_id, version, problem)
-        previous = self.store.activate(model_id, version)
-        self.catalog.put(text, f"{self.store.manifests / model_id}.toml")
-        log.info("activated %s %s (was %s) after a %.0f ms smoke test", model_id, version, previous, smoke_ms)
-        return {"model": model_id, "version": version, "previous": previous, "smoke_ms": smoke_ms}
-
-    async def models_rollback(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Return a model to the version active before this one (no smoke test: it served)."""
-        model_id = _model_id(params)
-        current, back = self.store.rollback(model_id)
-        if back is None:  # a task adapter's first version: its task goes to the base again
-            self.catalog.remove(model_id)
-            log.info("retired task adapter %s %s: its base serves its tasks again", model_id, current)
-        else:
-            self.catalog.put((self.store.manifests / f"{model_id}.toml").read_text(encoding="utf-8"),
-                             f"{self.store.manifests / model_id}.toml")
-            log.info("rolled %s back from %s to %s", model_id, current, back)
-        return {"model": model_id, "version": back, "previous": current}
-
-    async def _note_trial(self, manifest: Manifest, outcome: str) -> None:
-        try:
-            await self.logs.record_event(PoolEvent(kind=PoolEventKind.TRIAL, model=manifest.id,
-                                                   version=manifest.version, reason=outcome))
-        except Exception:
-            log.exception("could not log the smoke test of %s %s", manifest.id, manifest.version)
 
     def route(self, model: str | None, task: str | None) -> Manifest:
         if model:
@@ -390,7 +327,7 @@ class Daemon:
         async def local() -> Generation:
             async with self.pool.lease(manifest, batch=chat.priority == "batch") as lease:
                 if (current := handling.get()) is not None:
-                    current.generating = True  # from here on, `cancel` lets it finish
+                    current.generating = True  # from here on, `cancel` stops it in the worker
                 waited.update(lease.timings)
                 # A version activated while this request waited serves it: the log and the
                 # reply name the version (of the model, or of its task adapter) that answered.
@@ -399,8 +336,17 @@ class Daemon:
                                             stream.on_text if stream and stream.live else None)
 
         if policy is Policy.CLOUD_ONLY and (current := handling.get()) is not None:
-            current.generating = True  # the cloud is asked at once: a cancel lets it finish
-        outcome = await self.escalator.run(turn, local)
+            current.generating = True  # the cloud is asked at once: a cancel stops that call
+        try:
+            outcome = await self.escalator.run(turn, local)
+        except asyncio.CancelledError:
+            if (current := handling.get()) is not None and current.abandoned and current.generating:
+                # Its agent stopped it mid-answer: no reply, but the work it cost is logged.
+                stopped = Outcome(policy, local_error=Cancelled(served[0].id, time.perf_counter() - t0))
+                await self._log(replies.request_record(chat, request, served[0], task, stopped,
+                                                       replies.timings(waited, stopped, t0)), [])
+                self.metrics.failed(served[0].id, self._task_label(task), Cancelled.code)
+            raise
         manifest = served[0]
         if stream is not None and stream.first_at is not None and outcome.cloud is not None:
             # The local attempt failed after its deltas went out (shadow falls back to the
@@ -447,6 +393,13 @@ class Daemon:
             return None
         finally:
             self.metrics.log_seconds.observe(time.perf_counter() - t0)
+
+
+def _emitter(sock: zmq.asyncio.Socket, envelope: list[bytes], request_id: str) -> Emit:
+    """Sends a streamed request's chunks to its agent as they come."""
+    async def emit(chunk: dict[str, Any]) -> None:
+        await sock.send_multipart([*envelope, protocol.reply_chunk(request_id, chunk)])
+    return emit
 
 
 async def _http_door(daemon: Daemon) -> tuple[Any, asyncio.Task[None]]:
