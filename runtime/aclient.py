@@ -7,9 +7,8 @@
 
 One reader task takes every frame off the socket and hands it to the request whose
 `id` it carries. A request whose caller stops waiting (its task cancelled, a stream
-closed early) sends the daemon a `cancel`: a request still queued for its model
-leaves the queue; one already generating runs to its end and is logged, and its
-reply is dropped here (docs/protocol.md, `cancel`).
+closed early) sends the daemon a `cancel`: the request stops wherever it is, queued or
+generating, and is never answered (docs/protocol.md, `cancel`).
 
 What this module must not do: import the daemon; a client process stays small.
 """
@@ -21,13 +20,13 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from .client import chat_body, read_reply
+from .client import chat_body, decoded, reply_id, request_frame, sliced
 from .curve import ClientKeys, secure
 from .errors import ConfigError, DaemonUnreachable, OutpostError
 
@@ -49,49 +48,64 @@ class AsyncOutpostClient:
                 self._ctx.term()
             raise
         self._sock.connect(endpoint)
-        self._waiting: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._waiting: dict[str, asyncio.Queue[bytes]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
         while True:
-            reply = json.loads(await self._sock.recv())
-            queue = self._waiting.get(reply.get("id"))
+            raw = await self._sock.recv()
+            queue = self._waiting.get(reply_id(raw))
             if queue is not None:
-                queue.put_nowait(reply)  # else: a reply to a request given up on
+                queue.put_nowait(raw)  # else: a reply to a request given up on
 
-    async def frames(self, method: str, params: dict[str, Any] | None = None,
-                     timeout_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
+    def frames(self, method: str, params: dict[str, Any] | None = None,
+               timeout_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """One request's replies: the `chunk`s of a stream, then its `result`. An error
         frame is raised; `timeout_s` bounds the wait for each frame."""
+        request_id = uuid.uuid4().hex
+        frame = json.dumps({"v": 1, "id": request_id, "method": method, "params": params or {}})
+        return self._exchange(request_id, frame.encode("utf-8"), timeout_s, decoded)
+
+    def frames_json(self, method: str, params_json: bytes,
+                    timeout_s: float | None = None) -> AsyncIterator[bytes]:
+        """`frames()` with the params and each reply left as JSON (OutpostClient.frames_json)."""
+        request_id = uuid.uuid4().hex
+        return self._exchange(request_id, request_frame(request_id, method, params_json), timeout_s, sliced)
+
+    async def _exchange(self, request_id: str, frame: bytes, timeout_s: float | None,
+                        read: Callable[[bytes, str], tuple[bool, Any] | None]) -> AsyncIterator[Any]:
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise DaemonUnreachable(self.endpoint, 0)  # no socket file: nothing listens
         if self._reader is None or self._reader.done():
             self._reader = asyncio.create_task(self._read())
-        request_id = uuid.uuid4().hex
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._waiting[request_id] = queue
         timeout = self.timeout_s if timeout_s is None else timeout_s
         done = False
         try:
-            await self._send(request_id, method, params or {})
+            await self._sock.send(frame)
             while True:
                 try:
-                    reply = await asyncio.wait_for(queue.get(), timeout)
+                    raw = await asyncio.wait_for(queue.get(), timeout)
                 except TimeoutError:
                     raise DaemonUnreachable(self.endpoint, timeout) from None
                 try:
-                    done, payload = read_reply(reply)
+                    mine = read(raw, request_id)
                 except OutpostError:
                     done = True  # an error frame ends the request too: nothing to cancel
                     raise
+                if mine is None:
+                    continue
+                done, payload = mine
                 yield payload
                 if done:
                     return
         finally:
             del self._waiting[request_id]
             if not done and not self._sock.closed:
-                # Given up on: let the daemon free the request's place in its queue.
-                self._sock.send(self._frame(uuid.uuid4().hex, "cancel", {"id": request_id}))
+                # Given up on: the daemon stops the request, queued or generating.
+                cancel = {"v": 1, "id": uuid.uuid4().hex, "method": "cancel", "params": {"id": request_id}}
+                self._sock.send(json.dumps(cancel).encode("utf-8"))
 
     async def request(self, method: str, params: dict[str, Any] | None = None,
                       timeout_s: float | None = None) -> dict[str, Any]:
@@ -100,13 +114,6 @@ class AsyncOutpostClient:
         async with contextlib.aclosing(stream):
             frames = [frame async for frame in stream]
             return frames[-1]
-
-    async def _send(self, request_id: str, method: str, params: dict[str, Any]) -> None:
-        await self._sock.send(self._frame(request_id, method, params))
-
-    @staticmethod
-    def _frame(request_id: str, method: str, params: dict[str, Any]) -> bytes:
-        return json.dumps({"v": 1, "id": request_id, "method": method, "params": params}).encode("utf-8")
 
     # -- methods ---------------------------------------------------------------------
     async def ping(self, timeout_s: float | None = None) -> dict[str, Any]:

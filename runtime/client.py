@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -58,33 +58,45 @@ class OutpostClient:
                timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """One request's replies: the `chunk`s of a stream, then its `result`. An error
         frame is raised; `timeout_s` bounds the wait for each frame."""
+        request_id = uuid.uuid4().hex
+        frame = json.dumps({"v": 1, "id": request_id, "method": method, "params": params or {}})
+        return self._exchange(request_id, frame.encode("utf-8"), timeout_s, decoded)
+
+    def frames_json(self, method: str, params_json: bytes,
+                    timeout_s: float | None = None) -> Iterator[bytes]:
+        """`frames()` for a caller that holds the params as a JSON object already and wants
+        each chunk and the result as JSON (the SDK's transport, sdk.py): neither is decoded
+        and encoded again on the way. An error frame is still raised as its typed exception."""
+        request_id = uuid.uuid4().hex
+        return self._exchange(request_id, request_frame(request_id, method, params_json), timeout_s, sliced)
+
+    def _exchange(self, request_id: str, frame: bytes, timeout_s: float | None,
+                  read: Callable[[bytes, str], tuple[bool, Any] | None]) -> Iterator[Any]:
         if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
             raise DaemonUnreachable(self.endpoint, 0)  # no socket file: nothing listens
-        request_id = uuid.uuid4().hex
-        payload = {"v": 1, "id": request_id, "method": method, "params": params or {}}
-        self._sock.send(json.dumps(payload).encode("utf-8"))
+        self._sock.send(frame)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         done = False
         try:
             while True:
                 if not self._sock.poll(int(timeout * 1000)):
                     raise DaemonUnreachable(self.endpoint, timeout)
-                reply = json.loads(self._sock.recv())
-                if reply.get("id") not in (request_id, None):
-                    continue  # a late reply to a request given up on
                 try:
-                    done, payload = read_reply(reply)
+                    mine = read(self._sock.recv(), request_id)
                 except OutpostError:
                     done = True  # an error frame ends the request too: the socket is in step
                     raise
+                if mine is None:
+                    continue  # a late reply to a request given up on
+                done, payload = mine
                 yield payload
                 if done:
                     return
         finally:
             if not done:
-                # Given up on (a timeout, a stream left unread): a request still queued
-                # leaves the queue; and as the daemon may still answer, a fresh socket
-                # keeps that from being read as the reply to the next request.
+                # Given up on (a timeout, a stream left unread): the daemon stops the
+                # request; and as a reply may be on its way already, a fresh socket keeps
+                # that from being read as the reply to the next request.
                 cancel = {"v": 1, "id": uuid.uuid4().hex, "method": "cancel", "params": {"id": request_id}}
                 try:
                     self._sock.send(json.dumps(cancel).encode("utf-8"), flags=zmq.DONTWAIT)
@@ -167,3 +179,61 @@ def read_reply(reply: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     if "result" not in reply:
         raise BadRequest("reply has neither result nor error", reply=reply)
     return True, reply["result"]
+
+
+def request_frame(request_id: str, method: str, params_json: bytes) -> bytes:
+    """A request frame around params that are a JSON object already (checked by the caller)."""
+    return b'{"v": 1, "id": "%s", "method": "%s", "params": %s}' % (
+        request_id.encode("ascii"), method.encode("ascii"), params_json)
+
+
+def split_reply(raw: bytes, request_id: str) -> tuple[bool, bytes] | None:
+    """(whether it ends the request, its chunk's or result's JSON) of a reply frame to
+    `request_id`, cut out of the frame without decoding it; None for any other frame (an
+    error, another request's, an envelope written some other way), for the caller to
+    decode. The daemon writes the envelope with `id` before the body and the body last
+    (runtime/daemon/protocol.py, reply_ok and reply_chunk)."""
+    head = b'{"v": 1, "id": "' + request_id.encode("ascii") + b'", '
+    if not (raw.startswith(head) and raw.endswith(b"}")):
+        return None
+    if raw.startswith(b'"result": ', len(head)):
+        return True, raw[len(head) + 10:-1]
+    if raw.startswith(b'"chunk": ', len(head)):
+        return False, raw[len(head) + 9:-1]
+    return None
+
+
+def reply_id(raw: bytes) -> str | None:
+    """The request id a reply frame answers, read off its head when the daemon wrote it
+    (split_reply), decoded otherwise."""
+    if raw.startswith(b'{"v": 1, "id": "'):
+        end = raw.find(b'"', 16)
+        if end > 16:
+            return raw[16:end].decode("ascii", "replace")
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        return None
+    return reply.get("id") if isinstance(reply, dict) else None
+
+
+def decoded(raw: bytes, request_id: str) -> tuple[bool, dict[str, Any]] | None:
+    """(whether it ends the request, its chunk or result) of a reply frame to `request_id`;
+    None for another request's frame; an error frame is raised as its typed exception."""
+    reply = json.loads(raw)
+    if reply.get("id") not in (request_id, None):
+        return None
+    return read_reply(reply)
+
+
+def sliced(raw: bytes, request_id: str) -> tuple[bool, bytes] | None:
+    """`decoded()` with the chunk or result left as JSON: cut out of the frame when the
+    daemon wrote it, decoded and encoded again only when it did not."""
+    cut = split_reply(raw, request_id)
+    if cut is not None:
+        return cut
+    decoded_ = decoded(raw, request_id)  # an error is raised here
+    if decoded_ is None:
+        return None
+    done, payload = decoded_
+    return done, json.dumps(payload, ensure_ascii=False).encode("utf-8")

@@ -82,3 +82,8 @@ def sse(data: dict[str, Any], event: str | None = None) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_json(data: bytes) -> bytes:
+    """`sse()` for a chunk that is JSON already (as the daemon wrote it)."""
+    return b"data: " + data + b"\n\n"

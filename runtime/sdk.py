@@ -91,16 +91,21 @@ def _timeout(request: httpx.Request, default: float) -> float:
     return float(read) if read else default
 
 
-def _ok(request: httpx.Request, kind: str, model_id: str | None, result: dict[str, Any]) -> httpx.Response:
+def _ok(request: httpx.Request, kind: str, model_id: str | None, first: Any) -> httpx.Response:
+    """The reply to a request that succeeded: a chat's result (JSON) as the body, as is;
+    the model list (a decoded result) in OpenAI's shapes."""
+    if kind == "chat":
+        return httpx.Response(200, content=first, headers=_JSON, request=request)
     if kind == "models":
-        return httpx.Response(200, json=shape.model_page(result["models"]), request=request)
-    if kind == "model":
-        row = next((m for m in result["models"] if m["id"] == model_id), None)
-        if row is None:
-            return _error(request, {"code": "unknown_model", "message": f"unknown model {model_id!r}",
-                                    "data": {"model": model_id}})
-        return httpx.Response(200, json=shape.model_object(row), request=request)
-    return httpx.Response(200, json=result, request=request)
+        return httpx.Response(200, json=shape.model_page(first["models"]), request=request)
+    row = next((m for m in first["models"] if m["id"] == model_id), None)
+    if row is None:
+        return _error(request, {"code": "unknown_model", "message": f"unknown model {model_id!r}",
+                                "data": {"model": model_id}})
+    return httpx.Response(200, json=shape.model_object(row), request=request)
+
+
+_JSON = {"content-type": "application/json"}
 
 
 def _error(request: httpx.Request, error: dict[str, Any]) -> httpx.Response:
@@ -145,7 +150,11 @@ class ZmqTransport(httpx.BaseTransport):
         except BadRequest as exc:
             return _error(request, exc.to_wire())
         client = self._lend()
-        frames = client.frames(_method(kind), params, _timeout(request, self.timeout_s))
+        timeout = _timeout(request, self.timeout_s)
+        if kind == "chat":  # the body goes out and the reply comes back as JSON, as is
+            frames: Iterator[Any] = client.frames_json("chat", request.content or b"{}", timeout)
+        else:
+            frames = client.frames(_method(kind), {}, timeout)
         try:
             first = next(frames)
         except DaemonUnreachable as exc:
@@ -171,15 +180,15 @@ class ZmqTransport(httpx.BaseTransport):
 class _SyncEvents(httpx.SyncByteStream):
     """A stream's frames as server-sent events, ending with `[DONE]` (or an error event)."""
 
-    def __init__(self, first: dict[str, Any], frames: Iterator[dict[str, Any]], release: Any) -> None:
+    def __init__(self, first: bytes, frames: Iterator[bytes], release: Any) -> None:
         self._first, self._frames, self._release = first, frames, release
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
-        yield shape.sse(self._first)
+        yield shape.sse_json(self._first)
         try:
             for chunk in self._frames:
-                yield shape.sse(chunk)
+                yield shape.sse_json(chunk)
         except OutpostError as exc:  # failed after the first delta: the SDK raises APIError
             yield shape.sse(shape.error_body(exc.to_wire()), event="error")
             return
@@ -209,7 +218,11 @@ class AsyncZmqTransport(httpx.AsyncBaseTransport):
         if self._client is None:
             self._client = AsyncOutpostClient(self.endpoint, self.timeout_s, zmq.asyncio.Context.instance(),
                                               self.curve)
-        frames = self._client.frames(_method(kind), params, _timeout(request, self.timeout_s))
+        timeout = _timeout(request, self.timeout_s)
+        if kind == "chat":
+            frames: AsyncIterator[Any] = self._client.frames_json("chat", request.content or b"{}", timeout)
+        else:
+            frames = self._client.frames(_method(kind), {}, timeout)
         try:
             first = await anext(frames)
         except DaemonUnreachable as exc:
@@ -229,14 +242,14 @@ class AsyncZmqTransport(httpx.AsyncBaseTransport):
 
 
 class _AsyncEvents(httpx.AsyncByteStream):
-    def __init__(self, first: dict[str, Any], frames: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, first: bytes, frames: AsyncIterator[bytes]) -> None:
         self._first, self._frames = first, frames
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield shape.sse(self._first)
+        yield shape.sse_json(self._first)
         try:
             async for chunk in self._frames:
-                yield shape.sse(chunk)
+                yield shape.sse_json(chunk)
         except OutpostError as exc:
             yield shape.sse(shape.error_body(exc.to_wire()), event="error")
             return

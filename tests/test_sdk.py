@@ -13,6 +13,11 @@ import pytest
 import zmq
 
 from outpost.runtime.aclient import AsyncOutpostClient
+from outpost.runtime.client import reply_id, sliced, split_reply
+from outpost.runtime.daemon import protocol
+from outpost.runtime.errors import ContextOverflow
+from outpost.runtime.logs.queries import get_request
+from outpost.runtime.logs.schema import open_db
 from outpost.runtime.sdk import async_http_client, http_client
 
 from .conftest import TINY, add_tiny, make_data_dir, start_daemon
@@ -27,6 +32,21 @@ def sdk(tiny_daemon):
     with openai.OpenAI(base_url="http://outpost/v1", api_key="unused", max_retries=0,
                        http_client=http_client(tiny_daemon.settings.endpoint)) as client:
         yield client
+
+
+def test_the_sdk_path_cuts_the_daemons_replies_out_without_decoding_them():
+    """The transport hands the SDK the daemon's JSON as it came (client.split_reply), which
+    holds only while protocol.py writes the body last: this ties the two together."""
+    result = {"choices": [{"message": {"content": "Zürich \"quoted\" }"}}], "outpost": {"log_id": 7}}
+    assert split_reply(protocol.reply_ok("ab12", result), "ab12") == (True, json.dumps(result, ensure_ascii=False).encode())
+    assert json.loads(split_reply(protocol.reply_chunk("ab12", {"n": 1}), "ab12")[1]) == {"n": 1}
+    assert split_reply(protocol.reply_ok("other", result), "ab12") is None
+    assert reply_id(protocol.reply_ok("ab12", result)) == "ab12"
+    assert reply_id(protocol.reply_ok(None, result)) is None
+    with pytest.raises(ContextOverflow):  # an error frame is decoded and raised, as on the other path
+        sliced(protocol.reply_error("ab12", ContextOverflow(9000, 8192)), "ab12")
+    written_otherwise = json.dumps({"result": result, "id": "ab12", "v": 1}).encode()
+    assert json.loads(sliced(written_otherwise, "ab12")[1]) == result
 
 
 @pytest.mark.parametrize("tool_choice", CHOICES, ids=["auto", "none", "required", "named"])
@@ -199,6 +219,27 @@ def test_async_client_matches_replies_by_id_and_cancels_a_queued_request(slow_da
         later = client.chat(USER, model=LONG, max_tokens=5)
     # Nothing was logged for the cancelled request between the two.
     assert later["outpost"]["log_id"] == first + 1
+
+
+def test_a_cancel_stops_a_generating_request_in_its_worker_and_logs_it(slow_daemon):
+    sock = _dealer(slow_daemon.settings.endpoint)
+    with slow_daemon.client() as client:
+        served = client.status()["loaded"][0]["served"]
+        sock.send_json({"v": 1, "id": "long", "method": "chat", "params": LONG_CHAT})
+        wait_until(client, queued=0)
+        sock.send_json({"v": 1, "id": "stop", "method": "cancel", "params": {"id": "long"}})
+        assert json.loads(sock.recv())["result"] == {"id": "long", "cancelled": True, "state": "generating"}
+        client.chat(USER, model=LONG, max_tokens=5)
+        # The worker dropped it: it finished one generation (`later`), not two.
+        assert client.status()["loaded"][0]["served"] == served + 1
+    assert not sock.poll(300)  # and its agent gets no reply
+    sock.close()
+    db = open_db(slow_daemon.settings.log_path)
+    [(log_id,)] = db.execute("select id from requests where error_code = 'cancelled'").fetchall()
+    stopped = get_request(db, log_id)
+    db.conn.close()
+    assert stopped["error_code"] == "cancelled" and stopped["model"] == LONG
+    assert stopped["completion_tokens"] is None and stopped["attempts"] == []
 
 
 def test_cancel_of_an_unknown_request_says_so(client):
