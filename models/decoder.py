@@ -1,5 +1,6 @@
 """Generation, the same for every backend: a prompt rendered and evaluated, then one
-token per forward pass under the xgrammar mask, with loop and length repair, the
+token per forward pass under the xgrammar mask (text the grammar forces is taken in
+one pass: jump-forward), with loop and length repair, the
 chosen tokens' log-probabilities and streaming. A backend (llama.py, onnx.py) gives
 the forward pass, the KV cache, tokenization and the vocabulary; everything an agent
 or the log can see is decided here, so no behaviour forks by backend.
@@ -45,6 +46,7 @@ class Decoder(ABC):
     n_ctx: int
     n_vocab: int
     template: ChatTemplate
+    jump_forward = True  # off only to measure what it saves (tools/bench_jump.py)
 
     def _init_decoder(self, vocab_cache: Path | None, grammar_timeout_s: float | None = None) -> None:
         self._vocab_cache = vocab_cache
@@ -213,13 +215,14 @@ class Decoder(ABC):
                      f"parallel={request.parallel_tool_calls}") if mask is not None else None,
             batch_size=round(seq.batched / seq.passes, 2) if seq.passes else 1.0)
 
-    # One loop on purpose (64 lines): the per-token hot path reads top to bottom, and
+    # One loop on purpose (about 70 lines): the per-token hot path reads top to bottom, and
     # splitting it would add a call per token and hide the order of mask, sample, accept.
     def _decode(self, run: Run, mask: TokenMask | None, request: GenerationRequest,
                 rng: np.random.Generator, stream: TextStream | None = None,
                 slot: int = 0) -> Iterator[list[int]]:
-        """Generate into `run`, one token per forward pass, until a stop token, the
-        grammar's end or max_tokens; each pass is a `yield` of the tokens to evaluate.
+        """Generate into `run`, one token per forward pass (or what the grammar forces,
+        in one: `_ahead`), until a stop token, the grammar's end or max_tokens; each
+        pass is a `yield` of the tokens to evaluate.
 
         Under a grammar, a call must not end unclosed. Two things would leave it so:
         a degenerate loop (cut back to one copy of what repeats) and max_tokens
@@ -245,6 +248,9 @@ class Decoder(ABC):
                 closing_left -= 1
                 if closing_left < 0:
                     return  # could not close it: reported as a truncated, invalid call
+            elif mask is not None and self.jump_forward and (tokens := self._ahead(run, mask, reserve)):
+                yield tokens  # what the grammar forces, in one pass instead of one each
+                continue
             logits = self._logits(slot)
             if mask is not None:
                 mask.apply(logits)
@@ -318,6 +324,36 @@ class Decoder(ABC):
             self._truncate(0, slot)
             yield tokens
         return run.out[-1]
+
+    def _ahead(self, run: Run, mask: TokenMask, reserve: int) -> list[int]:
+        """Jump-forward: the tokens of the text the grammar forces next (the tag and a
+        call's name, keys and the punctuation between values), taken without sampling,
+        to be evaluated in one forward pass instead of one pass each. The forced text's
+        last token is left to the model, under the mask, so where it meets what the
+        model writes next is the model's own tokenization. [] when that leaves fewer
+        than two tokens, when they would reach into the `reserve` kept for closing a
+        call, or when they do not spell the text exactly (a tokenizer that adds a
+        leading space; a control token, whose piece the grammar sees as empty).
+
+        Each token is accepted on its own, so a loop repair's rollback (counted in
+        tokens) undoes them one by one."""
+        forced = mask.matcher.find_jump_forward_string()
+        if len(forced) < 3:  # a token is at least a byte: no two tokens and a last one
+            return []
+        data = forced.encode("utf-8")
+        tokens = self.tokenize(data, prompt=False)[:-1]
+        if len(tokens) < 2 or len(run.out) + len(tokens) + reserve >= run.budget:
+            return []
+        pieces = [self._piece(tok) for tok in tokens]
+        if not data.startswith(b"".join(pieces)):
+            return []
+        for n, tok in enumerate(tokens):
+            if not mask.matcher.accept_token(tok):
+                mask.matcher.rollback(n)
+                return []
+        for tok, piece in zip(tokens, pieces, strict=True):
+            run.add(tok, piece, 0.0)  # forced: probability 1
+        return tokens
 
     def _jump(self, run: Run, mask: TokenMask, forced: str) -> list[int]:
         """Take text the grammar forces in one batch: accepted by the grammar and

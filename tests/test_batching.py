@@ -71,6 +71,28 @@ def drain(batch: Batch, queue: list[GenerationRequest]) -> dict[int, object]:
     return done
 
 
+def test_text_the_grammar_forces_takes_one_pass_not_one_per_token(solo):
+    """Jump-forward (Decoder._ahead): the tag, the name of the tool asked for, the keys
+    come in one forward pass each run of them, and the answer is the one decoded token
+    by token (this tokenizer has a token per character, so nearly all of it is forced)."""
+    def run(jump: bool) -> tuple[int, object]:
+        solo.jump_forward = jump
+        seq = solo.start(ask(2, tools=FLIGHT, tool_choice="book_flight", max_tokens=200))
+        seq.slot, passes = 0, 0
+        for tokens in seq.steps:
+            solo._eval(tokens, 0)
+            passes += 1
+        return passes - 1, seq.result  # the first pass evaluated the prompt
+
+    try:
+        (jumped, gen), (stepped, alone) = run(True), run(False)
+    finally:
+        solo.jump_forward = True
+    assert gen.text == alone.text and gen.tool_calls[0]["function"]["name"] == "book_flight"
+    assert stepped == gen.completion_tokens and jumped < gen.completion_tokens // 2
+    assert gen.validation[0]["valid"] and gen.validation[0]["logprob"]["free"] == alone.validation[0]["logprob"]["free"]
+
+
 def test_eight_requests_on_four_slots_answer_as_they_do_alone(solo, batched):
     alone = [solo.generate(r) for r in EIGHT]
     batch = Batch(batched)
