@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .client import chat_body, decoded, reply_id, request_frame, sliced
+from .client import chat_body, decoded, reply_id, request_frame, request_json, sliced
 from .curve import ClientKeys, secure
 from .errors import ConfigError, DaemonUnreachable, OutpostError
 
@@ -63,8 +62,7 @@ class AsyncOutpostClient:
         """One request's replies: the `chunk`s of a stream, then its `result`. An error
         frame is raised; `timeout_s` bounds the wait for each frame."""
         request_id = uuid.uuid4().hex
-        frame = json.dumps({"v": 1, "id": request_id, "method": method, "params": params or {}})
-        return self._exchange(request_id, frame.encode("utf-8"), timeout_s, decoded)
+        return self._exchange(request_id, request_json(request_id, method, params or {}), timeout_s, decoded)
 
     def frames_json(self, method: str, params_json: bytes,
                     timeout_s: float | None = None) -> AsyncIterator[bytes]:
@@ -104,8 +102,7 @@ class AsyncOutpostClient:
             del self._waiting[request_id]
             if not done and not self._sock.closed:
                 # Given up on: the daemon stops the request, queued or generating.
-                cancel = {"v": 1, "id": uuid.uuid4().hex, "method": "cancel", "params": {"id": request_id}}
-                self._sock.send(json.dumps(cancel).encode("utf-8"))
+                self._sock.send(request_json(uuid.uuid4().hex, "cancel", {"id": request_id}))
 
     async def request(self, method: str, params: dict[str, Any] | None = None,
                       timeout_s: float | None = None) -> dict[str, Any]:

@@ -59,8 +59,7 @@ class OutpostClient:
         """One request's replies: the `chunk`s of a stream, then its `result`. An error
         frame is raised; `timeout_s` bounds the wait for each frame."""
         request_id = uuid.uuid4().hex
-        frame = json.dumps({"v": 1, "id": request_id, "method": method, "params": params or {}})
-        return self._exchange(request_id, frame.encode("utf-8"), timeout_s, decoded)
+        return self._exchange(request_id, request_json(request_id, method, params or {}), timeout_s, decoded)
 
     def frames_json(self, method: str, params_json: bytes,
                     timeout_s: float | None = None) -> Iterator[bytes]:
@@ -97,9 +96,9 @@ class OutpostClient:
                 # Given up on (a timeout, a stream left unread): the daemon stops the
                 # request; and as a reply may be on its way already, a fresh socket keeps
                 # that from being read as the reply to the next request.
-                cancel = {"v": 1, "id": uuid.uuid4().hex, "method": "cancel", "params": {"id": request_id}}
+                cancel = request_json(uuid.uuid4().hex, "cancel", {"id": request_id})
                 try:
-                    self._sock.send(json.dumps(cancel).encode("utf-8"), flags=zmq.DONTWAIT)
+                    self._sock.send(cancel, flags=zmq.DONTWAIT)
                 except zmq.Again:
                     pass  # nobody to tell
                 self._sock.close(linger=500)
@@ -179,6 +178,11 @@ def read_reply(reply: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     if "result" not in reply:
         raise BadRequest("reply has neither result nor error", reply=reply)
     return True, reply["result"]
+
+
+def request_json(request_id: str, method: str, params: dict[str, Any]) -> bytes:
+    """A request frame (docs/protocol.md)."""
+    return json.dumps({"v": 1, "id": request_id, "method": method, "params": params}).encode("utf-8")
 
 
 def request_frame(request_id: str, method: str, params_json: bytes) -> bytes:
