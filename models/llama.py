@@ -6,7 +6,8 @@ a contiguous numpy array we mask in place, gives the exact post-mask log-probabi
 of every chosen token, and makes `seed` mean the same thing on every backend.
 
 The KV cache keeps the last prompt; a new prompt that shares its prefix (the same
-system block and tools, say) only evaluates the rest.
+system block and tools, say) only evaluates the rest, and only its new turns are
+tokenized (prompt_tokens.py).
 
 Task adapters (LoRA, llama.cpp's GGUF adapter format) are applied per generation on
 the one loaded base: each is read once, on its first request, and switching costs a
@@ -36,6 +37,7 @@ from .backend import AdapterRef
 from .decoder import Decoder, default_threads
 from .errors import AdapterLoadFailed, DecodeFailed, ModelLoadFailed
 from .grammar import Vocabulary
+from .prompt_tokens import MarksFile, PromptTokens, cut_marks
 from .templates import ChatTemplate
 
 
@@ -127,6 +129,8 @@ class LlamaModel(Decoder):
         self._applied: tuple[str, float] | None = None  # (sha256, scale) on the context now
         self.adapter_switches = 0
         self.template = ChatTemplate.from_manifest(manifest.chat_template, self.meta("tokenizer.chat_template"))
+        self._prompt_tokens = PromptTokens(lambda data, first: self._tokenize(data, bos=first, special=True),
+                                           self._cut_marks(vocab_cache.parent if vocab_cache else None))
 
     def meta(self, key: str) -> str | None:
         """A metadata value of the GGUF file, as text (None: absent)."""
@@ -216,9 +220,38 @@ class LlamaModel(Decoder):
         self._adapters[ref.sha256] = (ref, pointer)
         return pointer
 
+    def _cut_marks(self, cache_dir: Path | None) -> list[bytes]:
+        """The special tokens a prompt may be cut before (prompt_tokens.py), from
+        `cache_dir` when they were found before: none unless the vocabulary tokenizes the
+        text between special tokens on its own (SentencePiece, BPE) and adds no EOS."""
+        saved = MarksFile(cache_dir, self.manifest.weights.sha256, self.template.source) if cache_dir else None
+        marks = saved.load() if saved else None
+        if marks is None:
+            marks = self._find_marks()
+            if saved:
+                saved.save(marks)
+        return marks
+
+    def _find_marks(self) -> list[bytes]:
+        vocab = self._vocab_ptr
+        if (llama_cpp.llama_vocab_type(vocab) not in (llama_cpp.LLAMA_VOCAB_TYPE_SPM, llama_cpp.LLAMA_VOCAB_TYPE_BPE)
+                or llama_cpp.llama_vocab_get_add_eos(vocab)):
+            return []
+        special = (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+                   | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN)  # what llama.cpp partitions a prompt at
+        specials = []
+        for tok in range(self.n_vocab):
+            attr = llama_cpp.llama_vocab_get_attr(vocab, tok)
+            if attr & special:
+                specials.append((llama_cpp.llama_vocab_get_text(vocab, tok),
+                                 bool(attr & llama_cpp.LLAMA_TOKEN_ATTR_LSTRIP)))
+        return cut_marks(specials, self.template.source)
+
     # -- the forward pass and the cache (decoder.py and batching.py drive them) -------
     def tokenize(self, data: bytes, *, prompt: bool) -> list[int]:
-        return self._tokenize(data, bos=prompt, special=prompt)
+        if prompt:  # by turns, the turns seen before from a cache
+            return self._prompt_tokens(data)
+        return self._tokenize(data, bos=False, special=False)
 
     def _tokenize(self, data: bytes, *, bos: bool, special: bool) -> list[int]:
         room = len(data) + 2

@@ -82,3 +82,20 @@ def test_constrained_call_is_schema_valid_on_both_vocabularies(which, request):
     stats = report["logprob"]
     assert 0 < stats["tokens"] <= gen.completion_tokens
     assert stats["min"] <= stats["mean"] <= 0
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma"])
+def test_prompts_tokenized_by_turns_are_the_whole_prompts_tokens_on_both_vocabularies(which, request):
+    """BPE (SmolLM2: `<|im_start|>`, `<|im_end|>`) and SentencePiece with its space
+    prefix after a special token (Gemma: `<start_of_turn>`, `<end_of_turn>`)."""
+    model = request.getfixturevalue(which)
+    assert model._prompt_tokens.enabled and model._prompt_tokens._marks  # caching is on for both
+    history = [{"role": "system", "content": "Be brief."}]
+    for i, ask in enumerate(["What is the weather in Paris?", " spaces ", "", "東京 ☂", "x<end_of_turn>\ny",
+                             "<|im_start|>assistant\n", "\n\ttabs\t\n"]):
+        history.append({"role": "user", "content": ask})
+        text = model.render(GenerationRequest(messages=history, tools=WEATHER if i % 2 else None))
+        whole = model._tokenize(text.encode(), bos=True, special=True)
+        assert model.tokenize(text.encode(), prompt=True) == whole, ask
+        history.append({"role": "assistant", "content": f"answer {i}"})
+    assert model._prompt_tokens.enabled and model._prompt_tokens.hits > 0

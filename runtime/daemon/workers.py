@@ -73,7 +73,9 @@ class Forkserver:
         self._zmq = zmq_ctx
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(self.PRELOAD)
-        self._sockdir = Path(tempfile.mkdtemp(prefix="outpost-w-"))
+        # Made at the first spawn: a daemon that never loads a model (a bad config, a
+        # test) must not leave an empty folder in /tmp.
+        self._sockdir: Path | None = None
         self._seq = itertools.count()
 
     async def start(self) -> None:
@@ -85,6 +87,8 @@ class Forkserver:
     def spawn(self, manifest: Manifest, manifest_toml: str, store_root: str, options: LoadOptions,
               reserve: int, pinned: bool, idle_ttl_s: float | None) -> WorkerHandle:
         """Bind a private socket for the worker and fork its process; it loads on its own."""
+        if self._sockdir is None:
+            self._sockdir = Path(tempfile.mkdtemp(prefix="outpost-w-"))
         endpoint = f"ipc://{self._sockdir / f'w{next(self._seq)}.sock'}"
         sock = self._zmq.socket(zmq.DEALER)
         sock.linger = 0
@@ -97,7 +101,9 @@ class Forkserver:
                             pinned=pinned, idle_ttl_s=idle_ttl_s)
 
     def close(self) -> None:
-        shutil.rmtree(self._sockdir, ignore_errors=True)
+        if self._sockdir is not None:
+            shutil.rmtree(self._sockdir, ignore_errors=True)
+            self._sockdir = None
 
 
 @dataclass
