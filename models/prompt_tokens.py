@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKED_PROMPTS = 4  # prompts also tokenized whole, to confirm the pieces add up
 MAX_PIECES = 512  # pieces remembered (least recently used go first)
-MAX_BYTES = 8 << 20  # and the text they hold, at most
+MAX_BYTES = 2 << 20  # and the text they hold, at most (with their tokens, a few MiB of the worker's memory)
 
 
 def cut_marks(specials: Iterable[tuple[bytes, bool]], template: str) -> list[bytes]:
@@ -99,18 +100,18 @@ class PromptTokens:
     def __init__(self, tokenize: Callable[[bytes, bool], list[int]], marks: list[bytes]) -> None:
         self._tokenize = tokenize
         self._marks = marks
-        self._pieces: OrderedDict[tuple[bool, bytes], list[int]] = OrderedDict()
+        self._pieces: OrderedDict[tuple[bool, bytes], array[int]] = OrderedDict()  # 4 bytes a token
         self._bytes = 0
         self._checks_left = CHECKED_PROMPTS
         self.enabled = bool(marks)
         self.hits = self.misses = 0  # pieces, for the benchmark and the tests
 
     def __call__(self, data: bytes) -> list[int]:
-        if not self.enabled:
+        if not self.enabled or not data:
             return self._tokenize(data, True)
         tokens: list[int] = []
         for i, piece in enumerate(self._cut(data)):
-            tokens += self._piece(piece, i == 0)
+            tokens.extend(self._piece(piece, i == 0))
         if self._checks_left > 0:
             self._checks_left -= 1
             whole = self._tokenize(data, True)
@@ -133,7 +134,7 @@ class PromptTokens:
         bounds = sorted(starts - {0})
         return [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)]) if b > a]
 
-    def _piece(self, piece: bytes, first: bool) -> list[int]:
+    def _piece(self, piece: bytes, first: bool) -> array[int]:
         key = (first, piece)
         hit = self._pieces.get(key)
         if hit is not None:
@@ -141,7 +142,7 @@ class PromptTokens:
             self.hits += 1
             return hit
         self.misses += 1
-        tokens = self._tokenize(piece, first)
+        tokens = array("i", self._tokenize(piece, first))
         self._pieces[key] = tokens
         self._bytes += len(piece)
         while len(self._pieces) > MAX_PIECES or self._bytes > MAX_BYTES:
