@@ -14,6 +14,8 @@ from outpost.manifests.errors import BadRequest
 from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 from outpost.runtime.logs import schema
+from outpost.tools import bfcl
+from outpost.tools.oracle_server import ground_truth_call
 from outpost.tools.specialise import cli as specialise
 from outpost.tools.specialise.train import TrainSettings
 from outpost.tools.tiny_gguf import write_tiny_gguf
@@ -97,3 +99,12 @@ def test_a_task_with_nothing_logged_is_a_typed_error_and_trains_nothing(settings
     assert db.execute("select count(*) from evals").fetchone()[0] == 0
     assert not list((tmp_path / "work").glob("*.gguf"))
     assert routed(settings, "never-asked") is None
+
+
+def test_the_minimal_teacher_leaves_out_what_bfcl_accepts_absent():
+    item = bfcl.Item(id="x", category="simple_python", messages=[{"role": "user", "content": "q"}],
+                     functions=[], answer=[{"f": {"a": [1, 2], "unit": ["", "km"], "flag": [""]}}])
+    [first] = ground_truth_call(item)
+    [minimal] = ground_truth_call(item, minimal=True)
+    assert json.loads(first["function"]["arguments"]) == {"a": 1, "unit": "km"}
+    assert json.loads(minimal["function"]["arguments"]) == {"a": 1}

@@ -213,6 +213,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None, help="keep the run's data dir here")
     ap.add_argument("--switch-requests", type=int, default=40, help="requests per switch-cost stream")
     ap.add_argument("--no-gemma", action="store_true", help="S4 with SmolLM2 alone (no Gemma-3-270M)")
+    ap.add_argument("--teacher", choices=["first", "minimal"], default="first",
+                    help="the oracle's answers: each argument's first accepted value (default), or "
+                         "`minimal`: arguments BFCL accepts absent left out (tools/oracle_server.py)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--svg", type=Path, default=None, help="also draw the learning curve here")
     ap.add_argument("--from-json", type=Path, default=None,
@@ -237,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_gemma:  # S4 has a second candidate to choose from
         link_model(store, ModelStore(args.store), GEMMA)
         candidates.append(GEMMA)
-    result: dict[str, Any] = {"teacher": "oracle (BFCL ground truth)", "machine": os.uname().nodename,
+    result: dict[str, Any] = {"teacher": f"oracle (BFCL ground truth, {args.teacher})", "machine": os.uname().nodename,
                               "cores": os.cpu_count(), "threads": args.threads,
                               "train_questions": len(train_items), "heldout_questions": len(heldout_items)}
 
-    with OracleServer(items) as oracle:
+    with OracleServer(items, minimal=args.teacher == "minimal") as oracle:
         settings = Settings.load(None, data_dir=data_dir, endpoint=f"ipc://{root}/outpost.sock",
                                  default_model=BASE, escalation={"policy": "shadow"},
                                  cloud={"base_url": oracle.base_url, "model": oracle.model,
@@ -386,7 +389,8 @@ def curve_svg(result: dict[str, Any], width: int = 560, height: int = 300) -> st
 
 def table(result: dict[str, Any]) -> str:
     b = result["base"]
-    lines = [(f"BFCL simple_python, ORACLE TEACHER (BFCL's ground truth as the cloud); "
+    teacher = result.get("teacher", "").partition(", ")[2].rstrip(")") or "first"
+    lines = [(f"BFCL simple_python, ORACLE TEACHER (BFCL's ground truth as the cloud, {teacher}); "
               f"{result['train_questions']} questions logged in shadow mode, {result['heldout_questions']} "
               f"held out; {result['threads']} threads on {result['cores']} cores"),
              (f"{'model':<24} {'train ex':>8} {'AST':>6} {'valid':>6} {'local@t':>8} {'p50 ms':>7} "

@@ -8,8 +8,10 @@ export run exactly as they would against a cloud. Every table it feeds must say
 loop can learn from a perfect teacher, not what a given cloud model would teach.
 
 A question is found by its last user message; the answer calls the question's
-function with, for each argument, the first value BFCL accepts (arguments BFCL
-marks optional with "" are left out). Unknown questions get a plain text answer.
+function with, for each argument, the first value BFCL accepts (an argument whose
+only accepted value is "", absent, is left out). A `minimal` teacher also leaves out
+every argument BFCL accepts absent ("" among its values), which is the shorter of two
+right answers: the default one would fill it. Unknown questions get a plain text answer.
 
     python -m outpost.tools.oracle_server [--port N] [--category simple_python]
 """
@@ -25,13 +27,16 @@ from typing import Any
 from . import bfcl
 
 
-def ground_truth_call(item: bfcl.Item) -> list[dict[str, Any]]:
-    """BFCL's possible answers -> OpenAI tool calls with the first accepted value of each."""
+def ground_truth_call(item: bfcl.Item, minimal: bool = False) -> list[dict[str, Any]]:
+    """BFCL's possible answers -> OpenAI tool calls with the first accepted value of each
+    (`minimal`: none for an argument BFCL accepts absent)."""
     calls = []
     for n, entry in enumerate(item.answer or []):
         ((name, params),) = entry.items()
         args = {}
         for key, accepted in params.items():
+            if minimal and "" in accepted:
+                continue
             chosen = next((v for v in accepted if v != ""), None)
             if chosen is not None:
                 args[key] = chosen
@@ -51,9 +56,10 @@ def _last_user(messages: list[dict[str, Any]]) -> str:
 class OracleServer:
     """`with OracleServer(items) as oracle:` ... `oracle.base_url` ... (a thread serves it)."""
 
-    def __init__(self, items: list[bfcl.Item], port: int = 0, model: str = "oracle-teacher") -> None:
+    def __init__(self, items: list[bfcl.Item], port: int = 0, model: str = "oracle-teacher",
+                 minimal: bool = False) -> None:
         self.model = model
-        self.answers = {_last_user(i.messages): ground_truth_call(i) for i in items if i.answer}
+        self.answers = {_last_user(i.messages): ground_truth_call(i, minimal) for i in items if i.answer}
         self.requests = 0
         server = self
 
