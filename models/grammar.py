@@ -17,8 +17,10 @@ and never allows inside the grammar.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import struct
 from collections import OrderedDict
@@ -38,6 +40,8 @@ from .errors import GrammarTooComplex, UnsupportedSchema
 from .schemas import for_grammar, tool_parameters
 from .templates import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
+log = logging.getLogger(__name__)
+
 ToolChoice = Literal["auto", "none", "required"] | str  # str: a function name
 
 
@@ -48,16 +52,23 @@ class Vocabulary:
     size: int  # the logits' width; may exceed len(pieces) when the model pads
 
     def save(self, path: Path) -> None:
-        """Binary file: a JSON header line, then (u32 length, bytes) per token."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Binary file: a JSON header line, then (u32 length, bytes) per token. Best
+        effort: a cache folder that cannot be written costs the next load the reading
+        again, never this load."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            header = {"format": 1, "size": self.size, "stop_ids": self.stop_ids, "n": len(self.pieces)}
-            out.write(json.dumps(header).encode() + b"\n")
-            for piece in self.pieces:
-                out.write(struct.pack("<I", len(piece)))
-                out.write(piece)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as out:
+                header = {"format": 1, "size": self.size, "stop_ids": self.stop_ids, "n": len(self.pieces)}
+                out.write(json.dumps(header).encode() + b"\n")
+                for piece in self.pieces:
+                    out.write(struct.pack("<I", len(piece)))
+                    out.write(piece)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot keep the vocabulary in %s (%s): read again at the next load", path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     @classmethod
     def load(cls, path: Path, size: int) -> Vocabulary | None:

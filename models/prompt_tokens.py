@@ -29,6 +29,7 @@ warning.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -76,10 +77,17 @@ class MarksFile:
             return None
 
     def save(self, marks: list[bytes]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Best effort: a cache folder that cannot be written costs the next load the
+        search again, never this load."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"marks": [mark.hex() for mark in marks]}))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"marks": [mark.hex() for mark in marks]}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot keep the prompt marks in %s (%s): found again at the next load", self.path, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def _overlaps(a: bytes, b: bytes) -> bool:

@@ -95,3 +95,19 @@ def test_the_marks_are_kept_beside_the_vocabulary_and_found_again_when_unreadabl
         model.close()
         # Written the first time, found again over garbage, and read as they are when readable.
         assert marks == ([b"<|"] if content and content.startswith("{") else [START, END])
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_load(tiny_gguf, tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")  # so the cache folder beneath it can never be made
+    manifest = Manifest.from_toml(tiny_manifest_toml(tiny_gguf))
+    with caplog.at_level(logging.WARNING):
+        model = LlamaModel(manifest, tiny_gguf, vocab_cache=blocked / "cache" / "vocab.bin")
+        try:
+            assert model._prompt_tokens._marks == [START, END]
+            assert model.vocab.size == model.n_vocab  # read, served, and not kept
+        finally:
+            model.close()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "cannot keep the prompt marks" in warned and "cannot keep the vocabulary" in warned
+    assert list(tmp_path.rglob("*.tmp")) == []
