@@ -15,7 +15,8 @@ import time
 import pytest
 
 from outpost.manifests.schema import Manifest
-from outpost.runtime.daemon.ledger import WORKER_OVERHEAD, MemoryLedger, context_bytes
+from outpost.runtime.daemon import memory
+from outpost.runtime.daemon.ledger import AUTO_SLOTS_GPU, WORKER_OVERHEAD, MemoryLedger, context_bytes
 from outpost.runtime.daemon.settings import BudgetSettings, LlamaSettings
 from outpost.runtime.errors import Timeout, WorkerCrashed
 from outpost.runtime.logs.records import Footprint
@@ -143,6 +144,35 @@ def test_a_request_that_times_out_leaves_the_batch(tmp_path, tiny_gguf):
             assert worker["generating"] == 0 and worker["state"] == "ready"
     finally:
         running.stop()
+
+
+class OneGpu(memory.Gpus):
+    """One GPU with `free` bytes that no worker uses yet: NVML's answers, held still."""
+
+    def __init__(self, free: int) -> None:
+        self.count, self._free = 1, free
+
+    def free(self) -> list[int]:
+        return [self._free]
+
+    def used_by(self, pids: set[int]) -> dict[int, int]:
+        return {}
+
+
+def test_the_gpu_offload_is_planned_for_every_slots_context(tiny_gguf):
+    manifest = Manifest.from_toml(tiny_manifest_toml(tiny_gguf, memory_estimate="64MiB"))
+    weights, kv, overhead = manifest.weights.size, context_bytes(manifest), 256 << 20
+    vram = weights + 2 * kv + overhead  # the whole model with two contexts, not four
+    ledger = MemoryLedger(BudgetSettings(ram=1 << 30, margin=0, vram=vram), LlamaSettings(), {},
+                          gpus=OneGpu(8 << 30))
+    assert ledger.gpu_layers(manifest, []) == -1  # one context: all of it fits
+    layers, slots = ledger.plan(manifest, "auto", [])
+    assert slots == AUTO_SLOTS_GPU
+    assert layers == memory.plan_gpu_layers(32, weights, AUTO_SLOTS_GPU * kv, vram) and 0 <= layers < 32
+    assert ledger.plan(manifest, 2, []) == (-1, 2)
+    # Configured layers are kept whatever the slots.
+    ledger.llama = LlamaSettings(n_gpu_layers=7)
+    assert ledger.plan(manifest, "auto", []) == (7, AUTO_SLOTS_GPU)
 
 
 def test_the_budget_charges_a_context_per_slot_and_a_short_budget_gets_fewer_slots(tiny_gguf):

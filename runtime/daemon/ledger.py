@@ -42,10 +42,10 @@ def context_bytes(manifest: Manifest) -> int:
 
 class MemoryLedger:
     def __init__(self, budget: BudgetSettings, llama: LlamaSettings,
-                 footprints: dict[tuple[str, str], Footprint]) -> None:
+                 footprints: dict[tuple[str, str], Footprint], gpus: memory.Gpus | None = None) -> None:
         self.llama = llama
         self.footprints = footprints  # (model, version) -> its highest measured cost
-        self.gpus = memory.Gpus()
+        self.gpus = gpus if gpus is not None else memory.Gpus()
         self.margin = int(budget.margin)
         self.ram = int(budget.ram or memory.available_ram() * budget.ram_share)
         self.vram = ([int(budget.vram)] * self.gpus.count if budget.vram
@@ -137,8 +137,23 @@ class MemoryLedger:
         self.footprints[key] = new
         return new
 
-    def gpu_layers(self, manifest: Manifest, workers: Iterable[WorkerHandle]) -> int | str:
-        """Layers to offload: the configured number, or as many as fit the VRAM budget."""
+    def plan(self, manifest: Manifest, configured_slots: int | str,
+             workers: Iterable[WorkerHandle]) -> tuple[int | str, int]:
+        """(layers to offload, sequences) for a new worker. The sequences depend on
+        whether it runs on the GPU at all, and the layers that fit on how many contexts
+        their KV cache holds: a first plan for one context says whether, the second
+        sizes the offload for every slot's context."""
+        workers = list(workers)
+        layers = self.gpu_layers(manifest, workers)
+        slots = self.slots(manifest, configured_slots, layers)
+        if slots > 1:
+            layers = self.gpu_layers(manifest, workers, slots)
+        return layers, slots
+
+    def gpu_layers(self, manifest: Manifest, workers: Iterable[WorkerHandle], slots: int = 1) -> int | str:
+        """Layers to offload: the configured number, or as many as fit the VRAM budget
+        with `slots` contexts' KV cache (llama.cpp spreads the cache over the layers
+        with their weights)."""
         configured = self.llama.n_gpu_layers
         if configured != "auto":
             return configured
@@ -148,7 +163,7 @@ class MemoryLedger:
         free = self.vram[0] - sum(mine.values())
         stored = self.footprints.get((manifest.id, manifest.version))
         weights = manifest.weights.size
-        kv = max(0, int(manifest.memory_estimate) - weights)
+        kv = context_bytes(manifest) * slots
         n_layer = int(stored.n_layer if stored and stored.n_layer else 32)
         return memory.plan_gpu_layers(n_layer, weights, kv, free)
 

@@ -274,10 +274,9 @@ class ModelPool:
         self.quarantine.check(manifest)  # failed too often lately: no fork, no eviction
         self.store.weights_path(manifest)  # raises ModelNotPulled before anything is evicted
         pinned, ttl = self.policy(manifest)
-        layers = self.ledger.gpu_layers(manifest, self.workers.values())
         p = self.settings.models.get(manifest.id)
-        slots = self.ledger.slots(manifest, p.n_parallel if p and p.n_parallel else self.settings.llama.n_parallel,
-                                  layers)
+        layers, slots = self.ledger.plan(
+            manifest, p.n_parallel if p and p.n_parallel else self.settings.llama.n_parallel, self.workers.values())
         need = self.ledger.estimate(manifest, slots)
         t0 = time.perf_counter()
         await self.ready()
