@@ -136,6 +136,20 @@ def test_a_tool_call_with_invalid_arguments_is_a_failure():
         assert err.value.data["validation"][0]["valid"] is False
 
 
+def test_an_invalid_tool_call_does_not_trip_the_breaker_but_a_broken_body_does():
+    body = json.dumps(completion(args={"city": "Oslo"}))[:70]
+    script = Script(ok(args={"town": "Oslo"}), ok(args={"town": "Oslo"}),
+                    httpx.Response(200, text=body, headers={"content-type": "application/json"}))
+    c, _ = client(script, breaker_failures=1)
+    for _ in range(2):  # the endpoint answered: the model was wrong, twice
+        with pytest.raises(CloudInvalid):
+            ask(c)
+        assert c.breaker.state == "closed"
+    with pytest.raises(CloudInvalid):  # not a completion at all: the endpoint's failure
+        ask(c)
+    assert c.breaker.state == "open"
+
+
 def test_a_400_is_not_retried_and_does_not_trip_the_breaker():
     script = Script(httpx.Response(400, json={"error": "bad"}))
     c, slept = client(script, breaker_failures=1)

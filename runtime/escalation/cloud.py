@@ -12,7 +12,9 @@ What makes it safe to call from a daemon on a poor link:
   fits the deadline. Other 4xx fail at once.
 - A circuit breaker: after `breaker_failures` failed requests in a row the endpoint
   is not called for `breaker_cooldown_s`; then one request may try (half-open), and
-  its success closes the breaker.
+  its success closes the breaker. A failure is the endpoint's: unreachable, timed
+  out, 5xx, a body that is not a completion. A tool call that fails its schema is
+  the model's mistake on one request, not one of these.
 - A daily cap on requests and tokens (UTC day), seeded from the log at start so a
   restart does not reset it.
 - The answer is checked like a local one: its tool calls must parse and validate
@@ -199,12 +201,15 @@ class CloudClient:
         try:
             answer = await self._post(body, tools or [], now)
         except CloudError as exc:
-            # Only the endpoint's own failures count towards the breaker; a 4xx we
-            # caused (a bad request) says nothing about its health.
-            if not isinstance(exc, CloudRejected):
-                self.breaker.record(False, time.monotonic())
-            else:
+            # Only the endpoint's own failures count towards the breaker. A 4xx we
+            # caused (a bad request) says nothing about its health; a well-formed
+            # completion whose tool call fails its schema says it is up (the model got
+            # this one request wrong), and must not stop every other request for the
+            # cooldown.
+            if isinstance(exc, CloudRejected):
                 self.breaker.trial = False
+            else:
+                self.breaker.record(isinstance(exc, CloudInvalid) and "validation" in exc.data, time.monotonic())
             raise
         self.breaker.record(True, time.monotonic())
         return answer
