@@ -5,8 +5,12 @@ to the base. Every evaluation lands in the log's `evals` table."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from outpost.manifests.catalog import Catalog
@@ -15,6 +19,7 @@ from outpost.manifests.store import ModelStore
 from outpost.runtime.config import Settings
 from outpost.runtime.logs import schema
 from outpost.tools import bfcl
+from outpost.tools.bench_specialise import neighbours
 from outpost.tools.oracle_server import ground_truth_call
 from outpost.tools.specialise import cli as specialise
 from outpost.tools.specialise.train import TrainSettings
@@ -23,6 +28,7 @@ from outpost.tools.tiny_gguf import write_tiny_gguf
 from .conftest import TINY, make_data_dir
 
 pytest.importorskip("peft")
+from gguf import GGUFReader  # noqa: E402 (the train extra brings it)
 
 ASK = [{"role": "user", "content": "What time is it in Paris?"}]
 FAST = TrainSettings(rank=8, alpha=16.0, epochs=40, learning_rate=1e-2, batch_tokens=4096, warmup_steps=2,
@@ -108,3 +114,64 @@ def test_the_minimal_teacher_leaves_out_what_bfcl_accepts_absent():
     [minimal] = ground_truth_call(item, minimal=True)
     assert json.loads(first["function"]["arguments"]) == {"a": 1, "unit": "km"}
     assert json.loads(minimal["function"]["arguments"]) == {"a": 1}
+    # A dict argument's values are lists of accepted values again.
+    item.answer = [{"f": {"body": [{"mode": ["COOL", "DRY"], "fan": ["", "HIGH"], "hands": [["A", "K"]]}]}}]
+    [nested] = ground_truth_call(item)
+    assert json.loads(nested["function"]["arguments"]) == {"body": {"mode": "COOL", "fan": "HIGH", "hands": ["A", "K"]}}
+    [nested] = ground_truth_call(item, minimal=True)
+    assert json.loads(nested["function"]["arguments"]) == {"body": {"mode": "COOL", "hands": ["A", "K"]}}
+
+
+def test_neighbouring_traffic_never_repeats_a_question_already_asked():
+    # BFCL's `multiple` repeats some of `simple_python`'s questions: logged, one of them
+    # would put a held-out question into training.
+    def item(id_: str, question: str) -> bfcl.Item:
+        return bfcl.Item(id=id_, category=id_.rpartition("_")[0], functions=[], answer=[{"f": {}}],
+                         messages=[{"role": "system", "content": "s"}, {"role": "user", "content": question}])
+
+    simple = [item("simple_python_0", "area of a circle of radius 3?"), item("simple_python_1", "sum 2 and 3")]
+    multiple = [item("multiple_0", "sum 2 and 3"), item("multiple_1", "is 7 prime?"), item("multiple_2", "is 7 prime?")]
+    assert [i.id for i in neighbours(multiple, simple)] == ["multiple_1"]
+
+
+@pytest.mark.slow  # three processes load torch: about 40 s
+def test_a_distributed_launch_trains_the_adapter_a_single_process_would(settings, tmp_path):
+    # Two CPU processes under torchrun (what `accelerate launch` starts too) split every
+    # batch; the step they take together is the one process's step on the whole batch.
+    examples = write_examples(tmp_path / "ex", "noon")
+
+    def launch(processes: int, *task: str) -> subprocess.CompletedProcess:
+        runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                  if processes > 1 else [sys.executable])
+        return subprocess.run(
+            [*runner, "-m", "outpost.runtime.cli", "specialise", *task, "--data-dir", str(settings.data_dir),
+             "--base", TINY, "--rank", "8", "--alpha", "16", "--epochs", "40",
+             "--lr", "1e-2", "--batch-tokens", "4096", "--threads", "1", "--max-tokens", "8", "--no-promote",
+             "--workdir", str(tmp_path / f"work{processes}"), "--json"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def trained(processes: int) -> dict:
+        out = launch(processes, "clock", "--examples", str(examples))
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout)
+
+    alone, two = trained(1), trained(2)
+    assert alone["train"]["device"] == "cpu" and two["train"]["device"] == "cpu x2"
+    assert two["train"]["steps"] == alone["train"]["steps"] == 40  # one batch of 4 an epoch, 2 + 2
+    assert (alone["candidate"]["accuracy"], two["candidate"]["accuracy"]) == (1.0, 1.0)
+
+    def tensors(path: str) -> dict[str, np.ndarray]:
+        return {t.name: np.array(t.data, dtype=np.float32) for t in GGUFReader(path).tensors}
+
+    a, b = tensors(alone["gguf"]), tensors(two["gguf"])
+    assert a.keys() == b.keys() and a
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-2, atol=1e-3, err_msg=name)  # fp16, summed apart
+
+    # Process 0 fails before training (nothing logged for the task): the other is told
+    # and stops too, instead of waiting for a choice that never comes.
+    failed = launch(2, "never-asked")
+    assert failed.returncode != 0
+    # --json: the errors are JSON on stdout (two processes' lines, which may interleave).
+    assert '"code": "bad_request"' in failed.stdout and '"code": "world_failed"' in failed.stdout
+    assert "0 training and 0 held-out" in failed.stdout

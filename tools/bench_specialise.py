@@ -4,6 +4,7 @@ held-out half asked with the base and with the adapters, in one run.
 
     python -m outpost.tools.bench_specialise [--sizes 25,50,100,200] [--epochs 3]
         [--threads 2] [--limit N] [--out DIR] [--json] [--svg PLOT.svg]
+        [--also-log multiple,live_simple]
 
 1. BFCL's 400 `simple_python` questions are split into halves by a hash of their id.
 2. The training half is asked through a real daemon (a fresh data dir, SmolLM2 linked
@@ -21,8 +22,13 @@ held-out half asked with the base and with the adapters, in one run.
 6. Serving cost: decode tok/s and p50 of base vs adapter, and a stream alternating two
    adapters vs one adapter (the switch overhead, and the re-prefill it forces).
 
+`--also-log` adds neighbouring traffic to step 2: the questions of other BFCL categories,
+logged under the same task, with any question `simple_python` asks left out (`multiple`
+repeats some of them), so the held-out half stays unseen.
+
 Every table says "oracle teacher": the targets are right by construction. Replace the
-oracle with any OpenAI-compatible URL (--cloud-url) to measure a real teacher.
+oracle with any OpenAI-compatible URL (--cloud-url, --cloud-model, --cloud-key-env) to
+measure a real teacher.
 
 A run again with the same --out resumes: the log, the base's and each adapter's held-out
 answers, the full `specialise` result and each curve point are kept there as JSON, and a
@@ -32,6 +38,7 @@ training interrupted resumes from its checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -58,7 +65,7 @@ from outpost.runtime.logs import schema
 from outpost.runtime.logs.export import Filters, export, val_path_for
 
 from . import bfcl
-from .oracle_server import OracleServer
+from .oracle_server import OracleServer, question_of
 from .specialise import adapter as adapters
 from .specialise import cli as specialise
 from .specialise import data
@@ -76,6 +83,21 @@ def split(items: list[bfcl.Item]) -> tuple[list[bfcl.Item], list[bfcl.Item]]:
     for item in items:
         (train_half if hashlib.sha256(item.id.encode()).digest()[0] % 2 == 0 else heldout).append(item)
     return train_half, heldout
+
+
+def neighbours(category: list[bfcl.Item], seen: list[bfcl.Item]) -> list[bfcl.Item]:
+    """A neighbouring category's questions that ask nothing already asked: BFCL's `multiple`
+    repeats some of `simple_python`'s questions (with more functions to choose from), and one
+    of those logged would leak a held-out question into training. The oracle also answers by
+    the question's text, so a repeat would be answered with the other's call."""
+    asked = {question_of(i.messages) for i in seen}
+    fresh = []
+    for item in category:
+        question = question_of(item.messages)
+        if question not in asked:
+            asked.add(question)
+            fresh.append(item)
+    return fresh
 
 
 def request(item: bfcl.Item, route: dict[str, Any], max_tokens: int, escalation: str) -> dict[str, Any]:
@@ -216,6 +238,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--teacher", choices=["first", "minimal"], default="first",
                     help="the oracle's answers: each argument's first accepted value (default), or "
                          "`minimal`: arguments BFCL accepts absent left out (tools/oracle_server.py)")
+    ap.add_argument("--cloud-url", default=None, metavar="URL",
+                    help="a real teacher: an OpenAI-compatible base URL asked in shadow instead of the oracle")
+    ap.add_argument("--cloud-model", default=None, help="the model to ask at --cloud-url")
+    ap.add_argument("--cloud-key-env", default=None, metavar="VAR",
+                    help="the environment variable holding --cloud-url's API key")
+    ap.add_argument("--also-log", default="", metavar="CATEGORIES",
+                    help="also log these BFCL categories' questions (comma-separated, e.g. "
+                         "multiple,live_simple) under the same task: neighbouring tool-call traffic, "
+                         "more examples. A question simple_python asks is left out; the held-out "
+                         "half stays simple_python's")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--svg", type=Path, default=None, help="also draw the learning curve here")
     ap.add_argument("--from-json", type=Path, default=None,
@@ -230,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     items = bfcl.load("simple_python", args.limit)
     train_items, heldout_items = split(items)
+    also = [c for c in args.also_log.split(",") if c]
+    for category in also:  # after simple_python's, so a log of the plain run is their prefix
+        try:
+            extra = neighbours(bfcl.load(category), items)
+        except FileNotFoundError:
+            sys.exit(f"--also-log: BFCL has no category {category!r}")
+        items += extra
+        train_items += extra
     heldout_items = heldout_items[: args.heldout_limit] if args.heldout_limit else heldout_items
     check = bfcl._checker()
     root = args.out or Path(tempfile.mkdtemp(prefix="outpost-specialise-"))
@@ -240,24 +280,36 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_gemma:  # S4 has a second candidate to choose from
         link_model(store, ModelStore(args.store), GEMMA)
         candidates.append(GEMMA)
-    result: dict[str, Any] = {"teacher": f"oracle (BFCL ground truth, {args.teacher})", "machine": os.uname().nodename,
+    if args.cloud_url and not args.cloud_model:
+        sys.exit("--cloud-url needs --cloud-model")
+    teacher = (f"cloud ({args.cloud_model} at {args.cloud_url})" if args.cloud_url
+               else f"oracle (BFCL ground truth, {args.teacher})")
+    result: dict[str, Any] = {"teacher": teacher, "oracle": None if args.cloud_url else args.teacher,
+                              "machine": os.uname().nodename,
                               "cores": os.cpu_count(), "threads": args.threads,
-                              "train_questions": len(train_items), "heldout_questions": len(heldout_items)}
+                              "train_questions": len(train_items), "heldout_questions": len(heldout_items),
+                              "also_logged": also}
 
-    with OracleServer(items, minimal=args.teacher == "minimal") as oracle:
+    teaching = (contextlib.nullcontext(None) if args.cloud_url
+                else OracleServer(items, minimal=args.teacher == "minimal"))
+    with teaching as oracle:
+        cloud = ({"base_url": oracle.base_url, "model": oracle.model, "api_key_env": None} if oracle else
+                 {"base_url": args.cloud_url, "model": args.cloud_model, "api_key_env": args.cloud_key_env})
         settings = Settings.load(None, data_dir=data_dir, endpoint=f"ipc://{root}/outpost.sock",
                                  default_model=BASE, escalation={"policy": "shadow"},
-                                 cloud={"base_url": oracle.base_url, "model": oracle.model,
-                                        "api_key_env": None, "daily_max_requests": None,
-                                        "daily_max_tokens": None},
+                                 cloud={**cloud, "daily_max_requests": None, "daily_max_tokens": None},
                                  llama={"n_threads": args.threads})
         with EmbeddedDaemon(settings) as daemon, daemon.client(timeout_s=600) as client:
             # S1: the training half through the daemon, the oracle asked in shadow (once:
-            # a run again with the same --out reuses the log).
+            # a run again with the same --out, or an interrupted one, goes on from the log).
             t0 = time.perf_counter()
             db = schema.open_db(settings.log_path)
-            logged = db.execute("select count(*) from requests where task = ?", [TASK]).fetchone()[0]
-            for item in _bar(train_items if logged < len(train_items) else [], "logging (shadow)"):
+            # Counted and exported: the requests the oracle was asked in shadow. The held-out
+            # questions asked below are logged under the task too (an adapter's route names
+            # it), with local answers that must never become targets of a run again.
+            logged = db.execute("select count(*) from requests r where task = ? and exists (select 1 from "
+                                "attempts c where c.request_id = r.id and c.kind = 'cloud')", [TASK]).fetchone()[0]
+            for item in _bar(train_items[logged:], "logging (shadow)"):
                 client.request("chat", request(item, {"model": BASE, "task": TASK}, args.max_tokens, "shadow"))
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and db.execute(
@@ -267,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             cost = db.execute("select avg(cost_usd) from attempts where kind = 'cloud'").fetchone()[0]
             result["cloud_usd_per_request"] = cost  # at [cloud] prices, for the oracle's token counts
             # S2: the export (the cloud's answers are the targets); 20% held out for the gate.
-            report = export(db, root / "export" / "examples.jsonl", "openai", Filters(task=TASK),
+            report = export(db, root / "export" / "examples.jsonl", "openai", Filters(task=TASK, escalated=True),
                             val_share=0.2, advance_watermark=False)
             result["export"] = report.to_dict()
             examples = data.load(root / "export" / "examples.jsonl")
@@ -361,7 +413,7 @@ def curve_svg(result: dict[str, Any], width: int = 560, height: int = 300) -> st
             f'font-family="sans-serif" font-size="12">'),
            f'<rect width="{width}" height="{height}" fill="white"/>',
            (f'<text x="{left}" y="20" font-size="13">BFCL simple_python, held-out half '
-            f'({result["heldout_questions"]} questions), oracle teacher</text>')]
+            f'({result["heldout_questions"]} questions), {_teacher(result).partition(" (")[0]}</text>')]
     for tick in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
         y = y_of(tick)
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
@@ -387,11 +439,22 @@ def curve_svg(result: dict[str, Any], width: int = 560, height: int = 300) -> st
     return "\n".join(out) + "\n"
 
 
+def _teacher(result: dict[str, Any], loud: bool = False) -> str:
+    """Who wrote the targets, as every table must say (`loud`: in capitals, where an
+    oracle's right-by-construction targets could be mistaken for a real teacher's)."""
+    if result.get("teacher", "").startswith("cloud"):
+        return f"teacher: {result['teacher']}"
+    # Runs saved before the `oracle` key said which oracle in the teacher's text only.
+    oracle = result.get("oracle") or result.get("teacher", "").partition(", ")[2].rstrip(")") or "first"
+    return f"{'ORACLE TEACHER' if loud else 'oracle teacher'} (BFCL's ground truth as the cloud, {oracle})"
+
+
 def table(result: dict[str, Any]) -> str:
     b = result["base"]
-    teacher = result.get("teacher", "").partition(", ")[2].rstrip(")") or "first"
-    lines = [(f"BFCL simple_python, ORACLE TEACHER (BFCL's ground truth as the cloud, {teacher}); "
-              f"{result['train_questions']} questions logged in shadow mode, {result['heldout_questions']} "
+    also = result.get("also_logged") or []
+    logged = f" (simple_python's training half and the questions of {', '.join(also)})" if also else ""
+    lines = [(f"BFCL simple_python, {_teacher(result, loud=True)}; "
+              f"{result['train_questions']} questions logged in shadow mode{logged}, {result['heldout_questions']} "
               f"held out; {result['threads']} threads on {result['cores']} cores"),
              (f"{'model':<24} {'train ex':>8} {'AST':>6} {'valid':>6} {'local@t':>8} {'p50 ms':>7} "
               f"{'tok/s':>6} {'train s':>8} {'MiB':>5}"),

@@ -33,19 +33,28 @@ def ground_truth_call(item: bfcl.Item, minimal: bool = False) -> list[dict[str, 
     calls = []
     for n, entry in enumerate(item.answer or []):
         ((name, params),) = entry.items()
-        args = {}
-        for key, accepted in params.items():
-            if minimal and "" in accepted:
-                continue
-            chosen = next((v for v in accepted if v != ""), None)
-            if chosen is not None:
-                args[key] = chosen
+        args = _arguments(params, minimal)
         calls.append({"id": f"call_{n}", "type": "function",
                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
     return calls
 
 
-def _last_user(messages: list[dict[str, Any]]) -> str:
+def _arguments(params: dict[str, list[Any]], minimal: bool) -> dict[str, Any]:
+    """Each argument's first accepted value; a dict's own values are lists of accepted
+    values again (BFCL nests them), chosen the same way."""
+    args = {}
+    for key, accepted in params.items():
+        if minimal and "" in accepted:
+            continue
+        chosen = next((v for v in accepted if v != ""), None)
+        if isinstance(chosen, dict) and all(isinstance(v, list) for v in chosen.values()):
+            chosen = _arguments(chosen, minimal)
+        if chosen is not None:
+            args[key] = chosen
+    return args
+
+
+def question_of(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
             content = message.get("content")
@@ -59,7 +68,7 @@ class OracleServer:
     def __init__(self, items: list[bfcl.Item], port: int = 0, model: str = "oracle-teacher",
                  minimal: bool = False) -> None:
         self.model = model
-        self.answers = {_last_user(i.messages): ground_truth_call(i, minimal) for i in items if i.answer}
+        self.answers = {question_of(i.messages): ground_truth_call(i, minimal) for i in items if i.answer}
         self.requests = 0
         server = self
 
@@ -92,7 +101,7 @@ class OracleServer:
                     self._send(400, {"error": {"message": "not a chat completion request"}})
                     return
                 server.requests += 1
-                calls = server.answers.get(_last_user(messages))
+                calls = server.answers.get(question_of(messages))
                 message: dict[str, Any] = {"role": "assistant", "content": None if calls else "I don't know."}
                 if calls:
                     message["tool_calls"] = calls

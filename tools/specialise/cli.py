@@ -42,6 +42,7 @@ from outpost.runtime.logs.records import EvalRecord
 from . import adapter as adapters
 from . import data, evaluate, gate
 from .train import ALL_PROJECTIONS, TrainSettings, default_threads, train
+from .world import World
 
 if TYPE_CHECKING:
     # Imported where the command runs: `outpost serve` builds this parser too, and
@@ -170,6 +171,8 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
                             epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
                             max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads))
     result = run(settings, options)
+    if "process" in result:  # a distributed launch's other process: process 0 reports
+        return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -186,44 +189,42 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run(settings: Settings, args: Options) -> dict[str, Any]:
+    """The whole run, or, in a process of a distributed launch other than 0, its share
+    of the training (world.py)."""
+    world = World.from_env()
+    try:
+        return _run(settings, args, world)
+    finally:
+        world.close()
+
+
+def _run(settings: Settings, args: Options, world: World) -> dict[str, Any]:
     from outpost.models.llama import LlamaModel  # noqa: F811 (see TYPE_CHECKING above)
 
     t_start = time.perf_counter()
     store = ModelStore(settings.store_dir)
     catalog = Catalog.load(store, settings.manifest_dirs, settings.default_model)
     workdir = args.workdir or settings.data_dir / "specialise" / adapters.slug(args.task)
-    workdir.mkdir(parents=True, exist_ok=True)
-    train_set, heldout = _examples(args, settings, workdir)
-    if not train_set or not heldout:
-        raise BadRequest(f"task {args.task!r} has {len(train_set)} training and {len(heldout)} held-out "
-                         "examples; both are needed (log more, or lower --min-confidence)", field="task")
-    heldout_sha = data.fingerprint(heldout)
     threads = args.train.threads or default_threads()
-    budget = int(settings.budget.ram or available_ram() * settings.budget.ram_share)
+    settings_t = replace(args.train, threads=threads)
 
-    # S4: each candidate base on the held-out examples.
-    scores: list[tuple[Manifest, evaluate.Evaluation]] = []
-    for base in _candidates(args, store, catalog, budget):
-        model = LlamaModel(base, store.ensure_verified(base.weights), n_threads=threads,
-                           adapter_path=store.ensure_verified)
-        try:
-            scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens)))
-        finally:
-            model.close()
-    base, base_eval, why = choose_base(scores, args.significance)
-    _record(settings, [_eval_row(args.task, "select", "candidate", ev, m, heldout_sha,
-                                 decision="chosen" if m is base else None,
-                                 detail={"memory_estimate": int(m.memory_estimate),
-                                         **({"reason": why} if m is base else {})})
-                       for m, ev in scores])
-    log.info("S4: %s chosen (%.1f%% on %d held-out examples)", base.id, base_eval.accuracy * 100, len(heldout))
+    def plan() -> tuple[Any, ...]:  # on process 0 only; the others are told its result
+        workdir.mkdir(parents=True, exist_ok=True)
+        train_set, heldout = _examples(args, settings, workdir)
+        return (train_set, heldout, *_select(settings, args, store, catalog, train_set, heldout, threads))
+
+    train_set, heldout, base, base_eval, scores, heldout_sha = world.share(plan)
+    if not world.main:  # its share of the training, beside process 0
+        trained = train(base, store.weights_path(base), train_set, settings_t, store.cache, workdir / base.id,
+                        data.fingerprint(train_set), world=world)
+        return {"task": args.task, "process": world.rank,
+                "train": {"steps": trained.steps, "wall_s": round(trained.wall_s, 1)}}
 
     # S5: the adapter.
     base_path = store.ensure_verified(base.weights)
-    settings_t = replace(args.train, threads=threads)
     data_sha = data.fingerprint(train_set)
     trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id, data_sha,
-                    progress=lambda done, total: _bar(f"S5 train {base.id}", total, done))
+                    progress=lambda done, total: _bar(f"S5 train {base.id}", total, done), world=world)
     model_id = adapters.adapter_id(args.task, base)
     version = adapters.next_version(store, model_id)
     gguf = adapters.write(workdir / f"{model_id}-{version}.gguf", trained.state, base_path, settings_t.alpha,
@@ -282,6 +283,36 @@ def run(settings: Settings, args: Options) -> dict[str, Any]:
               "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "activation": activation,
               "wall_s": round(time.perf_counter() - t_start, 1)}
     return result
+
+
+def _select(settings: Settings, args: Options, store: ModelStore, catalog: Catalog,
+            train_set: list[data.Example], heldout: list[data.Example],
+            threads: int) -> tuple[Manifest, evaluate.Evaluation, list[tuple[Manifest, evaluate.Evaluation]], str]:
+    """S4: each candidate base on the held-out examples; (chosen, its evaluation, every
+    score, the held-out examples' fingerprint)."""
+    from outpost.models.llama import LlamaModel  # noqa: F811 (see TYPE_CHECKING above)
+
+    if not train_set or not heldout:
+        raise BadRequest(f"task {args.task!r} has {len(train_set)} training and {len(heldout)} held-out "
+                         "examples; both are needed (log more, or lower --min-confidence)", field="task")
+    heldout_sha = data.fingerprint(heldout)
+    budget = int(settings.budget.ram or available_ram() * settings.budget.ram_share)
+    scores: list[tuple[Manifest, evaluate.Evaluation]] = []
+    for base in _candidates(args, store, catalog, budget):
+        model = LlamaModel(base, store.ensure_verified(base.weights), n_threads=threads,
+                           adapter_path=store.ensure_verified)
+        try:
+            scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens)))
+        finally:
+            model.close()
+    base, base_eval, why = choose_base(scores, args.significance)
+    _record(settings, [_eval_row(args.task, "select", "candidate", ev, m, heldout_sha,
+                                 decision="chosen" if m is base else None,
+                                 detail={"memory_estimate": int(m.memory_estimate),
+                                         **({"reason": why} if m is base else {})})
+                       for m, ev in scores])
+    log.info("S4: %s chosen (%.1f%% on %d held-out examples)", base.id, base_eval.accuracy * 100, len(heldout))
+    return base, base_eval, scores, heldout_sha
 
 
 def choose_base(scores: list[tuple[Manifest, evaluate.Evaluation]],

@@ -43,6 +43,7 @@ from outpost.models.templates import ChatTemplate, answer_text
 
 from ..hf_folder import hf_folder
 from .data import Example
+from .world import World
 
 log = logging.getLogger("outpost.specialise")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -156,16 +157,18 @@ def hf_base(gguf_path: Path, sha256: str, cache: Path) -> Any:
 
 def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings: TrainSettings,
           cache: Path, workdir: Path, data_sha256: str,
-          progress: Callable[[int, int], Any] | None = None) -> Trained:
+          progress: Callable[[int, int], Any] | None = None, world: World = World()) -> Trained:
     """Train an adapter; checkpoints go to `workdir/checkpoint` and a matching one is
-    resumed. `progress(done, total)` returns a tqdm-like bar (update, set_postfix, close)."""
+    resumed. `progress(done, total)` returns a tqdm-like bar (update, set_postfix, close).
+    In a `world` of several processes every one calls this, each trains on its share of
+    every batch, and process 0 alone writes checkpoints and shows progress."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     threads = settings.threads or default_threads()
     torch.set_num_threads(threads)
-    torch.manual_seed(settings.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(settings.seed)  # the same LoRA initialisation in every process
+    device = f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu"
 
     renderer = Renderer(manifest, gguf_path)
     try:
@@ -178,10 +181,19 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
                          f"(of {len(encoded)}); raise it", field="max_seq_len")
     steps = plan([len(e.ids) for e in kept], settings)
 
+    if not world.main:
+        world.share(lambda: None)  # process 0 makes the cached fp32 copy first
     base = hf_base(gguf_path, manifest.weights.sha256, cache)
-    model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
-                                            target_modules=list(settings.targets), lora_dropout=0.0,
-                                            bias="none", task_type="CAUSAL_LM")).to(device)
+    if world.main:
+        world.share(lambda: None)
+    peft_model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                                 target_modules=list(settings.targets), lora_dropout=0.0,
+                                                 bias="none", task_type="CAUSAL_LM")).to(device)
+    model = peft_model
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(peft_model, device_ids=[world.local_rank] if device != "cpu" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
 
@@ -197,42 +209,59 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
     if (checkpoint / "state.json").exists():
         saved = json.loads((checkpoint / "state.json").read_text())
         if saved.get("key") == key:
-            set_peft_model_state_dict(model, torch.load(checkpoint / "adapter.pt", weights_only=True))
+            set_peft_model_state_dict(peft_model, torch.load(checkpoint / "adapter.pt", weights_only=True))
             optimiser.load_state_dict(torch.load(checkpoint / "optimiser.pt", weights_only=True))
             start = int(saved["step"])
             log.info("resuming at step %d of %d from %s", start, len(steps), checkpoint)
         else:
             log.info("a checkpoint of other settings or data is in %s: starting over", checkpoint)
 
-    bar = progress(start, len(steps)) if progress else None
+    bar = progress(start, len(steps)) if progress and world.main else None
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
     for step in range(start, len(steps)):
         batch = [kept[i] for i in steps[step]]
-        width = max(len(e.ids) for e in batch)
-        ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in batch], device=device)
-        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.ids)) for e in batch], device=device)
-        mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in batch], device=device)
+        # The loss is the mean over the whole batch's answer tokens, in every process:
+        # each sums its share's and divides by the batch's count, and DDP, which
+        # averages gradients, is given `size` times that, so the step is one process's.
+        answer_tokens = sum(sum(label != IGNORE for label in e.labels[1:]) for e in batch)
+        mine = batch[world.rank::world.size] or [Encoded(ids=batch[0].ids[:1], labels=[IGNORE])]
+        width = max(len(e.ids) for e in mine)
+        ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in mine], device=device)
+        labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.ids)) for e in mine], device=device)
+        mask = torch.tensor([[1] * len(e.ids) + [0] * (width - len(e.ids)) for e in mine], device=device)
         for group in optimiser.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=answer_tokens).loss
+        (loss * world.size).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(_summed(loss.detach(), world))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < len(steps):
-            _save_checkpoint(checkpoint, key, step + 1, get_peft_model_state_dict(model, save_embedding_layers=False), optimiser)
+        if (step + 1) % settings.checkpoint_every == 0 and step + 1 < len(steps) and world.main:
+            _save_checkpoint(checkpoint, key, step + 1,
+                             get_peft_model_state_dict(peft_model, save_embedding_layers=False), optimiser)
     if bar is not None:
         bar.close()
-    state = {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    state = {k: v.detach().float().cpu().numpy()
+             for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     return Trained(state=state, steps=len(steps), examples=len(kept), left_out=len(encoded) - len(kept),
-                   threads=threads, wall_s=time.perf_counter() - t0, device=device, losses=losses,
+                   threads=threads, wall_s=time.perf_counter() - t0,
+                   device=device if world.size == 1 else f"{device} x{world.size}", losses=losses,
                    resumed_from=start)
+
+
+def _summed(loss: Any, world: World) -> float:
+    """The whole batch's loss: the sum of every process's share."""
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(loss)
+    return float(loss)
 
 
 def _save_checkpoint(folder: Path, key: str, step: int, adapter: dict[str, Any], optimiser: Any) -> None:
