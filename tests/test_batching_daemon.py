@@ -170,6 +170,12 @@ def test_the_gpu_offload_is_planned_for_every_slots_context(tiny_gguf):
     assert slots == AUTO_SLOTS_GPU
     assert layers == memory.plan_gpu_layers(32, weights, AUTO_SLOTS_GPU * kv, vram) and 0 <= layers < 32
     assert ledger.plan(manifest, 2, []) == (-1, 2)
+    # Room for a layer with one context only: "auto" takes fewer slots to keep the model
+    # on the GPU; a configured number of slots is kept, on the CPU.
+    per_layer = weights / 33 + kv / 32
+    ledger.vram = [overhead + int(1.5 * per_layer)]
+    assert ledger.plan(manifest, "auto", []) == (1, 1)
+    assert ledger.plan(manifest, 4, []) == (0, 4)
     # Configured layers are kept whatever the slots.
     ledger.llama = LlamaSettings(n_gpu_layers=7)
     assert ledger.plan(manifest, "auto", []) == (7, AUTO_SLOTS_GPU)

@@ -115,11 +115,13 @@ def test_the_minimal_teacher_leaves_out_what_bfcl_accepts_absent():
     assert json.loads(first["function"]["arguments"]) == {"a": 1, "unit": "km"}
     assert json.loads(minimal["function"]["arguments"]) == {"a": 1}
     # A dict argument's values are lists of accepted values again.
-    item.answer = [{"f": {"body": [{"mode": ["COOL", "DRY"], "fan": ["", "HIGH"], "hands": [["A", "K"]]}]}}]
+    item.answer = [{"f": {"body": [{"mode": ["COOL", "DRY"], "fan": ["", "HIGH"], "hands": [["A", "K"]]}],
+                          "people": [[{"name": ["Jane"], "age": [43, "43"]}]]}}]
     [nested] = ground_truth_call(item)
-    assert json.loads(nested["function"]["arguments"]) == {"body": {"mode": "COOL", "fan": "HIGH", "hands": ["A", "K"]}}
+    assert json.loads(nested["function"]["arguments"]) == {
+        "body": {"mode": "COOL", "fan": "HIGH", "hands": ["A", "K"]}, "people": [{"name": "Jane", "age": 43}]}
     [nested] = ground_truth_call(item, minimal=True)
-    assert json.loads(nested["function"]["arguments"]) == {"body": {"mode": "COOL", "hands": ["A", "K"]}}
+    assert json.loads(nested["function"]["arguments"])["body"] == {"mode": "COOL", "hands": ["A", "K"]}
 
 
 def test_neighbouring_traffic_never_repeats_a_question_already_asked():

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     items = bfcl.load("simple_python", args.limit)
     train_items, heldout_items = split(items)
     also = [c for c in args.also_log.split(",") if c]
-    for category in also:  # after simple_python's, so a log of the plain run is their prefix
+    for category in also:
         try:
             extra = neighbours(bfcl.load(category), items)
         except FileNotFoundError:
@@ -307,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             # Counted and exported: the requests the oracle was asked in shadow. The held-out
             # questions asked below are logged under the task too (an adapter's route names
             # it), with local answers that must never become targets of a run again.
-            logged = db.execute("select count(*) from requests r where task = ? and exists (select 1 from "
-                                "attempts c where c.request_id = r.id and c.kind = 'cloud')", [TASK]).fetchone()[0]
-            for item in _bar(train_items[logged:], "logging (shadow)"):
+            logged = {question_of(json.loads(m)) for (m,) in db.execute(
+                "select messages from requests r where task = ? and exists (select 1 from attempts c "
+                "where c.request_id = r.id and c.kind = 'cloud')", [TASK]).fetchall()}
+            for item in _bar([i for i in train_items if question_of(i.messages) not in logged], "logging (shadow)"):
                 client.request("chat", request(item, {"model": BASE, "task": TASK}, args.max_tokens, "shadow"))
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and db.execute(

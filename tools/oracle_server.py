@@ -40,18 +40,24 @@ def ground_truth_call(item: bfcl.Item, minimal: bool = False) -> list[dict[str, 
 
 
 def _arguments(params: dict[str, list[Any]], minimal: bool) -> dict[str, Any]:
-    """Each argument's first accepted value; a dict's own values are lists of accepted
-    values again (BFCL nests them), chosen the same way."""
+    """Each argument's first accepted value. BFCL nests: a dict's own values, and those
+    of the dicts in a list, are lists of accepted values again, chosen the same way."""
     args = {}
     for key, accepted in params.items():
         if minimal and "" in accepted:
             continue
         chosen = next((v for v in accepted if v != ""), None)
-        if isinstance(chosen, dict) and all(isinstance(v, list) for v in chosen.values()):
-            chosen = _arguments(chosen, minimal)
         if chosen is not None:
-            args[key] = chosen
+            args[key] = _value(chosen, minimal)
     return args
+
+
+def _value(chosen: Any, minimal: bool) -> Any:
+    if isinstance(chosen, dict) and chosen and all(isinstance(v, list) for v in chosen.values()):
+        return _arguments(chosen, minimal)
+    if isinstance(chosen, list):
+        return [_value(v, minimal) if isinstance(v, dict) else v for v in chosen]
+    return chosen
 
 
 def question_of(messages: list[dict[str, Any]]) -> str:

@@ -142,12 +142,19 @@ class MemoryLedger:
         """(layers to offload, sequences) for a new worker. The sequences depend on
         whether it runs on the GPU at all, and the layers that fit on how many contexts
         their KV cache holds: a first plan for one context says whether, the second
-        sizes the offload for every slot's context."""
+        sizes the offload for every slot's context. Where "auto" slots would leave no
+        layer on the GPU, there are fewer slots (a configured number is kept)."""
         workers = list(workers)
         layers = self.gpu_layers(manifest, workers)
         slots = self.slots(manifest, configured_slots, layers)
         if slots > 1:
-            layers = self.gpu_layers(manifest, workers, slots)
+            for_all = self.gpu_layers(manifest, workers, slots)
+            # "auto" chose the slots for a GPU: where all their caches would leave no
+            # layer on it, fewer slots keep the model there.
+            while for_all == 0 and layers != 0 and configured_slots == "auto" and slots > 1:
+                slots -= 1
+                for_all = self.gpu_layers(manifest, workers, slots)
+            layers = for_all
         return layers, slots
 
     def gpu_layers(self, manifest: Manifest, workers: Iterable[WorkerHandle], slots: int = 1) -> int | str:

@@ -211,17 +211,17 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any]:
     def plan() -> tuple[Any, ...]:  # on process 0 only; the others are told its result
         workdir.mkdir(parents=True, exist_ok=True)
         train_set, heldout = _examples(args, settings, workdir)
-        return (train_set, heldout, *_select(settings, args, store, catalog, train_set, heldout, threads))
+        base, base_eval, scores, heldout_sha = _select(settings, args, store, catalog, train_set, heldout, threads)
+        return train_set, heldout, base, base_eval, scores, heldout_sha, store.ensure_verified(base.weights)
 
-    train_set, heldout, base, base_eval, scores, heldout_sha = world.share(plan)
-    if not world.main:  # its share of the training, beside process 0
-        trained = train(base, store.weights_path(base), train_set, settings_t, store.cache, workdir / base.id,
+    train_set, heldout, base, base_eval, scores, heldout_sha, base_path = world.share(plan)
+    if not world.main:  # its share of the training, beside process 0 (the same data dir: world.py)
+        trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id,
                         data.fingerprint(train_set), world=world)
         return {"task": args.task, "process": world.rank,
                 "train": {"steps": trained.steps, "wall_s": round(trained.wall_s, 1)}}
 
     # S5: the adapter.
-    base_path = store.ensure_verified(base.weights)
     data_sha = data.fingerprint(train_set)
     trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id, data_sha,
                     progress=lambda done, total: _bar(f"S5 train {base.id}", total, done), world=world)

@@ -181,11 +181,10 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
                          f"(of {len(encoded)}); raise it", field="max_seq_len")
     steps = plan([len(e.ids) for e in kept], settings)
 
-    if not world.main:
-        world.share(lambda: None)  # process 0 makes the cached fp32 copy first
+    # Process 0 makes the cached fp32 copy before the others read it; its failure
+    # reaches them (World.share), so none waits for a copy that never comes.
+    world.share(lambda: hf_folder(gguf_path, manifest.weights.sha256, cache) and None)
     base = hf_base(gguf_path, manifest.weights.sha256, cache)
-    if world.main:
-        world.share(lambda: None)
     peft_model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                                                  target_modules=list(settings.targets), lora_dropout=0.0,
                                                  bias="none", task_type="CAUSAL_LM")).to(device)
@@ -205,16 +204,14 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
 
     checkpoint = workdir / "checkpoint"
     key = settings.key(data_sha256, manifest.weights.sha256)
-    start = 0
-    if (checkpoint / "state.json").exists():
-        saved = json.loads((checkpoint / "state.json").read_text())
-        if saved.get("key") == key:
-            set_peft_model_state_dict(peft_model, torch.load(checkpoint / "adapter.pt", weights_only=True))
-            optimiser.load_state_dict(torch.load(checkpoint / "optimiser.pt", weights_only=True))
-            start = int(saved["step"])
-            log.info("resuming at step %d of %d from %s", start, len(steps), checkpoint)
-        else:
-            log.info("a checkpoint of other settings or data is in %s: starting over", checkpoint)
+    # Process 0 decides where the run starts, for all: processes at different steps
+    # would combine the gradients of different batches.
+    start = world.share(lambda: _resumable(checkpoint, key))
+    if start:
+        set_peft_model_state_dict(peft_model, torch.load(checkpoint / "adapter.pt", map_location=device,
+                                                         weights_only=True))
+        optimiser.load_state_dict(torch.load(checkpoint / "optimiser.pt", map_location=device, weights_only=True))
+        log.info("resuming at step %d of %d from %s", start, len(steps), checkpoint)
 
     bar = progress(start, len(steps)) if progress and world.main else None
     losses: list[float] = []
@@ -253,6 +250,18 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
                    threads=threads, wall_s=time.perf_counter() - t0,
                    device=device if world.size == 1 else f"{device} x{world.size}", losses=losses,
                    resumed_from=start)
+
+
+def _resumable(checkpoint: Path, key: str) -> int:
+    """The step a checkpoint of this run's settings and data resumes at; 0 for none."""
+    try:
+        saved = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        log.info("a checkpoint of other settings or data is in %s: starting over", checkpoint)
+        return 0
+    return int(saved.get("step", 0))
 
 
 def _summed(loss: Any, world: World) -> float:
