@@ -27,7 +27,8 @@ def test_the_gate_promotes_only_a_clear_improvement():
     assert verdict.promote and verdict.wins == 12 and verdict.losses == 2 and verdict.p_value < 0.01
     # Better by one example out of 40 is not evidence.
     close = decide([right] * 21 + [wrong] * 19, [right] * 20 + [wrong] * 20)
-    assert not close.promote and "not clearly" in close.reason
+    assert not close.promote and close.reason.startswith("better, but not clearly: 1 win, 0 losses, p = 0.500")
+    assert decide(inc, cand).reason == "not better (2 wins, 12 losses)"
     # A worse candidate is kept out, and so is one with fewer valid calls.
     assert not decide(inc, cand).promote
     invalid = [(True, False)] + cand[1:]

@@ -68,6 +68,17 @@ class Options:
     promote: bool = True
 
 
+@dataclass(frozen=True)
+class Share:
+    """What a process of a distributed launch other than 0 did: its share of the
+    training. Process 0 reports the run (`run`'s dict)."""
+
+    task: str
+    process: int
+    steps: int
+    wall_s: float
+
+
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
              client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -171,7 +182,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
                             epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
                             max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads))
     result = run(settings, options)
-    if "process" in result:  # a distributed launch's other process: process 0 reports
+    if isinstance(result, Share):  # process 0 reports the run
         return 0
     if args.json:
         print(json.dumps(result, indent=2))
@@ -188,7 +199,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result["decision"] in ("promoted", "kept") else 1
 
 
-def run(settings: Settings, args: Options) -> dict[str, Any]:
+def run(settings: Settings, args: Options) -> dict[str, Any] | Share:
     """The whole run, or, in a process of a distributed launch other than 0, its share
     of the training (world.py)."""
     world = World.from_env()
@@ -198,7 +209,7 @@ def run(settings: Settings, args: Options) -> dict[str, Any]:
         world.close()
 
 
-def _run(settings: Settings, args: Options, world: World) -> dict[str, Any]:
+def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Share:
     from outpost.models.llama import LlamaModel  # noqa: F811 (see TYPE_CHECKING above)
 
     t_start = time.perf_counter()
@@ -218,8 +229,7 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any]:
     if not world.main:  # its share of the training, beside process 0 (the same data dir: world.py)
         trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id,
                         data.fingerprint(train_set), world=world)
-        return {"task": args.task, "process": world.rank,
-                "train": {"steps": trained.steps, "wall_s": round(trained.wall_s, 1)}}
+        return Share(task=args.task, process=world.rank, steps=trained.steps, wall_s=round(trained.wall_s, 1))
 
     # S5: the adapter.
     data_sha = data.fingerprint(train_set)

@@ -55,6 +55,7 @@ def decide(candidate: list[tuple[bool, bool]], incumbent: list[tuple[bool, bool]
     def share(rows: list[tuple[bool, bool]], i: int) -> float:
         return sum(r[i] for r in rows) / n if n else 0.0
 
+    tally = f"{wins} win{'s' * (wins != 1)}, {losses} loss{'es' * (losses != 1)}"
     acc_c, acc_i = share(candidate, 0), share(incumbent, 0)
     val_c, val_i = share(candidate, 1), share(incumbent, 1)
     if n == 0:
@@ -62,12 +63,12 @@ def decide(candidate: list[tuple[bool, bool]], incumbent: list[tuple[bool, bool]
     elif val_c < val_i:
         promote, reason = False, f"fewer valid calls ({val_c:.1%} vs {val_i:.1%})"
     elif wins <= losses:
-        promote, reason = False, f"not better ({wins} wins, {losses} losses)"
+        promote, reason = False, f"not better ({tally})"
     elif p >= alpha:
-        promote, reason = False, (f"better, but not clearly: {wins} wins, {losses} losses, "
+        promote, reason = False, (f"better, but not clearly: {tally}, "
                                   f"p = {p:.3f} >= {alpha}")
     else:
-        promote, reason = True, f"{wins} wins, {losses} losses, exact McNemar p = {p:.2g} < {alpha}"
+        promote, reason = True, f"{tally}, exact McNemar p = {p:.2g} < {alpha}"
     return Verdict(promote=promote, reason=reason, p_value=p, wins=wins, losses=losses,
                    candidate_accuracy=acc_c, incumbent_accuracy=acc_i,
                    candidate_validity=val_c, incumbent_validity=val_i, alpha=alpha)

@@ -182,7 +182,10 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
     steps = plan([len(e.ids) for e in kept], settings)
 
     # Process 0 makes the cached fp32 copy before the others read it; its failure
-    # reaches them (World.share), so none waits for a copy that never comes.
+    # reaches them (World.share), so none waits for a copy that never comes. Each process
+    # then asks for the folder again: on process 0's machine a cache hit, on another
+    # machine of a multi-node launch the copy made there (hf_folder renames it into
+    # place, so processes making it at once do not collide).
     world.share(lambda: hf_folder(gguf_path, manifest.weights.sha256, cache) and None)
     base = hf_base(gguf_path, manifest.weights.sha256, cache)
     peft_model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
