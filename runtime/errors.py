@@ -41,6 +41,7 @@ wire protocol sends. This module gathers them all, so a client knows every code
     │   ├── CloudOverBudget           cloud_over_daily_cap
     │   ├── CloudCircuitOpen          cloud_circuit_open
     │   └── CloudInvalid              cloud_invalid_answer
+    │       └── CloudInvalidCall      cloud_invalid_answer (a tool call fails its schema)
     ├── ConfigError                   config_error            manifests/errors.py
     ├── DaemonUnreachable             daemon_unreachable      here (the client's)
     ├── SyncError                     sync_failed             sync/errors.py (above runtime:
@@ -67,7 +68,7 @@ from outpost.models.errors import (AdapterLoadFailed, ContextOverflow, DecodeFai
 
 from .daemon.errors import (ActivationFailed, AdapterBaseMismatch, BudgetExceeded, Cancelled, ModelQuarantined,
                             Overloaded, RequestTooLarge, Timeout, UnknownMethod, WorkerCrashed)
-from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget,
+from .escalation.errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudInvalidCall, CloudOverBudget,
                                 CloudRejected, CloudTimeout, CloudUnconfigured, CloudUnreachable)
 from .logs.errors import LogDiskFull, LogLocked, LogUnavailable
 
@@ -77,7 +78,7 @@ __all__ = [
     "FetchError", "ContextOverflow", "ModelLoadFailed", "ModelInvalid", "AdapterLoadFailed", "DecodeFailed", "WorkerCrashed", "ModelQuarantined",
     "BudgetExceeded", "Overloaded", "Timeout", "Cancelled", "ActivationFailed", "AdapterBaseMismatch", "NotFound", "LogUnavailable", "LogLocked", "LogDiskFull",
     "CloudError", "CloudUnconfigured", "CloudUnreachable", "CloudTimeout", "CloudRejected",
-    "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "ConfigError", "DaemonUnreachable",
+    "CloudOverBudget", "CloudCircuitOpen", "CloudInvalid", "CloudInvalidCall", "ConfigError", "DaemonUnreachable",
     "InternalError", "error_class", "from_wire",
 ]
 

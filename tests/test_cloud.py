@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from outpost.runtime.errors import (BadRequest, CloudCircuitOpen, CloudInvalid, CloudOverBudget,
+from outpost.runtime.errors import (BadRequest, CloudCircuitOpen, CloudInvalid, CloudInvalidCall, CloudOverBudget,
                                       CloudRejected, CloudTimeout, CloudUnreachable, OutpostError)
 from outpost.runtime.logs import queries, schema
 from outpost.runtime.escalation.cloud import CloudClient, retry_after
@@ -134,6 +134,8 @@ def test_a_tool_call_with_invalid_arguments_is_a_failure():
         with pytest.raises(CloudInvalid) as err:
             ask(c)
         assert err.value.data["validation"][0]["valid"] is False
+        # Its own type, for the breaker; the same code and reason for everyone else.
+        assert isinstance(err.value, CloudInvalidCall) and err.value.code == "cloud_invalid_answer"
 
 
 def test_an_invalid_tool_call_does_not_trip_the_breaker_but_a_broken_body_does():

@@ -42,7 +42,7 @@ import httpx
 
 from outpost.models.toolcalls import validate_calls
 
-from .errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudOverBudget, CloudRejected,
+from .errors import (CloudCircuitOpen, CloudError, CloudInvalid, CloudInvalidCall, CloudOverBudget, CloudRejected,
                      CloudTimeout, CloudUnconfigured, CloudUnreachable)
 
 from .settings import CloudSettings
@@ -209,7 +209,7 @@ class CloudClient:
             if isinstance(exc, CloudRejected):
                 self.breaker.trial = False
             else:
-                self.breaker.record(isinstance(exc, CloudInvalid) and "validation" in exc.data, time.monotonic())
+                self.breaker.record(isinstance(exc, CloudInvalidCall), time.monotonic())
             raise
         self.breaker.record(True, time.monotonic())
         return answer
@@ -275,7 +275,7 @@ class CloudClient:
         validation = validate_calls(calls, tools) if calls else []
         bad = [v for v in validation if not v["valid"]]
         if bad:
-            raise CloudInvalid(f"the cloud's tool call {bad[0]['name']!r} is invalid: "
+            raise CloudInvalidCall(f"the cloud's tool call {bad[0]['name']!r} is invalid: "
                                f"{'; '.join(bad[0]['errors'])[:200]}", validation=validation)
         if not calls and not message.get("content"):
             raise CloudInvalid("the cloud's answer is empty")

@@ -53,3 +53,9 @@ class CloudInvalid(CloudError):
     """Malformed, truncated, empty, or a tool call that fails its schema."""
 
     code, reason = "cloud_invalid_answer", "invalid_answer"
+
+
+class CloudInvalidCall(CloudInvalid):
+    """A well-formed completion whose tool call fails its schema: the endpoint is up
+    and the model got this one request wrong, so the circuit breaker does not count it
+    (the agent sees the same code and reason as any invalid answer)."""

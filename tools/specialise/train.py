@@ -147,12 +147,12 @@ def plan(lengths: list[int], settings: TrainSettings) -> list[list[int]]:
     return steps
 
 
-def hf_base(gguf_path: Path, sha256: str, cache: Path) -> Any:
-    """The base as a trainable fp32 transformers model, from the store's cache."""
+def hf_base(folder: Path) -> Any:
+    """The base as a trainable fp32 transformers model, from its folder in the store's cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(hf_folder(gguf_path, sha256, cache)), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
 
 
 def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings: TrainSettings,
@@ -181,13 +181,10 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
                          f"(of {len(encoded)}); raise it", field="max_seq_len")
     steps = plan([len(e.ids) for e in kept], settings)
 
-    # Process 0 makes the cached fp32 copy before the others read it; its failure
-    # reaches them (World.share), so none waits for a copy that never comes. Each process
-    # then asks for the folder again: on process 0's machine a cache hit, on another
-    # machine of a multi-node launch the copy made there (hf_folder renames it into
-    # place, so processes making it at once do not collide).
-    world.share(lambda: hf_folder(gguf_path, manifest.weights.sha256, cache) and None)
-    base = hf_base(gguf_path, manifest.weights.sha256, cache)
+    # Process 0 makes the cached fp32 copy before the others read it (the data dir, and
+    # the cache in it, is one path on every machine: world.py); its failure reaches
+    # them (World.share), so none waits for a copy that never comes.
+    base = hf_base(world.share(lambda: hf_folder(gguf_path, manifest.weights.sha256, cache)))
     peft_model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                                                  target_modules=list(settings.targets), lora_dropout=0.0,
                                                  bias="none", task_type="CAUSAL_LM")).to(device)
