@@ -108,7 +108,7 @@ class Training(_Frozen):
     """How an adapter was made: enough to tell two adapters apart and to make it again."""
 
     data_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # the training examples, canonical JSON
-    train_examples: Annotated[int, Field(ge=0)]
+    train_examples: Annotated[int, Field(ge=0)]  # trained on, `augment`'s variants included
     heldout_examples: Annotated[int, Field(ge=0)]
     rank: Annotated[int, Field(gt=0)]
     alpha: Annotated[float, Field(gt=0)]
@@ -121,6 +121,7 @@ class Training(_Frozen):
     threads: Annotated[int, Field(ge=0)] = 0
     wall_s: Annotated[float, Field(ge=0)] = 0.0
     device: str = "cpu"
+    augment: Annotated[int, Field(ge=0)] = 0  # variants per example trained on beside it
     # Held-out scores at training time, e.g. {"ast_accuracy": 0.72, "valid": 1.0}.
     heldout: dict[str, float] = {}
 

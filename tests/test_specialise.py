@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,32 @@ def test_a_task_with_nothing_logged_is_a_typed_error_and_trains_nothing(settings
     assert db.execute("select count(*) from evals").fetchone()[0] == 0
     assert not list((tmp_path / "work").glob("*.gguf"))
     assert routed(settings, "never-asked") is None
+
+
+@pytest.mark.slow  # one short training: about 15 s
+def test_augmented_variants_are_trained_on_and_recorded(settings, tmp_path):
+    weather = {"type": "function", "function": {"name": "weather", "description": "The weather.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"]}}}
+
+    def line(city: str, days: int) -> str:
+        call = {"id": "c0", "type": "function",
+                "function": {"name": "weather", "arguments": json.dumps({"city": city, "days": days})}}
+        return json.dumps({"tools": [weather], "messages": [
+            {"role": "user", "content": f"Weather in {city} for {days} days"},
+            {"role": "assistant", "content": None, "tool_calls": [call]}]})
+
+    folder = tmp_path / "ex"
+    folder.mkdir()
+    logged = [("Boston", 3), ("Lyon", 5), ("Oslo", 7), ("Paris", 2)]
+    (folder / "train.jsonl").write_text("".join(line(c, d) + "\n" for c, d in logged))
+    (folder / "train.val.jsonl").write_text(line("Rome", 4) + "\n")
+    result = specialise.run(settings, specialise.Options(
+        task="weather", examples=folder / "train.jsonl", bases=[TINY], train=replace(FAST, epochs=2),
+        max_tokens=24, augment=2, promote=False))
+    assert result["train"]["augmented"] == 8 and result["train"]["examples"] == 12  # 4 logged, 2 variants each
+    manifest, _ = ModelStore(settings.store_dir).staged(*result["adapter"].split())
+    assert manifest.adapter.training.augment == 2 and manifest.adapter.training.train_examples == 12
 
 
 def test_the_minimal_teacher_leaves_out_what_bfcl_accepts_absent():

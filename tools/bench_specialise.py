@@ -70,6 +70,7 @@ from .oracle_server import OracleServer, question_of
 from .specialise import adapter as adapters
 from .specialise import cli as specialise
 from .specialise import data
+from .specialise.augment import augment
 from .specialise.train import TrainSettings, train
 
 TASK = "bfcl-simple"
@@ -177,14 +178,15 @@ def _train_point(store: ModelStore, base: Any, base_path: Path, subset: list[dat
                  args: argparse.Namespace) -> dict[str, Any]:
     """One learning-curve point: the full run's training on the first `n` examples, written
     and staged as `curve_id a1` (not promoted: the curve asks it by model id)."""
-    trained = train(base, base_path, subset, settings_t, store.cache, root / "work" / f"n{n}",
-                    data.fingerprint(subset), progress=_train_bar(f"train n={n}"))
+    trained_on = [*subset, *augment(subset, args.augment, settings_t.seed)]
+    trained = train(base, base_path, trained_on, settings_t, store.cache, root / "work" / f"n{n}",
+                    data.fingerprint(trained_on), progress=_train_bar(f"train n={n}"))
     gguf = adapters.write(root / f"{curve_id}.gguf", trained.state, base_path, args.alpha, curve_id)
     adapters.stage(store, adapters.manifest_text(base, curve_id, "a1", [f"{TASK}-n{n}"], gguf, Training(
         data_sha256=data.fingerprint(subset), train_examples=trained.examples, heldout_examples=0,
         rank=args.rank, alpha=args.alpha, targets=list(settings_t.targets), epochs=args.epochs,
         learning_rate=args.lr, max_seq_len=settings_t.max_seq_len, steps=trained.steps,
-        threads=trained.threads, wall_s=round(trained.wall_s, 1))))
+        threads=trained.threads, wall_s=round(trained.wall_s, 1), augment=args.augment)))
     return {"train_wall_s": round(trained.wall_s, 1), "steps": trained.steps,
             "adapter_bytes": gguf.stat().st_size}
 
@@ -223,6 +225,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="25,50,100,200", help="learning-curve points (examples)")
     ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--augment", type=specialise.non_negative, default=0, metavar="N",
+                    help="train on N variants of each example too (`specialise --augment`; default 0)")
     ap.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3, as `specialise`)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
@@ -288,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                else f"oracle (BFCL ground truth, {args.teacher})")
     result: dict[str, Any] = {"teacher": teacher, "oracle": None if args.cloud_url else args.teacher,
                               "machine": os.uname().nodename,
-                              "cores": os.cpu_count(), "threads": args.threads,
+                              "cores": os.cpu_count(), "threads": args.threads, "augment": args.augment,
                               "train_questions": len(train_items), "heldout_questions": len(heldout_items),
                               "also_logged": also}
 
@@ -341,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                                        learning_rate=args.lr, threads=args.threads)
             full = kept(root / "specialise.json", lambda: specialise.run(settings, specialise.Options(
                 task=TASK, examples=root / "export" / "examples.jsonl", bases=candidates,
-                train=settings_t, max_tokens=args.max_tokens, workdir=root / "work" / "full")))
+                train=settings_t, max_tokens=args.max_tokens, augment=args.augment,
+                workdir=root / "work" / "full")))
             result["specialise"] = full
             model_id, version = full["adapter"].split()
             if full["decision"] != "promoted":  # measure it anyway: the table says it was kept out
@@ -350,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 ask(client, item, {"model": model_id}, check, args.max_tokens)
                 for item in _bar(heldout_items, f"held-out: n={len(examples)}")])
             heldout_rows["full"] = full_rows
-            curve = [{"examples": full["train"]["examples"], "adapter": full["adapter"],
+            logged_examples = full["train"]["examples"] - full["train"].get("augmented", 0)  # the curve's x
+            curve = [{"examples": logged_examples, "adapter": full["adapter"],
                       "train_wall_s": full["train"]["wall_s"], "steps": full["train"]["steps"],
                       "adapter_bytes": full["gguf_bytes"], **summary(full_rows, args.threshold)}]
 

@@ -41,6 +41,7 @@ from outpost.runtime.logs.records import EvalRecord
 
 from . import adapter as adapters
 from . import data, evaluate, gate
+from .augment import augment
 from .train import ALL_PROJECTIONS, TrainSettings, default_threads, train
 from .world import World
 
@@ -66,6 +67,7 @@ class Options:
     significance: float = gate.ALPHA
     workdir: Path | None = None
     promote: bool = True
+    augment: int = 0  # variants of each training example with its copied values swapped (augment.py)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                    help="padded tokens per optimiser step (default 2048)")
     p.add_argument("--max-seq-len", type=int, default=1024,
                    help="longer examples are left out, never cut (default 1024)")
+    p.add_argument("--augment", type=non_negative, default=0, metavar="N",
+                   help="also train on up to N variants of each example, the values its request "
+                   "spells out swapped for others of their kind (default 0: none; docs/specialise.md)")
     p.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for training and evaluation (default half the cores)")
@@ -118,6 +123,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
                    help="checkpoints and files (default <data dir>/specialise/<task>)")
     p.add_argument("--no-promote", action="store_true", help="gate, but leave the adapter staged")
     p.set_defaults(run=cmd_specialise)
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a count."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def _examples(args: Options, settings: Settings, workdir: Path) -> tuple[list[data.Example], list[data.Example]]:
@@ -178,6 +191,7 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
         task=args.task, examples=args.examples, heldout_share=args.heldout_share,
         min_confidence=args.min_confidence, bases=args.base, max_tokens=args.max_tokens,
         significance=args.significance, workdir=args.workdir, promote=not args.no_promote,
+        augment=args.augment,
         train=TrainSettings(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")),
                             epochs=args.epochs, learning_rate=args.lr, batch_tokens=args.batch_tokens,
                             max_seq_len=args.max_seq_len, seed=args.seed, threads=args.threads))
@@ -194,7 +208,8 @@ def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
               f"valid; incumbent {inc['adapter'] or inc['model']} {inc['accuracy']:.1%} right, "
               f"{inc['validity']:.1%} valid")
         t = result["train"]
-        print(f"  trained on {t['examples']} examples, {t['steps']} steps, {t['threads']} threads, "
+        variants = f" ({t['augmented']} of them variants)" if t["augmented"] else ""
+        print(f"  trained on {t['examples']} examples{variants}, {t['steps']} steps, {t['threads']} threads, "
               f"{t['wall_s']:.0f} s; adapter {result['gguf_bytes'] / 2**20:.1f} MiB")
     return 0 if result["decision"] in ("promoted", "kept") else 1
 
@@ -226,15 +241,21 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
         return train_set, heldout, base, base_eval, scores, heldout_sha, store.ensure_verified(base.weights)
 
     train_set, heldout, base, base_eval, scores, heldout_sha, base_path = world.share(plan)
+    # The variants follow from the examples and the seed alone: every process makes the same.
+    variants = augment(train_set, args.augment, settings_t.seed)
+    trained_on = [*train_set, *variants]
     if not world.main:  # its share of the training, beside process 0 (the same data dir: world.py)
-        trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id,
-                        data.fingerprint(train_set), world=world)
+        trained = train(base, base_path, trained_on, settings_t, store.cache, workdir / base.id,
+                        data.fingerprint(trained_on), world=world)
         return Share(task=args.task, process=world.rank, steps=trained.steps, wall_s=round(trained.wall_s, 1))
 
-    # S5: the adapter.
+    # S5: the adapter. The manifest fingerprints the logged examples; `augment` (and the
+    # seed) make the variants from them again.
     data_sha = data.fingerprint(train_set)
-    trained = train(base, base_path, train_set, settings_t, store.cache, workdir / base.id, data_sha,
+    trained = train(base, base_path, trained_on, settings_t, store.cache, workdir / base.id,
+                    data.fingerprint(trained_on),
                     progress=lambda done, total: _bar(f"S5 train {base.id}", total, done), world=world)
+    augmented = len(variants) - sum(1 for i in trained.left_out_at if i >= len(train_set))  # variants kept
     model_id = adapters.adapter_id(args.task, base)
     version = adapters.next_version(store, model_id)
     gguf = adapters.write(workdir / f"{model_id}-{version}.gguf", trained.state, base_path, settings_t.alpha,
@@ -249,7 +270,7 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
                         epochs=settings_t.epochs, learning_rate=settings_t.learning_rate,
                         max_seq_len=settings_t.max_seq_len, seed=settings_t.seed,
                         steps=trained.steps, threads=trained.threads, wall_s=round(trained.wall_s, 1),
-                        device=trained.device)
+                        device=trained.device, augment=args.augment)
     text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
     candidate = adapters.stage(store, text)
     model = LlamaModel(base, base_path, n_threads=threads, adapter_path=store.ensure_verified)
@@ -287,7 +308,8 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
               "decision": decision, "reason": verdict.reason, "p_value": verdict.p_value,
               "candidate": cand_eval.summary(), "incumbent": inc_eval.summary(),
               "selection": [ev.summary() for _, ev in scores],
-              "train": {"examples": trained.examples, "left_out": trained.left_out, "steps": trained.steps,
+              "train": {"examples": trained.examples, "augmented": augmented, "left_out": trained.left_out,
+                        "steps": trained.steps,
                         "threads": trained.threads, "wall_s": round(trained.wall_s, 1),
                         "resumed_from": trained.resumed_from, "device": trained.device},
               "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "activation": activation,

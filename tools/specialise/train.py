@@ -77,6 +77,7 @@ class Trained:
     steps: int
     examples: int  # trained on
     left_out: int  # longer than max_seq_len
+    left_out_at: tuple[int, ...]  # their indices in the examples given
     threads: int
     wall_s: float
     device: str
@@ -247,6 +248,7 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
     state = {k: v.detach().float().cpu().numpy()
              for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     return Trained(state=state, steps=len(steps), examples=len(kept), left_out=len(encoded) - len(kept),
+                   left_out_at=tuple(i for i, e in enumerate(encoded) if len(e.ids) > settings.max_seq_len),
                    threads=threads, wall_s=time.perf_counter() - t0,
                    device=device if world.size == 1 else f"{device} x{world.size}", losses=losses,
                    resumed_from=start)
