@@ -145,3 +145,33 @@ def test_a_call_with_nothing_swapped_stays_as_logged():
     for v in variants:
         assert v.answer["tool_calls"][1] == ex.answer["tool_calls"][1]  # Norway has no other country to be
         assert v.answer["tool_calls"][0] != ex.answer["tool_calls"][0]
+
+
+def test_a_value_the_answer_or_an_earlier_call_repeats_is_not_swapped():
+    said = example("Weather in Boston for 3 days", WEATHER, {"city": "Boston", "days": 3})
+    said = Example.from_json({**json.loads(said.line), "messages": [
+        *said.messages, {**said.answer, "content": "Looking up Boston."}]})
+    earlier = Example.from_json({**json.loads(said.line), "messages": [
+        {"role": "user", "content": "Weather at home?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c9", "type": "function", "function": {
+            "name": "weather", "arguments": json.dumps({"city": "Lyon", "days": 1})}}]},
+        {"role": "tool", "tool_call_id": "c9", "content": "rain"},
+        {"role": "user", "content": "And in Lyon for 4 days?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c0", "type": "function", "function": {
+            "name": "weather", "arguments": json.dumps({"city": "Lyon", "days": 4})}}]}]})
+    variants = augment([said, earlier], copies=3)
+    assert {v.answer.get("content") for v in variants} == {"Looking up Boston.", None}  # days moved in both
+    for v in variants:
+        if "Looking up Boston." == v.answer.get("content"):
+            assert v.calls[0].arguments["city"] == "Boston"
+        else:
+            assert v.calls[0].arguments["city"] == "Lyon"  # the earlier call says Lyon too
+
+
+def test_no_variant_asks_what_a_held_out_example_asks():
+    logged = [example("Weather in Boston for 3 days", WEATHER, {"city": "Boston", "days": 3}),
+              example("Weather in Lyon for 5 days", WEATHER, {"city": "Lyon", "days": 5})]
+    heldout = example("Weather in Lyon for 3 days", WEATHER, {"city": "Lyon", "days": 3})
+    rebuilt = [v for v in augment(logged, copies=20) if question(v) == question(heldout)]
+    assert rebuilt  # without `exclude`, a variant asks the held-out question
+    assert not [v for v in augment(logged, copies=20, exclude=[heldout]) if question(v) == question(heldout)]

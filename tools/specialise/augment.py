@@ -10,17 +10,19 @@ without new traffic.
 Only what is plainly a copy is swapped:
 - the value's text occurs exactly once in the user's message, as a whole token (a
   number not inside a longer number, "1,500" included; a string on word boundaries),
-  and in no other message;
+  and nowhere else the model reads or writes: no other message (its text or its
+  calls) and not the answer's text;
 - no other argument value of the answer overlaps that span (the same value twice,
   "42" and 42, one inside another: which one the span feeds is unknown);
-- a string value does not occur in the tools' definitions and no value is an enum
-  member (an enum member or a documented literal is the schema's, not the request's);
+- neither it nor what replaces it is an enum member or, for a string, occurs in the
+  tools' definitions (those values are the schema's, not the request's);
 - an integer becomes one with as many digits, a float one within half and one and a
   half times it with at most as many decimals, both with the same sign; a string
   becomes another value logged verbatim under an argument of the same name, in any
   tool (a `location` for a `location`), and is left alone when there is none.
-A variant is kept only if each new value occurs exactly once in its message and its
-calls are valid for the tools (a swap past a schema's `maximum` is dropped).
+A variant is kept only if each new value occurs exactly once in its message and
+nowhere else, its calls are valid for the tools (a swap past a schema's `maximum` is
+dropped), and it does not ask what a held-out example asks (`exclude`).
 
 What stays wrong: a value the request does not spell out is never swapped, which is
 right when it is computed ("213 million" sent as 213000000: the model must learn
@@ -72,13 +74,17 @@ class Swap:
     new: str | int | float
 
 
-def augment(examples: list[Example], copies: int, seed: int = 0) -> list[Example]:
-    """Up to `copies` variants of every example; the originals are not among them."""
+def augment(examples: list[Example], copies: int, seed: int = 0,
+            exclude: Iterable[Example] = ()) -> list[Example]:
+    """Up to `copies` variants of every example; the originals are not among them, and
+    no variant asks what an example in `exclude` asks (the held-out ones: a variant
+    that rebuilt one would train on the gate's question)."""
     if copies <= 0:
         return []
     slots = {ex.line: _slots(ex) for ex in examples}
     pool = _string_pool(slots.values())
     seen = {ex.line for ex in examples}
+    asked = {_prompt(ex) for ex in exclude}
     out: list[Example] = []
     for ex in examples:
         if not slots[ex.line]:
@@ -87,13 +93,17 @@ def augment(examples: list[Example], copies: int, seed: int = 0) -> list[Example
         made = 0
         for _ in range(copies * 3):  # a draw can repeat one made already, or fail a check
             variant = _variant(ex, slots[ex.line], pool, rng)
-            if variant is not None and variant.line not in seen:
+            if variant is not None and variant.line not in seen and _prompt(variant) not in asked:
                 seen.add(variant.line)
                 out.append(variant)
                 made += 1
                 if made == copies:
                     break
     return out
+
+
+def _prompt(ex: Example) -> str:
+    return json.dumps([ex.messages, ex.tools], ensure_ascii=False, sort_keys=True)
 
 
 def _user(ex: Example) -> int | None:
@@ -133,10 +143,16 @@ def _pattern(value: Any, min_string: int = MIN_STRING) -> re.Pattern[str] | None
     return None
 
 
-def _count(pattern: re.Pattern[str], messages: list[dict[str, Any]], skip: int) -> int:
-    """Occurrences in every message's text content but message `skip`'s."""
-    return sum(len(pattern.findall(m["content"])) for i, m in enumerate(messages)
-               if i != skip and isinstance(m.get("content"), str))
+def _elsewhere(pattern: re.Pattern[str], ex: Example, messages: list[dict[str, Any]], skip: int) -> int:
+    """Occurrences in everything the model reads or writes but message `skip` and the
+    answer's calls: every other message's content (text or parts) and calls, and the
+    answer's text."""
+    texts = [ex.answer.get("content")]
+    for i, m in enumerate(messages):
+        if i != skip:
+            texts += [m.get("content"), m.get("tool_calls")]
+    return sum(len(pattern.findall(t if isinstance(t, str) else json.dumps(t, ensure_ascii=False)))
+               for t in texts if t)
 
 
 def _enums(tools: list[dict[str, Any]] | None) -> list[Any]:
@@ -182,7 +198,7 @@ def _slots(ex: Example) -> list[Slot]:
             if pattern is None or _in_enum(value, enums) or isinstance(value, str) and value in tools_text:
                 continue
             hits = [m.span() for m in pattern.finditer(text)]
-            if len(hits) == 1 and _count(pattern, ex.messages, u) == 0:
+            if len(hits) == 1 and _elsewhere(pattern, ex, ex.messages, u) == 0:
                 found.append(Slot(n, path, value, *hits[0]))
     return [s for s in found if not any((n, path) != (s.call, s.path) and start < s.end and s.start < end
                                         for n, path, start, end in spans)]
@@ -231,9 +247,13 @@ def _variant(ex: Example, slots: list[Slot], pool: dict[str, list[str]], rng: ra
     for sw in sorted(swaps, key=lambda sw: sw.slot.start, reverse=True):
         text = text[:sw.slot.start] + _text(sw.new) + text[sw.slot.end:]
     messages = [*ex.messages[:u], {**ex.messages[u], "content": text}, *ex.messages[u + 1:]]
+    enums = _enums(ex.tools)
+    tools_text = json.dumps(ex.tools, ensure_ascii=False) if ex.tools else ""
     for sw in swaps:  # each new value must be as plain a copy as the old one was
+        if _in_enum(sw.new, enums) or isinstance(sw.new, str) and sw.new in tools_text:
+            return None
         pattern = _pattern(sw.new, min_string=1)
-        if pattern is None or len(pattern.findall(text)) != 1 or _count(pattern, messages, u):
+        if pattern is None or len(pattern.findall(text)) != 1 or _elsewhere(pattern, ex, messages, u):
             return None
     calls = list(ex.answer["tool_calls"])
     for n in sorted({sw.slot.call for sw in swaps}):  # a call with no swap stays as logged

@@ -242,7 +242,7 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
 
     train_set, heldout, base, base_eval, scores, heldout_sha, base_path = world.share(plan)
     # The variants follow from the examples and the seed alone: every process makes the same.
-    variants = augment(train_set, args.augment, settings_t.seed)
+    variants = augment(train_set, args.augment, settings_t.seed, exclude=heldout)
     trained_on = [*train_set, *variants]
     if not world.main:  # its share of the training, beside process 0 (the same data dir: world.py)
         trained = train(base, base_path, trained_on, settings_t, store.cache, workdir / base.id,
