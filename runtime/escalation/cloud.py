@@ -276,7 +276,7 @@ class CloudClient:
         bad = [v for v in validation if not v["valid"]]
         if bad:
             raise CloudInvalidCall(f"the cloud's tool call {bad[0]['name']!r} is invalid: "
-                               f"{'; '.join(bad[0]['errors'])[:200]}", validation=validation)
+                                   f"{'; '.join(bad[0]['errors'])[:200]}", validation=validation)
         if not calls and not message.get("content"):
             raise CloudInvalid("the cloud's answer is empty")
         return CloudAnswer(

@@ -54,7 +54,7 @@ from .data import Example
 
 MIN_STRING = 3  # shorter strings ("x", "km") are too often part of other words
 
-Path = tuple[str | int, ...]  # into a call's arguments
+Where = tuple[str | int, ...]  # a value's keys and indices in a call's arguments
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Slot:
     """One argument value copied from the request: where it sits in both."""
 
     call: int  # index into the answer's tool calls
-    path: Path
+    path: Where
     value: str | int | float
     start: int  # its span in the user's message
     end: int
@@ -114,7 +114,7 @@ def _user(ex: Example) -> int | None:
     return None
 
 
-def _leaves(value: Any, path: Path = ()) -> list[tuple[Path, Any]]:
+def _leaves(value: Any, path: Where = ()) -> list[tuple[Where, Any]]:
     if isinstance(value, dict):
         return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
     if isinstance(value, list):
@@ -186,7 +186,7 @@ def _slots(ex: Example) -> list[Slot]:
     tools_text = json.dumps(ex.tools, ensure_ascii=False) if ex.tools else ""
     enums = _enums(ex.tools)
     found: list[Slot] = []
-    spans: list[tuple[int, Path, int, int]] = []  # every value's spans, swappable or not
+    spans: list[tuple[int, Where, int, int]] = []  # every value's spans, swappable or not
     for n, call in enumerate(ex.calls):
         if not isinstance(call.arguments, dict):
             continue

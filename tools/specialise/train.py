@@ -76,13 +76,16 @@ class Trained:
     state: dict[str, np.ndarray]  # peft's LoRA tensors, float32
     steps: int
     examples: int  # trained on
-    left_out: int  # longer than max_seq_len
-    left_out_at: tuple[int, ...]  # their indices in the examples given
+    left_out_at: tuple[int, ...]  # indices (in the examples given) of those longer than max_seq_len
     threads: int
     wall_s: float
     device: str
     losses: list[float] = field(default_factory=list)  # per step (this run's steps only)
     resumed_from: int = 0
+
+    @property
+    def left_out(self) -> int:
+        return len(self.left_out_at)
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ def train(manifest: Manifest, gguf_path: Path, examples: list[Example], settings
         bar.close()
     state = {k: v.detach().float().cpu().numpy()
              for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
-    return Trained(state=state, steps=len(steps), examples=len(kept), left_out=len(encoded) - len(kept),
+    return Trained(state=state, steps=len(steps), examples=len(kept),
                    left_out_at=tuple(i for i, e in enumerate(encoded) if len(e.ids) > settings.max_seq_len),
                    threads=threads, wall_s=time.perf_counter() - t0,
                    device=device if world.size == 1 else f"{device} x{world.size}", losses=losses,
