@@ -72,8 +72,10 @@ class OracleServer:
     """`with OracleServer(items) as oracle:` ... `oracle.base_url` ... (a thread serves it)."""
 
     def __init__(self, items: list[bfcl.Item], port: int = 0, model: str = "oracle-teacher",
-                 minimal: bool = False) -> None:
+                 minimal: bool = False, api_key: str | None = None) -> None:
         self.model = model
+        # As a cloud does: with a key set, a request that does not bear it gets 401.
+        self.api_key = api_key
         self.answers = {question_of(i.messages): ground_truth_call(i, minimal) for i in items if i.answer}
         self.requests = 0
         server = self
@@ -99,6 +101,9 @@ class OracleServer:
             def do_POST(self) -> None:  # noqa: N802
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, {"error": {"message": "not found"}})
+                    return
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
                     return
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
