@@ -71,3 +71,12 @@ def test_a_real_teacher_needs_its_model_named(capsys):
         bench_specialise.main(["--cloud-url", "http://127.0.0.1:9/v1"])
     assert exited.value.code == 2
     assert "--cloud-url needs --cloud-model" in capsys.readouterr().err
+
+
+def test_the_base_row_and_the_curve_name_the_base_that_was_specialised():
+    run = result(base_model="gemma-3-270m")
+    assert table(run).splitlines()[2].startswith("gemma-3-270m ")
+    labels = [t.text for t in ET.fromstring(curve_svg(run)).findall(f"{SVG}text")]
+    assert "gemma-3-270m base 39.8%" in labels
+    # A run saved before --base specialised SmolLM2.
+    assert "smollm2-135m-instruct base 39.8%" in [t.text for t in ET.fromstring(curve_svg(result())).findall(f"{SVG}text")]

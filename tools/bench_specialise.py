@@ -22,6 +22,10 @@ held-out half asked with the base and with the adapters, in one run.
 6. Serving cost: decode tok/s and p50 of base vs adapter, and a stream alternating two
    adapters vs one adapter (the switch overhead, and the re-prefill it forces).
 
+`--base gemma-3-270m` runs steps 3-5 on Gemma-3-270M alone (S4 has no other candidate)
+and asks the held-out half of Gemma as the base row: a larger base, measured on the same
+loop and questions.
+
 `--also-log` adds neighbouring traffic to step 2: the questions of other BFCL categories,
 logged under the same task, with any question `simple_python` asks left out (`multiple`
 repeats some of them), so the held-out half stays unseen.
@@ -240,6 +244,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None, help="keep the run's data dir here")
     ap.add_argument("--switch-requests", type=int, default=40, help="requests per switch-cost stream")
     ap.add_argument("--no-gemma", action="store_true", help="S4 with SmolLM2 alone (no Gemma-3-270M)")
+    ap.add_argument("--base", choices=[BASE, GEMMA], default=None,
+                    help="specialise this base alone (S4 has no other candidate) and ask the held-out "
+                         "half of it as the base row; default: SmolLM2, with Gemma-3-270M a candidate "
+                         "unless --no-gemma")
     ap.add_argument("--teacher", choices=["first", "minimal"], default="first",
                     help="the oracle's answers: each argument's first accepted value (default), or "
                          "`minimal`: arguments BFCL accepts absent left out (tools/oracle_server.py)")
@@ -283,18 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     root = args.out or Path(tempfile.mkdtemp(prefix="outpost-specialise-"))
     data_dir = root / "data"
     store = ModelStore(data_dir / "models")
-    link_model(store, ModelStore(args.store), BASE)
-    candidates = [BASE]
-    if not args.no_gemma:  # S4 has a second candidate to choose from
-        link_model(store, ModelStore(args.store), GEMMA)
+    base_id = args.base or BASE
+    candidates = [base_id]
+    if args.base is None and not args.no_gemma:  # S4 has a second candidate to choose from
         candidates.append(GEMMA)
+    for model_id in candidates:
+        link_model(store, ModelStore(args.store), model_id)
     teacher = (f"cloud ({args.cloud_model} at {args.cloud_url})" if args.cloud_url
                else f"oracle (BFCL ground truth, {args.teacher})")
     result: dict[str, Any] = {"teacher": teacher, "oracle": None if args.cloud_url else args.teacher,
                               "machine": os.uname().nodename,
                               "cores": os.cpu_count(), "threads": args.threads, "augment": args.augment,
                               "train_questions": len(train_items), "heldout_questions": len(heldout_items),
-                              "also_logged": also}
+                              "also_logged": also, "base_model": base_id}
 
     teaching = (contextlib.nullcontext(None) if args.cloud_url
                 else OracleServer(items, minimal=args.teacher == "minimal"))
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         cloud = ({"base_url": oracle.base_url, "model": oracle.model, "api_key_env": None} if oracle else
                  {"base_url": args.cloud_url, "model": args.cloud_model, "api_key_env": args.cloud_key_env})
         settings = Settings.load(None, data_dir=data_dir, endpoint=f"ipc://{root}/outpost.sock",
-                                 default_model=BASE, escalation={"policy": "shadow"},
+                                 default_model=base_id, escalation={"policy": "shadow"},
                                  cloud={**cloud, "daily_max_requests": None, "daily_max_tokens": None},
                                  llama={"n_threads": args.threads})
         with EmbeddedDaemon(settings) as daemon, daemon.client(timeout_s=600) as client:
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 "select messages from requests r where task = ? and exists (select 1 from attempts c "
                 "where c.request_id = r.id and c.kind = 'cloud')", [TASK]).fetchall()}
             for item in _bar([i for i in train_items if question_of(i.messages) not in logged], "logging (shadow)"):
-                client.request("chat", request(item, {"model": BASE, "task": TASK}, args.max_tokens, "shadow"))
+                client.request("chat", request(item, {"model": base_id, "task": TASK}, args.max_tokens, "shadow"))
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and db.execute(
                     "select count(*) from attempts where kind = 'cloud'").fetchone()[0] < len(train_items):
@@ -332,18 +341,22 @@ def main(argv: list[str] | None = None) -> int:
             examples = data.load(root / "export" / "examples.jsonl")
             result["gate_heldout"] = len(data.load(val_path_for(root / "export" / "examples.jsonl")))
 
-            base = daemon.catalog.get(BASE)
+            base = daemon.catalog.get(base_id)
             base_path = store.ensure_verified(base.weights)
             heldout_rows: dict[str, list[Asked]] = {}
             n_heldout = len(heldout_items)
-            heldout_rows["base"] = asked_rows(root / f"heldout-base-{n_heldout}.json", lambda: [
-                ask(client, item, {"model": BASE}, check, args.max_tokens)
+            # What is kept in --out names a --base other than SmolLM2, so one dir's runs on
+            # two bases never mix (SmolLM2's keep their names: earlier dirs resume).
+            tag = "" if base_id == BASE else f"-{base_id}"
+            base_file = f"heldout-base-{n_heldout}.json" if not tag else f"heldout{tag}-{n_heldout}.json"
+            heldout_rows["base"] = asked_rows(root / base_file, lambda: [
+                ask(client, item, {"model": base_id}, check, args.max_tokens)
                 for item in _bar(heldout_items, "held-out: base")])
 
             # S4-S6 on every example, as `outpost specialise` runs them: select, train, gate, promote.
             settings_t = TrainSettings(rank=args.rank, alpha=args.alpha, epochs=args.epochs,
                                        learning_rate=args.lr, threads=args.threads)
-            full = kept(root / "specialise.json", lambda: specialise.run(settings, specialise.Options(
+            full = kept(root / f"specialise{tag}.json", lambda: specialise.run(settings, specialise.Options(
                 task=TASK, examples=root / "export" / "examples.jsonl", bases=candidates,
                 train=settings_t, max_tokens=args.max_tokens, augment=args.augment,
                 workdir=root / "work" / "full")))
@@ -360,13 +373,16 @@ def main(argv: list[str] | None = None) -> int:
                       "train_wall_s": full["train"]["wall_s"], "steps": full["train"]["steps"],
                       "adapter_bytes": full["gguf_bytes"], **summary(full_rows, args.threshold)}]
 
-            # The learning curve: the same training on the first n examples only.
+            # The learning curve: the same training on the first n examples only, on the
+            # base S4 chose (without --base it may be Gemma, not the base row's SmolLM2).
+            base = daemon.catalog.get(full["base"].split()[0])
+            base_path = store.ensure_verified(base.weights)
             for n in sorted((int(x) for x in args.sizes.split(",") if x), reverse=True):
                 if n >= len(examples):
                     continue
                 subset = examples[:n]
                 curve_id = adapters.adapter_id(f"{TASK}-n{n}", base)
-                trained = kept(root / f"curve-n{n}.json", lambda n=n, subset=subset, curve_id=curve_id: _train_point(
+                trained = kept(root / f"curve{tag}-n{n}.json", lambda n=n, subset=subset, curve_id=curve_id: _train_point(
                     store, base, base_path, subset, settings_t, root, curve_id, n, args))
                 client.activate(curve_id, "a1")
                 rows = asked_rows(root / f"heldout-{curve_id}-a1-{n_heldout}.json", lambda n=n, curve_id=curve_id: [

@@ -37,7 +37,7 @@ def curve_svg(result: dict[str, Any], width: int = 560, height: int = 300) -> st
     out.append(f'<line x1="{left}" x2="{width - right}" y1="{base_y:.1f}" y2="{base_y:.1f}" '
                f'stroke="#888" stroke-dasharray="2 3"/>')
     out.append(f'<text x="{width - right}" y="{base_y + 15:.1f}" text-anchor="end" fill="#666">'
-               f'SmolLM2-135M base {result["base"]["ast"]:.1%}</text>')
+               f'{base_model(result)} base {result["base"]["ast"]:.1%}</text>')
     path = " ".join(f"{x_of(x):.1f},{y_of(y):.1f}" for x, y in points)
     out.append(f'<polyline points="{path}" fill="none" stroke="#1f6fb4" stroke-width="2"/>')
     for x, y in points:
@@ -60,6 +60,11 @@ def teacher(result: dict[str, Any], loud: bool = False) -> str:
     return f"{'ORACLE TEACHER' if loud else 'oracle teacher'} (BFCL's ground truth as the cloud, {oracle})"
 
 
+def base_model(result: dict[str, Any]) -> str:
+    """The base that was specialised (a run saved before `--base` specialised SmolLM2)."""
+    return result.get("base_model", "smollm2-135m-instruct")
+
+
 def table(result: dict[str, Any]) -> str:
     b = result["base"]
     also = result.get("also_logged") or []
@@ -69,7 +74,7 @@ def table(result: dict[str, Any]) -> str:
               f"held out; {result['threads']} threads on {result['cores']} cores"),
              (f"{'model':<24} {'train ex':>8} {'AST':>6} {'valid':>6} {'local@t':>8} {'p50 ms':>7} "
               f"{'tok/s':>6} {'train s':>8} {'MiB':>5}"),
-             (f"{'base':<24} {'-':>8} {b['ast']:>6.1%} {b['valid']:>6.1%} {b['local_share']:>8.1%} "
+             (f"{base_model(result)[:24]:<24} {'-':>8} {b['ast']:>6.1%} {b['valid']:>6.1%} {b['local_share']:>8.1%} "
               f"{b['p50_ms']:>7.0f} {b['decode_tok_s'] or 0:>6.1f}")]
     for c in result["curve"]:
         lines.append(f"{c['adapter'].split()[0][:24]:<24} {c['examples']:>8} {c['ast']:>6.1%} {c['valid']:>6.1%} "

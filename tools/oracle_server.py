@@ -78,6 +78,7 @@ class OracleServer:
         self.api_key = api_key
         self.answers = {question_of(i.messages): ground_truth_call(i, minimal) for i in items if i.answer}
         self.requests = 0
+        self._count = threading.Lock()  # the handlers run on threads of their own
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,7 +112,9 @@ class OracleServer:
                 except (ValueError, KeyError, TypeError):
                     self._send(400, {"error": {"message": "not a chat completion request"}})
                     return
-                server.requests += 1
+                with server._count:
+                    server.requests += 1
+                    number = server.requests
                 calls = server.answers.get(question_of(messages))
                 message: dict[str, Any] = {"role": "assistant", "content": None if calls else "I don't know."}
                 if calls:
@@ -119,7 +122,7 @@ class OracleServer:
                 prompt = sum(len(json.dumps(m)) for m in messages) // 4  # about 4 characters a token
                 completion = len(json.dumps(calls or message["content"])) // 4
                 self._send(200, {
-                    "id": f"oracle-{server.requests}", "object": "chat.completion", "model": server.model,
+                    "id": f"oracle-{number}", "object": "chat.completion", "model": server.model,
                     "choices": [{"index": 0, "message": message,
                                  "finish_reason": "tool_calls" if calls else "stop"}],
                     "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
