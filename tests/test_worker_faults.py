@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 
+import psutil
 import pytest
 
 from outpost.manifests.catalog import Catalog
@@ -142,11 +143,29 @@ def test_repeated_load_failures_are_quarantined_with_backoff(daemon, model, code
         assert c.chat([{"role": "user", "content": "hi"}], max_tokens=2)["outpost"]["model"] == TINY
 
 
+def kill_if_still_loading(c, pid: int) -> None:
+    """Stop the worker, and kill it if the daemon still has it loading once any `ready`
+    it sent has had time to arrive; else let it go on. A signal the worker handles (xgrammar's
+    library installs a SIGSEGV handler that prints a backtrace first) would leave its
+    loading thread time to finish, so the death is a SIGKILL, on a stopped process."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.3)  # the daemon reads a `ready` already sent within this
+    w = next((w for w in c.status()["loaded"] if w["pid"] == pid), None)
+    os.kill(pid, signal.SIGKILL if w and w["state"] == "loading" else signal.SIGCONT)
+
+
+def new_worker(before: set[int]) -> int | None:
+    """A process the daemon (running in this one) forked since `before`: the worker it
+    spawns, caught as it starts: the tiny model loads faster than a status round trip."""
+    kids = {p.pid for p in psutil.Process().children(recursive=True)}
+    return next(iter(kids - before), None)
+
+
 def test_a_worker_that_crashes_while_loading_is_quarantined(daemon):
-    """SIGSEGV to the worker while it loads (the shape of a file that crashes llama.cpp),
-    twice in a row: the requests get `model_load_failed`, then the version is quarantined.
-    The test catches the worker in `loading` by polling status; a load that finishes first
-    is killed once ready and tried again. A successful load clears the strikes, so the
+    """The worker dies while it loads (the shape of a file that crashes llama.cpp), twice
+    in a row: the requests get `model_load_failed`, then the version is quarantined.
+    The test catches the worker as it is forked, stops it, and kills it if status still
+    says `loading`; a load that finishes first is killed once ready and tried again. A successful load clears the strikes, so the
     count starts over after one (CI saw crash, success, crash: no quarantine, rightly)."""
     crashes, tries = 0, 0
     with daemon.client(30) as c:
@@ -162,12 +181,12 @@ def test_a_worker_that_crashes_while_loading_is_quarantined(daemon):
                     out["error"] = exc
 
             with daemon.client(30) as c2:
+                before = {p.pid for p in psutil.Process().children(recursive=True)}
                 t = threading.Thread(target=ask)
                 t.start()
                 while t.is_alive():
-                    w = next((w for w in c.status()["loaded"] if w["model"] == "tiny-b"), None)
-                    if w and w["state"] == "loading" and w["pid"]:
-                        os.kill(w["pid"], signal.SIGSEGV)
+                    if (pid := new_worker(before)) is not None:
+                        kill_if_still_loading(c, pid)
                         break
                 t.join(30)
             if isinstance(out.get("error"), ModelLoadFailed):
