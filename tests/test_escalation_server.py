@@ -4,18 +4,17 @@ cloud", started by the test. No internet."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from typing import Any
 
-import httpx
 import pytest
 
 from outpost.manifests.catalog import Catalog
 from outpost.runtime.logs import queries, schema
+from outpost.tools.serve_process import http_server
 
-from .conftest import SMOLLM2, free_port, make_data_dir, start_daemon
+from .conftest import SMOLLM2, make_data_dir, start_daemon
 
 pytestmark = pytest.mark.slow
 TEACHER = "teacher-smollm2"
@@ -24,28 +23,11 @@ TEACHER = "teacher-smollm2"
 @pytest.fixture(scope="module")
 def cloud_server(model_cache, tmp_path_factory):
     weights = model_cache.weights_path(Catalog.load(model_cache, [], SMOLLM2).get(SMOLLM2))
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("cloud") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(weights),
-                             "--model_alias", TEACHER, "--host", "127.0.0.1", "--port", str(port),
-                             "--n_ctx", "2048", "--n_threads", "1", "--chat_format", "chatml"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("llama_cpp.server did not start")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    with open(tmp_path_factory.mktemp("cloud") / "server.log", "w") as log, http_server(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(weights), "--model_alias", TEACHER,
+             "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", "1", "--chat_format", "chatml"],
+            "/v1/models", "llama_cpp.server", 120, output=log) as url:
+        yield f"{url}/v1"
 
 
 def daemon(tmp_path, model_cache, url: str, policy: str):

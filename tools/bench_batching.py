@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -60,7 +59,7 @@ from outpost.runtime.logs.stats import percentile
 
 from .bench_engine import MAX_TOKENS, MODEL, chats
 from .bench_specialise import REPO_STORE, link_model
-from .serve_process import ServeProcess
+from .serve_process import ServeProcess, http_server
 
 LLAMA_CPP_VERSION = "0.3.36"  # the Makefile's pin: the same llama.cpp source Outpost runs
 BUILD = REPO_STORE.parent / f"llama.cpp-{LLAMA_CPP_VERSION}"
@@ -188,25 +187,9 @@ def batched_bench(bin_dir: Path, model: Path, threads: int, npl: list[int]) -> d
 
 
 def server_run(bin_dir: Path, model: Path, threads: int, n_clients: int, per_client: int) -> dict[str, Any]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
-                             "--port", str(port), "-t", str(threads), "-tb", str(threads_batch(threads)),
-                             "--parallel", str(n_clients), "-c", str(2048 * n_clients), "--no-webui"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("llama-server did not start")
-            time.sleep(0.2)
+    with http_server([str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
+                      "-t", str(threads), "-tb", str(threads_batch(threads)), "--parallel", str(n_clients),
+                      "-c", str(2048 * n_clients), "--no-webui"], "/health", "llama-server", 120) as url:
 
         def send(chat: dict[str, Any]) -> tuple[int, dict[str, Any]]:
             body = {"messages": chat["messages"], "max_tokens": MAX_TOKENS, "temperature": 0.0}
@@ -216,9 +199,6 @@ def server_run(bin_dir: Path, model: Path, threads: int, n_clients: int, per_cli
         result = clients_run(n_clients, per_client, send)
         result.pop("_replies")
         return result
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main(argv: list[str] | None = None) -> int:

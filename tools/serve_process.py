@@ -1,15 +1,21 @@
 """`outpost serve` as a child process, for benchmarks and tests that must measure the
-daemon's memory and timings apart from their own."""
+daemon's memory and timings apart from their own; and a peer's HTTP server (llama.cpp's,
+llama-cpp-python's) as one, on a free loopback port."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import httpx
 
 from outpost.runtime.client import OutpostClient
 
@@ -58,3 +64,34 @@ class ServeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(command: list[str], health: str, name: str, timeout_s: float = 180.0,
+                output: IO[Any] | int = subprocess.DEVNULL) -> Iterator[str]:
+    """`command` with `--port <free port>` added, until `health` answers 200: its base URL.
+    Ended (terminated, then waited for) on leaving."""
+    port = free_port()
+    proc = subprocess.Popen([*command, "--port", str(port)], stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}{health}", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{name} did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
