@@ -126,6 +126,29 @@ class Training(_Frozen):
     heldout: dict[str, float] = {}
 
 
+class DecisionRule(_Frozen):
+    """How a model (or a task adapter) decides, under `tool_choice: auto`, between calling
+    a tool and answering in text: a logistic rule over its own evidence, fitted on turns
+    whose right decision is known (models/decision.py applies it; `outpost models
+    calibrate` fits it). A property of the version: a new fit is a new version, and
+    `models rollback` brings the old rule back with the old version."""
+
+    # log-odds that the turn needs a call =
+    #   bias + open_weight * log P(a call opens) + sum(probe_weights[i] * turn_end[i])
+    bias: float
+    open_weight: float
+    # turn_end: the logits just after the agent's turn's end-of-turn mark, ids 0, stride, 2*stride, ...
+    # (one weight each), centred on their mean. Empty: the call-opening evidence alone.
+    probe_stride: Annotated[int, Field(gt=0)] = 1
+    probe_weights: list[float] = []
+    threshold: float  # call when the log-odds reach it (the chosen operating point)
+    # What it was fitted on, for `models calibrate` and the docs: never used to decide.
+    fitted_on: str = ""
+    examples: Annotated[int, Field(ge=0)] = 0
+    calls: Annotated[int, Field(ge=0)] = 0  # of them, turns whose right decision was a call
+    auroc: Annotated[float, Field(ge=0.0, le=1.0)] | None = None  # held out from the fit
+
+
 # What applying a LoRA adapter costs beyond its file (llama.cpp copies the tensors into
 # the worker's memory; the compute graph grows): seen with SmolLM2-135M and a rank-16
 # adapter on all seven projections, rounded up.
@@ -161,6 +184,9 @@ class Manifest(_Frozen):
     smoke_test: SmokeTest = SmokeTest()
     # Set for a task adapter: then `files` holds the adapter and the base serves it.
     adapter: AdapterOf | None = None
+    # How it decides between calling and answering under tool_choice auto; None: by the
+    # model's own probability of opening a call (uncalibrated). A task adapter's is its own.
+    decision: DecisionRule | None = None
 
     @field_validator("chat_template")
     @classmethod

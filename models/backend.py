@@ -6,8 +6,10 @@ generation. These types are plain data so they cross the worker boundary as JSON
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol
+
+from .decision import Decision, Rule
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -54,11 +56,22 @@ class GenerationRequest:
     top_k: int = 40
     seed: int | None = None
     adapter: AdapterRef | None = None  # None: the base model alone
+    # How tool_choice auto decides between calling and answering: the served version's
+    # rule (decision.py); None: the uncalibrated one.
+    decision: Rule | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The worker boundary's form (JSON-ready; the messages and tools are not copied)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["adapter"] = asdict(self.adapter) if self.adapter else None
+        out["decision"] = self.decision.to_dict() if self.decision else None
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationRequest:
-        adapter = data.get("adapter")
-        return cls(**{**data, "adapter": AdapterRef(**adapter) if adapter else None})
+        adapter, decision = data.get("adapter"), data.get("decision")
+        return cls(**{**data, "adapter": AdapterRef(**adapter) if adapter else None,
+                      "decision": Rule.from_dict(decision) if decision else None})
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Generation:
     prompt: str = ""  # the prompt exactly as the model saw it
     grammar: str | None = None  # what constrained decoding, if anything
     batch_size: float = 1.0  # sequences per forward pass it took part in, on average
+    decision: Decision | None = None  # tool_choice auto: call or answer, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,7 +100,8 @@ class Generation:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Generation:
         """The far side of the worker boundary: a missing or unknown field is a TypeError."""
-        return cls(**data)
+        decision = data.get("decision")
+        return cls(**{**data, "decision": Decision.from_dict(decision) if decision else None})
 
 
 class LoadedModel(Protocol):

@@ -1,7 +1,8 @@
-"""Generation, the same for every backend: a prompt rendered and evaluated, then one
-token per forward pass under the xgrammar mask (text the grammar forces is taken in
-one pass: jump-forward), with loop and length repair, the
-chosen tokens' log-probabilities and streaming. A backend (llama.py, onnx.py) gives
+"""Generation, the same for every backend: a prompt rendered and evaluated, under
+`tool_choice: auto` the decision to call or to answer (decision.py), then one token per
+forward pass under the xgrammar mask of the side chosen (text the grammar forces is
+taken in one pass: jump-forward), with loop and length repair, the chosen tokens'
+log-probabilities and streaming. A backend (llama.py, onnx.py) gives
 the forward pass, the KV cache, tokenization and the vocabulary; everything an agent
 or the log can see is decided here, so no behaviour forks by backend.
 
@@ -14,17 +15,18 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from outpost.manifests.errors import OutpostError
+from outpost.manifests.errors import BadRequest, InternalError, OutpostError
 from outpost.manifests.schema import Manifest
 
 from .backend import AdapterRef, Generation, GenerationRequest
+from .decision import Decision, Evidence, Rule
 from .errors import AdapterLoadFailed, ContextOverflow
 from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
@@ -52,6 +54,9 @@ class Decoder(ABC):
         self._vocab_cache = vocab_cache
         self._grammar_timeout_s = grammar_timeout_s
         self._grammars: GrammarCache | None = None
+        self._turn_tail: int | None = None  # prompt tokens after the agent's turn's last one
+        self._marks: dict[int, int] = {}  # slot -> the cache position whose logits to keep
+        self._kept: dict[int, np.ndarray] = {}  # slot -> those logits, once evaluated
         # What closing an open call can cost at most in tokens, beyond the values:
         # a string, an array and two objects, then the closing tag.
         self._close_cost = len(self.tokenize(b'"]}}\n' + TOOL_CALL_CLOSE.encode(), prompt=False))
@@ -94,6 +99,19 @@ class Decoder(ABC):
     def _share(self, src: int, dst: int, n: int) -> bool:
         """Make slot `dst` hold slot `src`'s first `n` positions; False if this cache cannot."""
         return False
+
+    # A backend's `_eval`/`_eval_many` also keeps the logits of one marked prompt position
+    # per slot (the decision reads the agent's turn's end): `_marked` says where in a
+    # pass's tokens it falls, `_keep` stores the row.
+    def _marked(self, slot: int, start: int, n: int) -> int | None:
+        """The index, among `n` tokens evaluated from cache position `start` on the slot,
+        of the position whose logits are wanted, if it is one of them."""
+        at = self._marks.get(slot)
+        return at - start if at is not None and start <= at < start + n else None
+
+    def _keep(self, slot: int, row: np.ndarray) -> None:
+        self._kept[slot] = np.array(row, dtype=np.float32)
+        del self._marks[slot]
 
     @abstractmethod
     def _is_eog(self, tok: int) -> bool:
@@ -175,11 +193,73 @@ class Decoder(ABC):
         prompt = self.tokenize(prompt_text.encode("utf-8"), prompt=True)
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
+        pending = None
+        if compiled is not None and request.tool_choice == "auto":
+            rule = request.decision or Rule()
+            if (misfit := rule.misfit(self.n_vocab)) is not None:
+                raise InternalError(misfit)
+            pending = PendingDecision(rule=rule, call=TokenMask(compiled, self.n_vocab),
+                                      answer=TokenMask(self.grammars.answer(), self.n_vocab),
+                                      turn_end=self._turn_end(prompt) if rule.reads_turn_end else None)
         seq = Sequence(request=request, prompt=prompt, prompt_text=prompt_text,
-                       mask=TokenMask(compiled, self.n_vocab) if compiled is not None else None,
-                       stream=TextStream(on_text) if on_text else None)
+                       mask=TokenMask(compiled, self.n_vocab) if compiled is not None and pending is None else None,
+                       stream=TextStream(on_text) if on_text else None, pending=pending)
         seq.steps = self._steps(seq)
         return seq
+
+    def _turn_end(self, prompt: list[int]) -> int:
+        """The position in `prompt` just after the agent's turn's end-of-turn mark: the
+        `\\n` of ChatML's `<|im_end|>\\n<|im_start|>assistant\\n`, the last position
+        that reads the agent's turn before the assistant's header begins."""
+        if self._turn_tail is None:
+            self._turn_tail = self._tail_tokens()
+        return len(prompt) - self._turn_tail
+
+    def _tail_tokens(self) -> int:
+        """How many prompt tokens follow the end-of-turn mark of the last turn: counted
+        once, on a one-turn chat, in the model's own tokens."""
+        mark = self.template.turn_end()
+        text = self.template.render([{"role": "user", "content": "q"}], None)
+        if not mark or mark not in text:
+            raise InternalError(f"{self.manifest.id}: its chat template marks no end of turn, which "
+                                f"a decision rule that reads the turn's end needs")
+        cut = text.rindex(mark) + len(mark)
+        full = self.tokenize(text.encode("utf-8"), prompt=True)
+        head = self.tokenize(text[:cut].encode("utf-8"), prompt=True)
+        if full[:len(head)] != head or len(full) == len(head):
+            raise InternalError(f"{self.manifest.id}: its prompt does not tokenize the same cut at "
+                                f"its end-of-turn mark {mark!r}, or nothing follows the mark")
+        return len(full) - len(head)
+
+    def evidence(self, request: GenerationRequest, rule: Rule) -> Evidence:
+        """What `request`'s prompt says about calling, as `rule` reads it, without
+        generating: the prompt evaluated alone on slot 0 (`outpost models calibrate`
+        reads every labelled turn through this, so a fit sees what serving sees)."""
+        if not request.tools or not request.constrained:
+            raise BadRequest("the decision's evidence needs tools and the grammar (constrained)")
+        self.use_adapter(request.adapter)
+        seq = self.start(replace(request, tool_choice="auto", decision=rule))
+        assert seq.pending is not None
+        seq.slot = 0
+        for tokens in self._prompt_steps(seq.prompt, 0, seq.pending.turn_end):
+            self._eval(tokens, 0)
+        return self._read_evidence(seq)
+
+    def _read_evidence(self, seq: Sequence) -> Evidence:
+        pending = seq.pending
+        assert pending is not None
+        turn_end = self._kept.pop(seq.slot, None) if pending.turn_end is not None else None
+        return Evidence.read(self._logits(seq.slot), pending.call.allowed(), turn_end)
+
+    def _decide(self, seq: Sequence) -> tuple[Decision, TokenMask]:
+        """Call or answer, from the prompt's evidence, before any token is chosen; the
+        mask of the side chosen decodes the answer."""
+        pending = seq.pending
+        assert pending is not None
+        t0 = time.perf_counter()
+        decision = pending.rule.decide(self._read_evidence(seq))
+        decision = replace(decision, ms=round((time.perf_counter() - t0) * 1e3, 3))
+        return decision, pending.call if decision.choice == "call" else pending.answer
 
     def _steps(self, seq: Sequence) -> Iterator[list[int]]:
         """The generation of `seq` as a series of forward passes: each `yield` hands
@@ -187,7 +267,10 @@ class Decoder(ABC):
         request = seq.request
         rng = np.random.default_rng(request.seed)
         t0 = time.perf_counter()
-        yield from self._prompt_steps(seq.prompt, seq.slot)
+        pending = seq.pending
+        yield from self._prompt_steps(seq.prompt, seq.slot, pending.turn_end if pending else None)
+        if pending is not None:
+            seq.decision, seq.mask = self._decide(seq)
         t1 = time.perf_counter()
         run = Run(budget=min(request.max_tokens, self.n_ctx - len(seq.prompt)), prompt_len=len(seq.prompt))
         yield from self._decode(run, seq.mask, request, rng, seq.stream, seq.slot)
@@ -211,9 +294,9 @@ class Decoder(ABC):
             prefill_ms=prefill_ms, decode_ms=decode_ms,
             constrained=mask is not None, grammar_dead_end=run.dead_end, logprobs=run.logprobs,
             validation=validation, repaired=len(run.repairs), prompt=seq.prompt_text,
-            grammar=(f"xgrammar tool_choice={request.tool_choice} "
-                     f"parallel={request.parallel_tool_calls}") if mask is not None else None,
-            batch_size=round(seq.batched / seq.passes, 2) if seq.passes else 1.0)
+            grammar=(f"xgrammar tool_choice={request.tool_choice} parallel={request.parallel_tool_calls}"
+                     + (f" decided={seq.decision.choice}" if seq.decision else "")) if mask is not None else None,
+            batch_size=round(seq.batched / seq.passes, 2) if seq.passes else 1.0, decision=seq.decision)
 
     # One loop on purpose (about 70 lines): the per-token hot path reads top to bottom, and
     # splitting it would add a call per token and hide the order of mask, sample, accept.
@@ -381,14 +464,22 @@ class Decoder(ABC):
                 return int(allowed[np.argmax(logits[allowed])])
         return int(np.argmax(logits))
 
-    def _prompt_steps(self, prompt: list[int], slot: int) -> Iterator[list[int]]:
+    def _prompt_steps(self, prompt: list[int], slot: int, mark: int | None = None) -> Iterator[list[int]]:
         """Evaluate `prompt` on `slot`, reusing the cache for the prefix it shares with
-        what the slot holds (batching.py may have given the slot another's prefix)."""
+        what the slot holds (batching.py may have given the slot another's prefix).
+        `mark`: a position whose logits are kept too (`_kept[slot]`); it is evaluated
+        again if the cache holds it (a few tokens: the assistant's header)."""
         keep = common_prefix(self._cached(slot), prompt)
         keep = min(keep, len(prompt) - 1)  # always evaluate >= 1 token to get fresh logits
+        if mark is not None:
+            keep = min(keep, mark)
         if keep == 0 or not self._truncate(keep, slot):
             keep = 0  # this cache cannot drop a suffix (e.g. recurrent state): start over
             self._truncate(0, slot)
+        self._kept.pop(slot, None)
+        self._marks.pop(slot, None)  # a cancelled sequence's, never evaluated
+        if mark is not None:
+            self._marks[slot] = mark
         yield prompt[keep:]
 
 
@@ -402,14 +493,28 @@ class Sequence:
     request: GenerationRequest
     prompt: list[int]
     prompt_text: str
-    mask: TokenMask | None
+    mask: TokenMask | None  # under auto: set once the decision is made
     stream: TextStream | None
+    pending: PendingDecision | None = None  # tool_choice auto: the decision still to make
+    decision: Decision | None = None
     slot: int = -1
     steps: Iterator[list[int]] = field(default_factory=lambda: iter(()))
     result: Generation | None = None
     error: OutpostError | None = None  # why it left a batch without a result
     passes: int = 0
     batched: int = 0
+
+
+@dataclass(eq=False)
+class PendingDecision:
+    """Under tool_choice auto, what the decision needs: the rule, the grammar of each side
+    (the call grammar's first mask is also the evidence of what opens a call), and the
+    prompt position whose logits the rule reads (None: it reads none)."""
+
+    rule: Rule
+    call: TokenMask
+    answer: TokenMask
+    turn_end: int | None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

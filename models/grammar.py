@@ -4,9 +4,15 @@ Life cycle, as in xgrammar itself:
 
     Vocabulary          one per loaded model: every token's exact bytes + stop tokens
       -> GrammarCache   one per loaded model: a GrammarCompiler and an LRU of
-                        (tool set, tool_choice, parallel) -> CompiledGrammar
+                        (tool set, tool_choice, parallel) -> CompiledGrammar, and the
+                        one grammar of a text answer
       -> TokenMask      one per generation: a GrammarMatcher and a bitmask; masks
                         logits in place with numpy and accepts sampled tokens
+
+Two kinds of grammar: calls (`tool_choice` required or a named function: well-formed
+calls and nothing else) and a text answer (any text that never opens a call). Under
+`auto` there is no third: the decision between them is made first (decision.py), and
+the answer is decoded under the grammar of the side chosen.
 
 The vocabulary is given to xgrammar as RAW bytes decoded by the backend's own
 detokenizer, so byte-level BPE vocabularies (GPT-2 style "Ġ" pieces) and
@@ -97,13 +103,20 @@ def tools_hash(tools: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(tools, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# A text answer: anything, as long as it never opens a call (the decision to call was
+# made before it, decision.py), so no tag leaks into `content`.
+ANSWER_TAG = {"type": "structural_tag", "format": {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}}
+
+
 def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice,
                    parallel: bool) -> dict[str, Any] | None:
-    """The xgrammar structural tag for one request, or None when nothing is constrained.
+    """The xgrammar structural tag of the calls one request may make, or None when
+    nothing is constrained.
 
     Each tool gets a tag whose begin fixes the call's name, so the arguments are
     decoded against that tool's own schema: `<tool_call>\\n{"name": "f", "arguments": `
-    + JSON per schema + `}\\n</tool_call>`. Text outside tags is free under `auto`.
+    + JSON per schema + `}\\n</tool_call>`. `auto` asks for the calls' grammar too: it
+    is what a turn decided for a call is decoded under.
     """
     if not tools or tool_choice == "none":
         return None
@@ -124,12 +137,7 @@ def structural_tag(tools: list[dict[str, Any]], tool_choice: ToolChoice,
     } for t in tools]
     calls = {"type": "tags_with_separator", "tags": tags, "separator": "\n",
              "at_least_one": True, "stop_after_first": not parallel}
-    if tool_choice == "auto":
-        # Either calls and nothing else, or a plain text answer that never opens a call.
-        fmt = {"type": "or", "elements": [calls, {"type": "any_text", "excludes": [TOOL_CALL_OPEN]}]}
-    else:
-        fmt = calls
-    return {"type": "structural_tag", "format": fmt}
+    return {"type": "structural_tag", "format": calls}
 
 
 class GrammarCache:
@@ -147,16 +155,19 @@ class GrammarCache:
         self._compiler = xgr.GrammarCompiler(self._info, max_threads=threads)
         self._lru: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()  # key -> compiled
         self._closers: dict[bool, tuple[np.ndarray, ...]] = {}
+        self._answer: xgr.CompiledGrammar | None = None
         self.capacity = capacity
         self.hits = 0
         self.misses = 0
 
     def compiled(self, tools: list[dict[str, Any]], tool_choice: ToolChoice,
                  parallel: bool) -> xgr.CompiledGrammar | None:
+        """The grammar of the calls a request may make (`auto` shares `required`'s)."""
         tag = structural_tag(tools, tool_choice, parallel)
         if tag is None:
             return None
-        key = f"{tools_hash(tools)}:{tool_choice}:{int(parallel)}"
+        choice = "required" if tool_choice == "auto" else tool_choice
+        key = f"{tools_hash(tools)}:{choice}:{int(parallel)}"
         if key in self._lru:
             self.hits += 1
             self._lru.move_to_end(key)
@@ -172,6 +183,12 @@ class GrammarCache:
         if len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
         return compiled
+
+    def answer(self) -> xgr.CompiledGrammar:
+        """The grammar of a text answer: one per vocabulary, whatever the tools."""
+        if self._answer is None:
+            self._answer = self._compiler.compile_structural_tag(json.dumps(ANSWER_TAG))
+        return self._answer
 
     def _compile(self, tag: str, tools: list[dict[str, Any]]) -> xgr.CompiledGrammar:
         if self.timeout_s is None:
@@ -226,10 +243,19 @@ class TokenMask:
         strided (xgrammar's torch CPU kernel silently masks the wrong tokens on a
         strided view), and costs a few microseconds per token.
         """
+        if (bits := self._bits()) is not None:
+            logits[~bits[: logits.shape[-1]].astype(bool)] = -np.inf
+
+    def allowed(self) -> np.ndarray:
+        """Which tokens the grammar allows next (bool, one per token), without masking."""
+        bits = self._bits()
+        return np.ones(self._vocab_size, dtype=bool) if bits is None else bits[: self._vocab_size].astype(bool)
+
+    def _bits(self) -> np.ndarray | None:
+        """The next token's bitmask unpacked (1: allowed), or None when all are allowed."""
         if not self.matcher.fill_next_token_bitmask(self._bitmask):
-            return
-        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        logits[~allowed[: logits.shape[-1]].astype(bool)] = -np.inf
+            return None
+        return np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
 
     def accept(self, token: int) -> bool:
         ok = self.matcher.accept_token(token)

@@ -268,9 +268,10 @@ class LlamaModel(Decoder):
 
     def _eval_many(self, work: list[tuple[int, list[int], bool]]) -> None:
         """One forward pass over several slots' tokens (n_batch at most in all); a slot
-        with `logits` set gets its last token's logits."""
+        with `logits` set gets its last token's logits, and a slot with a marked
+        position among its tokens (decoder._marked) keeps that position's too."""
         arrays, seq_ids = self._batch_arrays, self._batch.seq_id
-        i, rows = 0, {}
+        i, rows, marked, outputs = 0, {}, {}, 0
         for slot, tokens, logits in work:
             n, pos = len(tokens), len(self._tokens[slot])
             arrays["token"][i:i + n] = tokens
@@ -279,9 +280,15 @@ class LlamaModel(Decoder):
             arrays["logits"][i:i + n] = 0
             for j in range(i, i + n):
                 seq_ids[j][0] = slot
+            # Outputs are stored in batch order: a mark comes before its slot's last token.
+            if (at := self._marked(slot, pos, n)) is not None:
+                arrays["logits"][i + at] = 1
+                marked[slot] = outputs
+                outputs += at != n - 1 or not logits
             if logits:
                 arrays["logits"][i + n - 1] = 1
-                rows[slot] = len(rows)  # outputs are stored in batch order
+                rows[slot] = outputs
+                outputs += 1
             i += n
         self._batch.n_tokens = i
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
@@ -293,7 +300,9 @@ class LlamaModel(Decoder):
         # Every output's logits, one row each in the order they were asked for: wrapped
         # once per pass, not once per sequence (numpy builds a ctypes type per wrap).
         self._outputs = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx),
-                                              shape=(len(rows), self.n_vocab)) if rows else None
+                                              shape=(outputs, self.n_vocab)) if outputs else None
+        for slot, row in marked.items():
+            self._keep(slot, self._outputs[row])
 
     def _logits(self, slot: int = 0) -> np.ndarray:
         return self._outputs[self._rows[slot]]

@@ -140,6 +140,19 @@ class OnnxModel(Decoder):
         return self._tokenizer.encode(data, prompt=prompt)
 
     def _eval(self, tokens: list[int], slot: int = 0) -> None:
+        at = self._marked(slot, len(self._ids), len(tokens))
+        if at is None:
+            self._pass(tokens)
+            return
+        # The builder's graphs return the last position's logits only, so a marked
+        # position (the decision reads the turn's end, decoder.py) ends a pass of its own:
+        # the few tokens after it (the assistant's header) take a second, short one.
+        self._pass(tokens[: at + 1])
+        self._keep(slot, self._last)
+        if at + 1 < len(tokens):
+            self._pass(tokens[at + 1 :])
+
+    def _pass(self, tokens: list[int]) -> None:
         start, total = len(self._ids), len(self._ids) + len(tokens)
         binding = self._session.io_binding()
         binding.bind_cpu_input("input_ids", np.array([tokens], dtype=np.int64))

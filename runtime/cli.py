@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("call", parents=[common, client, as_json], help="send one chat request",
                        description="Send one prompt to the daemon and print the answer. With "
                        "--tools the model must call one of the tools (tool_choice 'required'); "
-                       "pass --tool-choice auto to let it answer in text instead.")
+                       "pass --tool-choice auto to let it decide between calling and answering "
+                       "in text, as agents ask (the status line then says how it decided).")
     p.add_argument("prompt", help="the user message")
     p.add_argument("--model", metavar="ID", help="manifest id (default: the configured default model)")
     p.add_argument("--task", metavar="TASK", help="route by task instead of model id")
@@ -322,9 +323,13 @@ def cmd_call(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{call['function']['name']}({call['function']['arguments']})")
     meta = reply["outpost"]
     t = meta["timings_ms"]
+    decided = ""
+    if (d := meta.get("decision")) is not None:  # tool_choice auto: how it chose
+        decided = (f" · decided {d['choice']} (p(call opens) {d['p_open']:.3f}, score {d['score']:+.2f} vs "
+                   f"{d['threshold']:+.2f}, confidence {d['confidence']:.2f})")
     print(f"[{meta['model']} {meta['model_version']} · {t['total']:.0f} ms "
           f"(load {t['load']:.0f}, prefill {t['prefill']:.0f}, decode {t['decode']:.0f}) · "
-          f"{reply['usage']['completion_tokens']} tokens · log {meta['log_id']}]", file=sys.stderr)
+          f"{reply['usage']['completion_tokens']} tokens{decided} · log {meta['log_id']}]", file=sys.stderr)
     return 0
 
 

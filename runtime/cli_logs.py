@@ -71,7 +71,13 @@ def add_logs_commands(logs: argparse._SubParsersAction, common: argparse.Argumen
     p.set_defaults(run=cmd_logs_clusters)
 
     p = logs.add_parser("stats", parents=[common, as_json],
-                        help="per model and task: escalation, validity, latency, cost per success")
+                        help="per model and task: escalation, validity, latency, cost per success, "
+                        "and how often tool_choice auto decided as the cloud did",
+                        description="Per model and task, from the log: requests, errors, escalation "
+                        "rate, validity of the local calls, success rate, p50/p95 latency, cost per "
+                        "success, and under tool_choice auto the turns the local model decided "
+                        "(DECIDED) and how often it decided as the cloud did on those the cloud also "
+                        "answered (RIGHT). Definitions: docs/log.md#stats.")
     p.add_argument("--since", metavar="WHEN", help="an age (7d, 12h) or an ISO date")
     p.set_defaults(run=cmd_logs_stats)
 
@@ -136,12 +142,13 @@ def cmd_logs_stats(args: argparse.Namespace, settings: Settings) -> int:
         fmt.print_json(result)
         return 0
     print(f"{'MODEL':<24} {'TASK':<12} {'REQS':>6} {'ERR':>5} {'ESC':>6} {'VALID':>6} {'OK':>6} "
-          f"{'P50 MS':>7} {'P95 MS':>7} {'$/SUCCESS':>10}")
+          f"{'P50 MS':>7} {'P95 MS':>7} {'$/SUCCESS':>10} {'DECIDED':>8} {'RIGHT':>6}")
     for g in [*result["groups"], {"model": "all", "task": "", **result["total"]}]:
         print(f"{g['model']:<24} {g['task']:<12} {g['requests']:>6} {g['errors']:>5} "
               f"{fmt.share(g['escalation_rate']):>6} {fmt.share(g['validity_rate']):>6} "
               f"{fmt.share(g['success_rate']):>6} {fmt.num(g['latency_ms']['p50'], 0):>7} "
-              f"{fmt.num(g['latency_ms']['p95'], 0):>7} {fmt.num(g['cost_per_success_usd'], 6):>10}")
+              f"{fmt.num(g['latency_ms']['p95'], 0):>7} {fmt.num(g['cost_per_success_usd'], 6):>10} "
+              f"{g['decisions']:>8} {fmt.share(g['decision_accuracy']):>6}")
     return 0
 
 

@@ -10,7 +10,9 @@ wire protocol sends. This module gathers them all, so a client knows every code
     │   ├── RequestTooLarge           request_too_large       runtime/daemon/errors.py
     │   ├── UnknownMethod             unknown_method          runtime/daemon/errors.py
     │   ├── InvalidSchema             invalid_schema          models/errors.py
-    │   └── UnsupportedSchema         unsupported_schema      models/errors.py
+    │   ├── UnsupportedSchema         unsupported_schema      models/errors.py
+    │   └── NotEnoughLabels           not_enough_labels       tools/calibrate.py (above
+    │                                                           runtime: not imported here)
     ├── UnknownModel                  unknown_model           manifests/errors.py
     ├── ModelNotPulled                model_not_pulled        manifests/errors.py
     ├── ModelFileError                model_file_error        manifests/errors.py

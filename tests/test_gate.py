@@ -35,6 +35,19 @@ def test_the_gate_promotes_only_a_clear_improvement():
     assert "valid" in decide(invalid, inc).reason
 
 
+def test_the_gate_keeps_out_a_candidate_that_decides_worse():
+    """More examples right, but it calls where the incumbent rightly answered: refused."""
+    right, wrong_call = (True, True, True), (False, True, False)
+    inc = [right] * 20 + [(False, True, True)] * 12 + [right] * 8
+    cand = [right] * 20 + [right] * 12 + [wrong_call] * 8
+    verdict = decide(cand, inc)
+    assert verdict.wins == 12 and verdict.losses == 8 and not verdict.promote
+    assert verdict.reason == "decides worse between calling and answering (80.0% vs 100.0%)"
+    assert (verdict.candidate_decisions, verdict.incumbent_decisions) == (0.8, 1.0)
+    # Rows without the decision (required-only evaluations) count it as right.
+    assert decide([(True, True)] * 6, [(False, True)] * 6).promote
+
+
 def test_calls_compare_by_name_and_parsed_arguments():
     want = [Call("f", {"a": 1, "b": [1, 2]}), Call("g", {})]
     got = [{"function": {"name": "g", "arguments": "{}"}},

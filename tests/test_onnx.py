@@ -236,3 +236,22 @@ def test_convert_refuses_what_it_cannot_convert(converted):
 def test_providers_end_with_the_cpu():
     assert choose_providers()[-1] == "CPUExecutionProvider"
     assert choose_providers(["NoSuchExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_the_decision_reads_the_same_evidence_on_both_backends(converted):
+    """tool_choice auto's evidence (the call-opening mass, the turn end's logits) comes off
+    the ONNX graph's forward pass as it does off llama.cpp's."""
+    from outpost.tools.calibrate import reading_rule
+
+    data, _ = converted
+    store, gguf, onnx = models(data)
+    a = LlamaModel(gguf, store.weights_path(gguf), n_threads=1)
+    b = OnnxModel(onnx, store.folder(onnx), n_threads=1)
+    try:
+        request = GenerationRequest(messages=USER, tools=TOOLS)
+        ea, eb = a.evidence(request, reading_rule(a.n_vocab)), b.evidence(request, reading_rule(b.n_vocab))
+        assert np.allclose(ea.turn_end, eb.turn_end, atol=1e-3)
+        assert ea.open_logodds == pytest.approx(eb.open_logodds, abs=1e-3)
+    finally:
+        a.close()
+        b.close()

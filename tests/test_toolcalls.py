@@ -58,12 +58,16 @@ def test_parallel_tool_calls_decides_whether_a_second_call_may_follow(parallel, 
     assert mask.matcher.accept_string(second.encode()) is accepted
 
 
-def test_auto_allows_text_or_calls_but_never_half_a_call():
+def test_auto_decodes_under_the_grammar_of_the_side_it_decided():
+    """A turn decided for an answer is text that never opens a call; one decided for a
+    call is calls and nothing else, the grammar `required` compiles (shared with it)."""
     grammars = GrammarCache(BYTES)
-    compiled = grammars.compiled(WEATHER, "auto", True)
-    text = TokenMask(compiled, BYTES.size)
+    text = TokenMask(grammars.answer(), BYTES.size)
     assert text.matcher.accept_string(b"It is sunny.") and text.matcher.accept_token(256)
-    broken = TokenMask(grammars.compiled(WEATHER, "auto", True), BYTES.size)  # from the cache
+    assert not TokenMask(grammars.answer(), BYTES.size).matcher.accept_string(b"so: <tool_call>")
+    calls = TokenMask(grammars.compiled(WEATHER, "auto", True), BYTES.size)
+    assert not calls.matcher.accept_string(b"It is")
+    broken = TokenMask(grammars.compiled(WEATHER, "required", True), BYTES.size)  # from the cache
     assert not broken.matcher.accept_string(b'<tool_call>\n{"name": "get_weather", "arguments": {"town": 1}}')
     assert grammars.stats()["misses"] == 1 and grammars.stats()["hits"] == 1
 

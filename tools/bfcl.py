@@ -117,6 +117,11 @@ class Outcome:
 
 
 # -- BFCL data and checker ----------------------------------------------------------------
+def expects_call(category: str) -> bool:
+    """Whether a category's right answers are calls (`irrelevance`, `live_irrelevance`: none)."""
+    return "irrelevance" not in category
+
+
 def _bfcl_root() -> Any:
     try:
         return resources.files("bfcl_eval")
@@ -129,7 +134,7 @@ def load(category: str, limit: int | None = None) -> list[Item]:
     questions = [json.loads(line) for line in
                  (data / f"BFCL_v4_{category}.json").read_text().splitlines() if line.strip()]
     answers: dict[str, Any] = {}
-    if category != "irrelevance":
+    if expects_call(category):
         for line in (data / "possible_answer" / f"BFCL_v4_{category}.json").read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
@@ -223,12 +228,12 @@ def executable(calls: list[dict[str, Any]], functions: list[dict[str, Any]]) -> 
 
 def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tokens: int,
         check: Any) -> Outcome:
-    expects_call = item.category != "irrelevance"
+    expected = expects_call(item.category)
     params: dict[str, Any] = {
         "escalation": "off",  # the local answer and its confidence; routing is replayed here
         "messages": [{"role": "system", "content": system_prompt()}, *item.messages],
         "tools": to_tools(item.functions),
-        "tool_choice": "required" if expects_call else "auto",
+        "tool_choice": "required" if expected else "auto",
         "parallel_tool_calls": "parallel" in item.category,
         "max_tokens": max_tokens, "constrained": mode == "constrained"}
     if model:
@@ -252,8 +257,8 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
         calls.append({call["function"]["name"]: args})
     # An answer that should call but does not is neither valid nor executable.
     parsed = all(isinstance(next(iter(c.values())), dict) for c in calls) and (
-        bool(calls) or not expects_call)
-    valid = all(r["valid"] for r in report) and (bool(calls) or not expects_call)
+        bool(calls) or not expected)
+    valid = all(r["valid"] for r in report) and (bool(calls) or not expected)
     ast = score_calls(item, calls, parsed, check)
     return Outcome(item.id, item.category, mode, ast=ast, valid=valid,
                    executable=parsed and executable(calls, item.functions),
@@ -265,7 +270,7 @@ def ask(client: OutpostClient, item: Item, mode: str, model: str | None, max_tok
 
 
 def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: Any) -> bool:
-    if item.category == "irrelevance":
+    if not expects_call(item.category):
         return not calls  # BFCL irrelevance: the right answer makes no call
     return bool(calls) and parsed and check(item, calls)["valid"]
 
@@ -273,10 +278,10 @@ def score_calls(item: Item, calls: list[dict[str, Any]], parsed: bool, check: An
 def ask_cloud(cloud: Any, loop: asyncio.AbstractEventLoop, item: Item, max_tokens: int,
               check: Any) -> tuple[bool, int]:
     """(the cloud's answer is right, tokens it cost); a failed request counts as wrong."""
-    expects_call = item.category != "irrelevance"
+    expected = expects_call(item.category)
     tools = to_tools(item.functions)
-    choice: Any = "required" if expects_call else "auto"
-    if expects_call and len(tools) == 1:  # the same demand, in the form every server takes
+    choice: Any = "required" if expected else "auto"
+    if expected and len(tools) == 1:  # the same demand, in the form every server takes
         choice = {"type": "function", "function": {"name": tools[0]["function"]["name"]}}
     try:
         answer = loop.run_until_complete(cloud.ask([{"role": "system", "content": system_prompt()}, *item.messages],

@@ -181,6 +181,13 @@ def manifest_text(base: Manifest, model_id: str, quant: str, files: list[Path], 
     }
     if base.escalation_threshold is not None:
         doc["escalation_threshold"] = base.escalation_threshold
+    if base.decision is not None:
+        # The GGUF's rule for tool_choice auto reads logits this graph computes nearly as it
+        # did (fp32 alike, int4/int8 within about a logit): a start, which `outpost models
+        # calibrate` on the converted model's own traffic refines.
+        doc["decision"] = base.decision.model_copy(update={
+            "fitted_on": f"the rule of {base.id} {base.version} (GGUF), carried over: {base.decision.fitted_on}",
+            "auroc": None}).model_dump(exclude_none=True)
     text = tomli_w.dumps(doc)
     Manifest.from_toml(text, f"converted {model_id}")  # what we write must read back
     return text

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.schema import Manifest
 from outpost.models.backend import AdapterRef, Generation, GenerationRequest
+from outpost.models.decision import rule_for
 
 from .errors import AdapterBaseMismatch
 from .workers import WorkerHandle
@@ -37,10 +38,13 @@ class Lease:
     """One request's hold on a worker: who serves it, with which adapter, after how long."""
 
     worker: WorkerHandle
-    served: Manifest  # what answers: the adapter's manifest, or the model's (as loaded)
+    served: Manifest  # what answers: the adapter's manifest, or the model's (as loaded); its rule decides
     adapter: AdapterRef | None
     timings: dict[str, float]  # ms: {"load": ..., "queue": ...}
 
     async def generate(self, request: GenerationRequest, timeout_s: float,
                        on_text: Callable[[str], Awaitable[None]] | None = None) -> Generation:
-        return await self.worker.generate(replace(request, adapter=self.adapter), timeout_s, on_text)
+        # Under tool_choice auto the version that answers decides with its own rule.
+        return await self.worker.generate(replace(request, adapter=self.adapter,
+                                                  decision=rule_for(self.served, request)),
+                                          timeout_s, on_text)

@@ -42,6 +42,7 @@ from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import ADAPTER_OVERHEAD, Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef, Generation, GenerationRequest, LoadOptions
+from outpost.models.decision import rule_for
 from outpost.models.errors import ModelLoadFailed
 from outpost.runtime.logs.records import Footprint, PoolEvent, PoolEventKind
 
@@ -318,9 +319,11 @@ class ModelPool:
         self._note(PoolEventKind.LOAD, manifest, reason, worker.reserve, worker.load_ms)
         return worker
 
-    async def trial(self, manifest: Manifest, manifest_toml: str, request: GenerationRequest) -> Generation:
+    async def trial(self, manifest: Manifest, manifest_toml: str,
+                    requests: list[GenerationRequest]) -> list[Generation]:
         """Load a version in a worker of its own, which no request can reach, answer
-        `request` with it, and stop it: an activation's smoke test. It is admitted like
+        `requests` with it (under auto, deciding by the version's own rule), and stop it:
+        an activation's smoke test. It is admitted like
         any load (room is made under the budget), and holds admission until it is done,
         so no other load can count on memory the trial is using."""
         self.store.weights_path(manifest)
@@ -335,8 +338,10 @@ class ModelPool:
             worker = self._spawn(base, need, False, None, manifest_toml)
             try:
                 await worker.wait_ready(self.settings.server.load_timeout_s)
-                return await worker.generate(replace(request, adapter=adapter),
-                                             self.settings.server.request_timeout_s)
+                return [await worker.generate(replace(request, adapter=adapter,
+                                                      decision=rule_for(manifest, request)),
+                                              self.settings.server.request_timeout_s)
+                        for request in requests]
             except WorkerCrashed as exc:
                 raise ModelLoadFailed(f"the worker for {manifest.id} {manifest.version} died "
                                       f"(exit code {exc.exitcode})", model=manifest.id) from exc

@@ -11,6 +11,7 @@ What this module must not do: decide anything; every choice is in the outcome.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from outpost.manifests.schema import Manifest
@@ -69,7 +70,9 @@ def chat_reply(outcome: Outcome, manifest: Manifest, log_id: int | None,
         "model": manifest.id, "model_version": manifest.version, "timings_ms": timings_ms,
         "confidence": outcome.confidence, "confidence_parts": outcome.confidence_parts,
         "policy": outcome.policy, "escalated": outcome.asked_cloud, "shadow": outcome.shadow,
-        "degraded": outcome.degraded_reason is not None, "degraded_reason": outcome.degraded_reason}
+        "degraded": outcome.degraded_reason is not None, "degraded_reason": outcome.degraded_reason,
+        # tool_choice auto: the local model's decision to call or answer, and its evidence
+        "decision": asdict(gen.decision) if gen is not None and gen.decision is not None else None}
     if cloud is not None:
         answered_by, content, calls, finish = cloud.model, cloud.content, cloud.tool_calls, cloud.finish_reason
         usage = (cloud.prompt_tokens, cloud.completion_tokens)

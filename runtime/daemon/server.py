@@ -361,7 +361,7 @@ class Daemon:
             self.metrics.ttft.labels(manifest.id).observe(stream.first_at - t0)
         log_id = await self._log(
             replies.request_record(chat, request, manifest, task, outcome, timings_ms),
-            attempts(outcome, manifest.id, manifest.version, self.settings.cloud.model))
+            attempts(outcome, manifest.id, manifest.version, self.settings.cloud.model, turn.auto))
         if not outcome.answered:
             error = outcome.local_error
             assert error is not None, "an unanswered outcome carries the local error"
@@ -375,7 +375,8 @@ class Daemon:
     async def _shadow(self, request_id: int, turn: Turn) -> None:
         """Shadow mode: the agent has its local answer; the cloud's goes to the log."""
         answer, error = await self.escalator.ask(turn)
-        await self.logs.record_attempt(request_id, cloud_attempt(answer, error, self.settings.cloud.model))
+        await self.logs.record_attempt(request_id, cloud_attempt(answer, error, self.settings.cloud.model,
+                                                                 turn.auto))
 
     async def feedback(self, params: dict[str, Any]) -> dict[str, Any]:
         fb = protocol.parse_feedback(params)

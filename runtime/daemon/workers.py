@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,7 @@ class WorkerHandle:
         self.state = WorkerState.BUSY
         deadline = time.monotonic() + timeout_s
         try:
-            await self._send({"type": "generate", "id": msg_id, "request": asdict(request),
+            await self._send({"type": "generate", "id": msg_id, "request": request.to_dict(),
                               "stream": on_text is not None})
             while True:
                 try:

@@ -22,6 +22,13 @@ gates are hard evidence, each a factor from config (0 rules the answer out):
     truncated      the answer stopped at max_tokens
     no_call        a call was required (tool_choice required or named) and none came
 
+Under tool_choice auto one more factor: the decision's own confidence, the probability
+by its rule that calling (or answering) was the right side (models/decision.py). A
+turn decided by a thin margin is a doubtful turn however sure its tokens are: with
+`on_low_confidence` it goes to the cloud like a doubtful call does.
+
+    score = soft x gates x decision
+
 The parts are returned with the score, logged with the attempt, and sent in the reply.
 
 What this module must not do: decide what a score leads to (flow.py compares it
@@ -75,5 +82,9 @@ def score(gen: Generation, tool_choice: str | None,
     for name, hit in flags.items():
         if hit:
             gates *= getattr(cfg, f"{name}_factor")
+    parts: dict[str, Any] = {"soft": round(soft, 4), **flags}
+    if gen.decision is not None:
+        gates *= gen.decision.confidence
+        parts["decision"] = gen.decision.confidence
     value = max(0.0, min(1.0, soft * gates))
-    return round(value, 4), {"soft": round(soft, 4), **flags}
+    return round(value, 4), parts

@@ -52,6 +52,11 @@ class Turn:
     parallel_tool_calls: bool
     max_tokens: int
 
+    @property
+    def auto(self) -> bool:
+        """Tools offered and the model left to decide whether to call them."""
+        return bool(self.tools) and self.tool_choice == "auto"
+
 
 @dataclass(frozen=True)
 class Outcome:

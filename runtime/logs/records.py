@@ -95,6 +95,13 @@ class AttemptRecord(_Row):
     cost_usd: float | None = None
     error_code: str | None = None
     error_message: str | None = None
+    # tool_choice auto: "call" or "answer" (the cloud's: whether it called), and for a
+    # local attempt the rule's log-odds, its threshold, the confidence, whose rule.
+    decision: str | None = None
+    decision_score: float | None = None
+    decision_threshold: float | None = None
+    decision_confidence: float | None = None
+    decision_rule: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

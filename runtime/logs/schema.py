@@ -5,6 +5,7 @@ at answering it, local or cloud), `tools` (each distinct tool set once, by the s
 of its canonical JSON), `feedback`, `footprints` and `pool_events` (the pool's
 memory records), `watermarks` and `exports` (how far the log has left the device),
 `evals` (held-out scores of models and task adapters, and the promotion decisions).
+Under tool_choice auto an attempt also records the decision to call or to answer.
 The typed records in records.py mirror `requests` and `attempts` column for column.
 
 Also the one prepared-INSERT helper every writer uses.
@@ -126,6 +127,17 @@ def m007_batching(db: sqlite_utils.Database) -> None:
     # footprint was measured with (more slots, more KV cache).
     db["attempts"].add_column("batch_size", float)
     db["footprints"].add_column("n_slots", int)
+
+
+@migration
+def m008_decisions(db: sqlite_utils.Database) -> None:
+    # Under tool_choice auto, the decision between calling and answering: the local
+    # attempt's (its rule's score, threshold and confidence, and whose rule), and the
+    # cloud's (whether it called), so the log can say how often the local one was right.
+    attempts = db["attempts"]
+    for name, kind in (("decision", str), ("decision_score", float), ("decision_threshold", float),
+                       ("decision_confidence", float), ("decision_rule", str)):
+        attempts.add_column(name, kind)
 
 
 def migrate(db: sqlite_utils.Database) -> list[str]:

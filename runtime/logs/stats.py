@@ -11,6 +11,10 @@ latency, and cost per successful task. Definitions, so the figures can be checke
 - cost per successful task: (cloud cost, as logged per attempt, plus local tokens
   times `[costs] local_per_1k_tokens`) summed over all requests, divided by the
   successes; the price of the failures is part of the price of a success.
+- decisions (tool_choice auto): the requests whose local attempt decided between
+  calling and answering; decision accuracy: of those the cloud also answered (shadow,
+  or escalated), the share where the local decision (call or answer) was the cloud's.
+  An agent's feedback does not count here: "good" would only ever agree.
 
 What this module must not do: write to the log; it only reads.
 """
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlite_utils
+
+from .decisions import label
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -45,6 +51,9 @@ class _Group:
     cloud_cost: float = 0.0
     local_tokens: int = 0
     latency: list[float] = field(default_factory=list)
+    decisions: int = 0  # auto turns the local model decided
+    checked: int = 0  # ... that the cloud answered too
+    agreed: int = 0  # ... and the cloud decided the same way
 
     def row(self, local_per_1k: float) -> dict[str, Any]:
         cost = self.cloud_cost + self.local_tokens / 1000 * local_per_1k
@@ -57,6 +66,8 @@ class _Group:
             "latency_ms": {"p50": percentile(self.latency, 0.5), "p95": percentile(self.latency, 0.95)},
             "cost_usd": round(cost, 6), "local_tokens": self.local_tokens,
             "cost_per_success_usd": round(cost / self.successes, 6) if self.successes else None,
+            "decisions": self.decisions, "decisions_checked": self.checked,
+            "decision_accuracy": round(self.agreed / self.checked, 4) if self.checked else None,
         }
 
 
@@ -72,6 +83,7 @@ def stats(db: sqlite_utils.Database, since: float | None = None,
     sql = f"""
         select r.id, r.model, r.task, r.error_code, json_extract(r.timings, '$.total') as total_ms,
                l.tool_calls as l_calls, l.validation as l_validation, l.repaired as l_repaired,
+               l.decision as l_decision, c.decision as c_decision,
                coalesce(l.prompt_tokens, 0) + coalesce(l.completion_tokens, 0) as l_tokens,
                c.id as c_id, c.error_code as c_error, c.validation as c_validation,
                coalesce(c.cost_usd, 0) as c_cost,
@@ -98,6 +110,12 @@ def stats(db: sqlite_utils.Database, since: float | None = None,
             if r["l_calls"]:
                 g.with_calls += 1
                 g.valid += local_valid
+            if r["l_decision"] is not None:
+                g.decisions += 1
+                known = label(r["l_decision"], r["c_decision"], r["c_error"], r["c_validation"], None)
+                if known is not None:  # the cloud's decision on the same turn (decisions.py)
+                    g.checked += 1
+                    g.agreed += (r["l_decision"] == "call") == known[0]
             if r["outcome"] is not None:
                 g.feedback += 1
                 g.successes += r["outcome"] == "good"

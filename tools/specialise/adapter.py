@@ -4,7 +4,8 @@ the store like any pulled version (activated by `models activate`, or by the gat
 The manifest copies what serving needs from the base (chat template, context length,
 sampling, smoke test, escalation threshold) and adds `[adapter]`: the base's id,
 version and weights sha256 (an adapter applies to exactly that file), the scale, and
-how it was trained (`Training`: data fingerprint, hyper-parameters, held-out scores).
+how it was trained (`Training`: data fingerprint, hyper-parameters, held-out scores);
+and `[decision]`, its own rule for tool_choice auto, when one was fitted.
 
 What this module must not do: decide whether the adapter is promoted (gate.py).
 """
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from outpost.manifests.schema import ADAPTER_OVERHEAD, MANIFEST_ID, Manifest, Training
+from outpost.manifests.schema import ADAPTER_OVERHEAD, MANIFEST_ID, DecisionRule, Manifest, Training
 from outpost.manifests.store import ModelStore
 from outpost.tools.lora_gguf import BaseShape, write_lora_gguf
 
@@ -50,7 +51,7 @@ def write(path: Path, state: dict[str, np.ndarray], base_gguf: Path, alpha: floa
 
 
 def manifest_text(base: Manifest, model_id: str, version: str, tasks: list[str], gguf: Path,
-                  training: Training, description: str = "") -> str:
+                  training: Training, description: str = "", decision: DecisionRule | None = None) -> str:
     data = gguf.read_bytes()
     doc: dict[str, Any] = {
         "id": model_id, "version": version,
@@ -67,6 +68,8 @@ def manifest_text(base: Manifest, model_id: str, version: str, tasks: list[str],
     }
     if base.escalation_threshold is not None:
         doc["escalation_threshold"] = base.escalation_threshold
+    if decision is not None:  # its own: the base's rule reads the base's evidence, not the adapter's
+        doc["decision"] = decision.model_dump(exclude_none=True)
     text = tomli_w.dumps(doc)
     Manifest.from_toml(text, f"adapter {model_id} {version}")  # what we write must read back
     return text

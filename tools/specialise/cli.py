@@ -4,8 +4,11 @@
       -> S4: every candidate base scored on the held-out examples; the best is chosen
       -> S5: a LoRA adapter trained on the training examples, on the chosen base
       -> the adapter written (GGUF), its manifest staged in the store as a new version
+      -> its rule for tool_choice auto fitted on its training examples (when they hold
+         both calls and text answers), as `outpost models calibrate` fits one
       -> S6: the adapter and the incumbent (the adapter promoted before, or the base)
-         answer the held-out examples; gate.py decides
+         answer the held-out examples under auto, each deciding by its own rule;
+         gate.py decides
       -> promoted: activated after its smoke test (live when a daemon runs); kept out:
          staged only, and `models evals` says why
 
@@ -18,6 +21,7 @@ What this module must not do: serve requests, or write the log beyond `evals`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -30,15 +34,17 @@ from tqdm import tqdm
 
 from outpost.manifests.catalog import Catalog
 from outpost.manifests.errors import BadRequest
-from outpost.manifests.schema import Manifest, Training
+from outpost.manifests.schema import DecisionRule, Manifest, Training
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import AdapterRef
+from outpost.models.decision import Rule
 from outpost.runtime.config import Settings
 from outpost.runtime.daemon.memory import available_ram
 from outpost.runtime.logs import schema
 from outpost.runtime.logs.export import Filters, export, val_path_for
 from outpost.runtime.logs.records import EvalRecord
 
+from .. import calibrate, decision_fit
 from . import adapter as adapters
 from . import data, evaluate, gate
 from .augment import augment
@@ -178,12 +184,43 @@ def _bar(label: str, total: int, initial: int = 0) -> Any:
 
 
 def _evaluate(model: LlamaModel, examples: list[data.Example], ref: AdapterRef | None, label: str,
-              max_tokens: int) -> evaluate.Evaluation:
+              max_tokens: int, rule: Rule) -> evaluate.Evaluation:
     bar = _bar(label, len(examples))
     try:
-        return evaluate.evaluate(model, examples, ref, max_tokens, progress=lambda: bar.update(1))
+        return evaluate.evaluate(model, examples, ref, max_tokens, progress=lambda: bar.update(1), rule=rule)
     finally:
         bar.close()
+
+
+def _fit_decision(model: LlamaModel, examples: list[data.Example], ref: AdapterRef,
+                  name: str) -> DecisionRule | None:
+    """The adapter's own rule for tool_choice auto, fitted on its training examples that
+    offer tools (a call target or a text one), as `outpost models calibrate` fits one;
+    None (it decides by its own odds of opening a call) when they hold too few of either."""
+    turns = [calibrate.Labelled(key=hashlib.sha256(ex.line.encode()).hexdigest(), messages=ex.messages,
+                                tools=ex.tools, parallel_tool_calls=ex.parallel_tool_calls,
+                                call=bool(ex.answer.get("tool_calls")), source="example")
+             for ex in examples if ex.tools]
+    calls = sum(t.call for t in turns)
+    if calls < decision_fit.MIN_EACH or len(turns) - calls < decision_fit.MIN_EACH:
+        log.info("%s decides by its own odds: %d training examples call, %d answer (a rule needs %d of each)",
+                 name, calls, len(turns) - calls, decision_fit.MIN_EACH)
+        return None
+    bar = _bar(f"decision {name}", len(turns))
+    try:
+        read = calibrate.read_evidence(model, turns, ref, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+    # The examples the adapter learned are the only labelled turns not held out for the
+    # gate, so its held-out AUROC here is optimistic; the gate then scores the rule's
+    # decisions on the held-out examples, which it never saw.
+    try:
+        fitted = calibrate.calibrate(model.manifest, read, f"{len(read.turns)} training examples of {name} "
+                                     "(the adapter learned them)", 0.9)
+    except calibrate.NotEnoughLabels as exc:  # turns the model could not read (too long) left too few
+        log.info("%s decides by its own odds: %s", name, exc.message)
+        return None
+    return fitted.rule
 
 
 def cmd_specialise(args: argparse.Namespace, settings: Settings) -> int:
@@ -275,17 +312,23 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
     candidate = adapters.stage(store, text)
     model = LlamaModel(base, base_path, n_threads=threads, adapter_path=store.ensure_verified)
     try:
-        cand_eval = _evaluate(model, heldout, _ref(candidate), f"S6 {model_id} {version}", args.max_tokens)
+        # Its rule for tool_choice auto, from its own evidence: it decides with it in S6.
+        rule = _fit_decision(model, train_set, _ref(candidate), f"{model_id} {version}")
+        decides = Rule.from_fitted(rule, f"{model_id} {version}") if rule is not None else Rule()
+        cand_eval = _evaluate(model, heldout, _ref(candidate), f"S6 {model_id} {version}", args.max_tokens,
+                              decides)
         inc_eval = base_eval if incumbent is base else _evaluate(
-            model, heldout, _ref(incumbent), f"S6 {incumbent.id} {incumbent.version}", args.max_tokens)
+            model, heldout, _ref(incumbent), f"S6 {incumbent.id} {incumbent.version}", args.max_tokens,
+            Rule.of(incumbent))
     finally:
         model.close()
     verdict = gate.decide(cand_eval.pairs(), inc_eval.pairs(), args.significance)
     # The held-out scores belong in the manifest too: restage it with them.
     training = training.model_copy(update={"heldout": {"accuracy": cand_eval.accuracy,
                                                        "validity": cand_eval.validity,
+                                                       "decision_accuracy": cand_eval.decision_accuracy,
                                                        "incumbent_accuracy": inc_eval.accuracy}})
-    text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training)
+    text = adapters.manifest_text(base, model_id, version, [args.task], gguf, training, decision=rule)
     candidate = adapters.stage(store, text)
     decision = "promoted" if verdict.promote and args.promote else "kept"
     detail = {"reason": verdict.reason, "wins": verdict.wins, "losses": verdict.losses,
@@ -293,9 +336,12 @@ def _run(settings: Settings, args: Options, world: World) -> dict[str, Any] | Sh
     _record(settings, [
         _eval_row(args.task, "gate", "candidate", cand_eval, candidate, heldout_sha, decision=decision,
                   p_value=verdict.p_value, detail={**detail, "train_wall_s": round(trained.wall_s, 1),
-                                                   "threads": trained.threads, "gguf_bytes": gguf.stat().st_size}),
+                                                   "threads": trained.threads, "gguf_bytes": gguf.stat().st_size,
+                                                   "decision_accuracy": round(cand_eval.decision_accuracy, 4),
+                                                   "decision_rule": rule.model_dump() if rule else None}),
         _eval_row(args.task, "gate", "incumbent", inc_eval, incumbent, heldout_sha, decision=decision,
-                  p_value=verdict.p_value, detail=detail)])
+                  p_value=verdict.p_value,
+                  detail={**detail, "decision_accuracy": round(inc_eval.decision_accuracy, 4)})])
     activation: dict[str, Any] | None = None
     if decision == "promoted":
         from outpost.runtime.activation import activate  # noqa: PLC0415 (may start a private daemon)
@@ -334,7 +380,7 @@ def _select(settings: Settings, args: Options, store: ModelStore, catalog: Catal
         model = LlamaModel(base, store.ensure_verified(base.weights), n_threads=threads,
                            adapter_path=store.ensure_verified)
         try:
-            scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens)))
+            scores.append((base, _evaluate(model, heldout, None, f"S4 {base.id}", args.max_tokens, Rule.of(base))))
         finally:
             model.close()
     base, base_eval, why = choose_base(scores, args.significance)

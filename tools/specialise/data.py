@@ -51,9 +51,9 @@ class Example:
 
     @property
     def tool_choice(self) -> str:
-        """What held-out evaluation asks with: a call when the answer is one (the same
-        for every candidate, so comparisons stay fair)."""
-        return "required" if self.answer.get("tool_calls") else "auto"
+        """What held-out evaluation asks with: `auto`, what agents send, so each candidate
+        decides between calling and answering before it is scored on either."""
+        return "auto"
 
     @classmethod
     def from_json(cls, data: Any, where: tuple[str, int] = ("<string>", 0)) -> Example:
