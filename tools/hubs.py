@@ -84,7 +84,11 @@ class SeaweedS3:
                 f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                 f"-filer.port={ports['filer']}", f"-s3.port={self.port}",
                 *(f"-{name}.port.grpc={port}" for name, port in grpc.items()),
-                f"-filer.localSocket={self.workdir}/filer.sock", f"-debug.port={free_port()}"]
+                f"-filer.localSocket={self.workdir}/filer.sock", f"-debug.port={free_port()}",
+                # Nothing leaves the machine (telemetry defaults to an outside host), and the
+                # Iceberg and Lance catalogs, on fixed ports (8181, 9101), stay off: two test
+                # hubs at once would collide there.
+                "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         # SeaweedFS turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY into its one identity: the
         # server gets none, so it keeps its open, keyless mode whatever the caller's env holds.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
