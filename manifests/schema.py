@@ -72,8 +72,9 @@ class ModelFile(_Frozen):
     name: Annotated[str, Field(pattern=r"^[^/\\]+$")]
     size: Annotated[int, Field(gt=0)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    # Tried in order until one yields the right bytes.
-    sources: list[Source] = Field(min_length=1)
+    # Tried in order until one yields the right bytes. None: the file comes with the
+    # manifest from a fleet hub (`outpost fleet add --file NAME=PATH`, `outpost sync pull`).
+    sources: list[Source] = Field(default_factory=list)
 
 
 class Sampling(_Frozen):

@@ -215,6 +215,10 @@ class ModelStore:
         target = self.blob_path(mf.sha256)
         if target.exists():
             return target
+        if not mf.sources:
+            raise FetchError(f"{mf.name} names no source ([[files.sources]]) and is not in the store: "
+                             "add a source, or pull the model from its fleet hub (outpost sync pull)",
+                             file=mf.name)
         self.blobs.mkdir(parents=True, exist_ok=True)
         scratch = new_scratch(self.tmp)
         errors: list[str] = []

@@ -57,6 +57,11 @@ class SyncSettings(BaseModel):
     max_rate: Annotated[float, Field(gt=0)] | None = None
     # A transfer that receives nothing this long is cut and resumed.
     stall_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Every operation with the hub (a read, a write, a listing) ends within this many
+    # seconds plus its bytes at `min_rate`, whatever the link or the hub does; one that
+    # does not is ended with `sync_failed`, and the next run resumes or retries it.
+    deadline_s: Annotated[float, Field(gt=0)] = 300.0
+    min_rate: Annotated[float, Field(gt=0)] = 64 * 1024  # bytes a second; capped by max_rate
     # An S3-compatible store's endpoint (MinIO, SeaweedFS, R2); None: AWS, or AWS_ENDPOINT_URL.
     s3_endpoint: str | None = None
     # A CA bundle for an HTTPS mirror with its own certificate authority.
@@ -69,6 +74,9 @@ class SyncSettings(BaseModel):
     # `outpost serve` pulls and pushes this often (jittered; backs off after failures).
     # None: never on its own (run `outpost sync pull|push` from cron or by hand).
     interval_s: Annotated[float, Field(ge=1)] | None = None
+    # A scheduled `sync pull` or `sync push` still running after this long is killed
+    # (its own process id), reported in `status`, and retried at the next interval.
+    run_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
 class Settings(BaseSettings, DaemonSettings):

@@ -47,7 +47,9 @@ wire protocol sends. This module gathers them all, so a client knows every code
     ├── ConfigError                   config_error            manifests/errors.py
     ├── DaemonUnreachable             daemon_unreachable      here (the client's)
     ├── SyncError                     sync_failed             sync/errors.py (above runtime:
-    │   └── SyncUntrusted             sync_untrusted            not imported here)
+    │   ├── SyncUntrusted             sync_untrusted            not imported here)
+    │   └── SyncDeadline              sync_failed             sync/deadline.py (a transfer
+    │                                                           ran past its deadline)
     ├── ConversionFailed              conversion_failed       tools/convert_onnx.py (above
     │                                                           runtime, likewise)
     └── InternalError                 internal                manifests/errors.py

@@ -8,6 +8,11 @@ through SQLite's WAL, so neither blocks a request. After a failed round the wait
 doubles, up to 8 intervals, and returns to one after a good round; each failure is
 logged, and `outpost status` shows the last error (the sync layer records it).
 
+A child gets `[sync] run_timeout_s`. Its transfers have deadlines of their own, but a
+child stuck anywhere (a hub that answers forever, a bug) must not stop the schedule:
+one that overruns is killed by its process id, its action's error is recorded for
+`status` and `sync status`, and the schedule goes on.
+
 This module runs the commands as programs, so runtime never imports the sync layer;
 without the `fleet` extra the commands say so, and that is logged.
 
@@ -25,6 +30,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import sync_state
 from .config import Settings
 
 log = logging.getLogger("outpost.sync")
@@ -32,9 +38,13 @@ MAX_BACKOFF = 8  # intervals
 
 
 class SyncSchedule:
-    def __init__(self, settings: Settings, config_file: Path | None) -> None:
+    def __init__(self, settings: Settings, config_file: Path | None, command: list[str] | None = None) -> None:
         assert settings.sync.interval_s and settings.sync.hub, "only for a configured schedule"
         self.interval_s = settings.sync.interval_s
+        self.run_timeout_s = settings.sync.run_timeout_s
+        self.trust_dir = settings.trust_dir
+        # The program run with "pull" or "push" after it (another only in tests).
+        self.command = command or [sys.executable, "-m", "outpost.runtime.cli", "sync"]
         push_hub = settings.sync.push_hub or settings.sync.hub
         self.push = not push_hub.startswith(("https://", "http://"))  # mirrors are read-only
         self.env = {**os.environ, "OUTPOST_DATA_DIR": str(settings.data_dir),
@@ -72,12 +82,23 @@ class SyncSchedule:
             wait = self.delay()
 
     def _run(self, action: str) -> bool:
-        cmd = [sys.executable, "-m", "outpost.runtime.cli", "sync", action]
-        self._child = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = self._child = subprocess.Popen([*self.command, action], env=self.env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         with contextlib.suppress(OSError):  # after the start: preexec_fn is unsafe with threads
-            os.setpriority(os.PRIO_PROCESS, self._child.pid, 10)
-        _, err = self._child.communicate()
-        code, self._child = self._child.returncode, None
+            os.setpriority(os.PRIO_PROCESS, child.pid, 10)
+        try:
+            _, err = child.communicate(timeout=self.run_timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()  # SIGKILL to its pid: a stuck child may not heed SIGTERM; a pull resumes
+            child.communicate()
+            self._child = None
+            message = (f"sync {action} ran past its {self.run_timeout_s:g} s limit ([sync] run_timeout_s) "
+                       f"and was ended (pid {child.pid})")
+            sync_state.record_failure(self.trust_dir, action, "sync_failed", message)
+            log.warning("%s; next try in about %.0f s", message,
+                        self.interval_s * min(2 ** (self.failures + 1), MAX_BACKOFF))
+            return False
+        code, self._child = child.returncode, None
         if code != 0 and not self._stop.is_set():
             last = (err or b"").decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
             log.warning("sync %s failed (exit %s): %s; next try in about %.0f s", action, code, last[0],

@@ -18,9 +18,8 @@ from tqdm import tqdm
 from outpost.manifests.errors import ConfigError, OutpostError
 from outpost.manifests.store import ModelStore
 from outpost.runtime import cli_format as fmt
+from outpost.runtime import sync_state as state
 from outpost.runtime.config import Settings
-
-from . import state
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser,
@@ -110,7 +109,8 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         else:
             line = f"staged ({fmt.mib(p.transferred)} transferred)" if p.installed else "staged"
             if a is not None:
-                line += (f", passed its smoke test, active (was {a.previous})" if a.active
+                was = f"was {a.previous}" if a.previous is not None else "first install"
+                line += (f", passed its smoke test, active ({was})" if a.active
                          else f", failed its smoke test ({a.refused}); the active version keeps serving")
         print(f"{p.model} {p.version}: {line}")
     return 1 if refused else 0

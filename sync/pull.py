@@ -39,6 +39,7 @@ from outpost.manifests.schema import LocalPath, Manifest
 from outpost.manifests.sources import new_scratch, remove_scratch
 from outpost.manifests.store import ModelStore
 
+from .deadline import as_sync_error
 from .errors import SyncError, SyncUntrusted
 from .remotes import Remote, RemoteOptions, open_remote
 from .transfer import BlobTransfer, backoff, retryable
@@ -138,7 +139,8 @@ class ModelPuller:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SyncError("another pull into this store is under way", hub=self.hub) from None
-            return self._pull_locked()
+            with as_sync_error("pull"):  # a blob's partial file stays for the next run to resume
+                return self._pull_locked()
 
     def _pull_locked(self) -> list[Pulled]:
         try:
@@ -212,7 +214,14 @@ class ModelPuller:
                                         "hash than its manifest names", "manifest_mismatch",
                                         model=model_id, file=mf.name)
                 folder, _, base = info.path.rpartition("/")
-                partial, sha256 = self.transfer.fetch(f"targets/{folder}/{mf.sha256}.{base}", info)
+                name = f"targets/{folder}/{mf.sha256}.{base}"
+                try:
+                    partial, sha256 = self.transfer.fetch(name, info)
+                except tuf_errors.LengthOrHashMismatchError as exc:  # said of the partial file
+                    raise SyncUntrusted(f"{model_id} {manifest.version}: {mf.name} from {self.hub}/{name} is "
+                                        f"not the file signed ({exc}); nothing was installed",
+                                        type(exc).__name__, model=model_id, version=manifest.version,
+                                        file=mf.name, hub_object=f"{self.hub}/{name}") from exc
                 # Verified as it streamed in: the store renames it into place (no copy),
                 # after checking its size and that digest against the manifest.
                 local = self.store.adopt(partial, mf, sha256)

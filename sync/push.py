@@ -42,6 +42,7 @@ import zstandard
 from outpost.runtime.logs.redact import Redactor
 from outpost.runtime.logs.retention import set_watermark
 
+from .deadline import as_sync_error
 from .errors import SyncError
 from .remotes import Remote
 from .transfer import backoff
@@ -108,7 +109,8 @@ class LogPusher:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise SyncError("another push is under way", path=str(self.outbox)) from None
-            return self._push(max_batches)
+            with as_sync_error("push"):  # the batch stays in the outbox for the next run
+                return self._push(max_batches)
 
     def _push(self, max_batches: int | None) -> Pushed:
         totals = {"batches": 0, "rows": 0, "withheld": 0, "bytes": 0}

@@ -14,6 +14,15 @@ synchronous API.
 boto3's own retries are off: transfer.py resumes a cut read from where it stopped, which
 a blind retry would not, and push.py owns its backoff.
 
+Uploads go without `Expect: 100-continue`, which botocore adds to every PUT. Waiting for
+that interim answer costs a round trip, and saves only the body of a PUT the hub would
+refuse (a log batch is small; a duplicate is refused after the body, by `If-None-Match`,
+either way). And in botocore (1.44) a link closed after `HTTP/1.1 100` but before the
+blank line that ends the interim answer leaves `_consume_headers` reading `b''` from the
+ended socket for ever: no timeout fires, because an ended socket is always readable.
+Without the header no interim answer is awaited. (The deadline in deadline.py ends that
+loop too, should a later botocore bring it back some other way.)
+
 What this module must not do: verify anything, or retry.
 """
 
@@ -25,8 +34,10 @@ from urllib.parse import urlparse
 
 import boto3
 import urllib3
+from boto3.s3.transfer import TransferConfig
 from botocore import UNSIGNED
 from botocore import exceptions as boto_errors
+from botocore import handlers as boto_handlers
 from botocore.config import Config
 from tuf.api import exceptions as tuf_errors
 
@@ -49,7 +60,7 @@ class S3Remote:
         session = boto3.session.Session()
         config = Config(
             connect_timeout=options.connect_timeout_s, read_timeout=options.stall_timeout_s,
-            retries={"total_max_attempts": 1},
+            retries={"total_max_attempts": 1}, tcp_keepalive=True,
             # Self-hosted stores (MinIO, SeaweedFS, R2's account endpoint) take path-style
             # addressing; virtual hosts need DNS names per bucket that a LAN rarely has.
             s3={"addressing_style": "path" if options.s3_endpoint else "auto"},
@@ -57,6 +68,8 @@ class S3Remote:
             signature_version=UNSIGNED if session.get_credentials() is None else None)
         self.client = session.client("s3", endpoint_url=options.s3_endpoint, config=config,
                                      region_name=session.region_name or "us-east-1")
+        # Each client has its own copy of the handlers: this one sends no `Expect` (above).
+        self.client.meta.events.unregister("before-call.s3", boto_handlers.add_expect_header)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -78,7 +91,10 @@ class S3Remote:
         try:
             if isinstance(data, Path) and data.stat().st_size >= MULTIPART_FROM:
                 # Only content-addressed files are this large: a second copy is the same bytes.
-                self.client.upload_file(str(data), self.bucket, self.key(name))
+                # On this thread: a deadline (a signal, delivered to the main thread) must
+                # end the parts' requests, not leave them running on s3transfer's threads.
+                self.client.upload_file(str(data), self.bucket, self.key(name),
+                                        Config=TransferConfig(use_threads=False))
                 return True
             body = data.read_bytes() if isinstance(data, Path) else data
             extra = {"IfNoneMatch": "*"} if exclusive else {}

@@ -9,7 +9,9 @@ Names are relative to the hub's root ("metadata/timestamp.json", "targets/blobs/
 "logs/<device>/…"). Reads raise python-tuf's download errors (a 404 as
 `DownloadHTTPError`, a stalled link as `SlowRetrievalError`, a cut one as `DownloadError`)
 because ngclient's fetcher must, and transfer.py retries by them; writes and listings
-raise `SyncError`.
+raise `SyncError`. Every operation runs under a wall-clock deadline (`Bounded`,
+deadline.py) besides the stall timeout: a link or hub that never ends an answer cannot
+hold a device.
 
 What this module must not do: verify anything (the callers check signatures and hashes),
 or retry (transfer.py and push.py decide what is worth another try).
@@ -18,6 +20,7 @@ or retry (transfer.py and push.py decide what is worth another try).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -31,9 +34,23 @@ from tuf.api import exceptions as tuf_errors
 from outpost.manifests.sources import fsync_dir
 from outpost.runtime.config import SyncSettings
 
+from .deadline import deadline
 from .errors import SyncError
 
 CHUNK = 1 << 18  # 256 KiB: few Python steps per MB, and little lost to a kill
+
+
+class _OneLine(logging.Filter):
+    """urllib3 logs an answer whose headers a cut link truncated with its whole traceback
+    ("Failed to parse headers"); the sync layer retries or confirms that request, so the
+    operator needs the one line, not a stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("urllib3.connection").addFilter(_OneLine())
 
 
 @dataclass(frozen=True)
@@ -44,11 +61,18 @@ class RemoteOptions:
     connect_timeout_s: float = 10.0
     s3_endpoint: str | None = None  # None: boto3's own (AWS_ENDPOINT_URL, the profile, AWS)
     ca_bundle: str | None = None  # None: the system's CAs (an HTTPS mirror's certificate)
+    # Every operation's wall-clock deadline (deadline.py): this many seconds, plus its
+    # bytes at `min_rate` (a write's size; a read earns it per byte as they arrive).
+    deadline_s: float = 300.0
+    min_rate: float = 64 * 1024
 
     @classmethod
     def from_settings(cls, sync: SyncSettings) -> RemoteOptions:
+        # A capped transfer may not be held to a floor above its own cap.
+        floor = min(sync.min_rate, sync.max_rate) if sync.max_rate else sync.min_rate
         return cls(stall_timeout_s=sync.stall_timeout_s, s3_endpoint=sync.s3_endpoint,
-                   ca_bundle=str(sync.ca_bundle) if sync.ca_bundle else None)
+                   ca_bundle=str(sync.ca_bundle) if sync.ca_bundle else None,
+                   deadline_s=sync.deadline_s, min_rate=floor)
 
 
 class Remote(Protocol):
@@ -70,20 +94,54 @@ class Remote(Protocol):
 
 
 def open_remote(url: str, options: RemoteOptions | None = None) -> Remote:
+    """The hub at `url`, each of its operations under a deadline (`Bounded`)."""
     options = options or RemoteOptions()
     scheme = urlparse(url).scheme
+    remote: Remote
     if scheme == "file":
-        return FolderRemote(url)
-    if scheme == "s3":
+        remote = FolderRemote(url)
+    elif scheme == "s3":
         from .remote_s3 import S3Remote  # noqa: PLC0415 (boto3 loads only for S3 hubs)
 
-        return S3Remote(url, options)
-    if scheme in ("https", "http"):
+        remote = S3Remote(url, options)
+    elif scheme in ("https", "http"):
         from .remote_http import HttpMirror  # noqa: PLC0415
 
-        return HttpMirror(url, options)
-    raise SyncError(f"hub {url!r}: expected file:///path, s3://bucket/prefix or https://host/path",
-                    hub=url)
+        remote = HttpMirror(url, options)
+    else:
+        raise SyncError(f"hub {url!r}: expected file:///path, s3://bucket/prefix or https://host/path",
+                        hub=url)
+    return Bounded(remote, options.deadline_s, options.min_rate)
+
+
+class Bounded:
+    """A remote whose every read, write and listing runs under a wall-clock deadline:
+    `deadline_s`, plus the operation's bytes at `min_rate`. Here, at the one interface
+    every caller goes through (python-tuf's fetcher, transfer.py, push.py, the fleet
+    commands), no caller can leave one out. A passed deadline raises DeadlineExceeded
+    in whatever runs then; the entry points turn it into SyncDeadline."""
+
+    def __init__(self, inner: Remote, deadline_s: float, min_rate: float) -> None:
+        self.inner = inner
+        self.url, self.writable = inner.url, inner.writable
+        self.deadline_s, self.min_rate = deadline_s, min_rate
+
+    def read(self, name: str, offset: int = 0) -> Iterator[bytes]:
+        # The clock runs from the request to the stream's end or close, the consumer's
+        # work between chunks included (a capped rate is within the floor; see RemoteOptions).
+        with deadline(f"read {name} from {self.url}", self.deadline_s) as clock:
+            for chunk in self.inner.read(name, offset):
+                clock.allow(len(chunk) / self.min_rate)
+                yield chunk
+
+    def write(self, name: str, data: bytes | Path, *, exclusive: bool) -> bool:
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        with deadline(f"write {name} to {self.url}", self.deadline_s + size / self.min_rate):
+            return self.inner.write(name, data, exclusive=exclusive)
+
+    def list(self, prefix: str) -> list[str]:
+        with deadline(f"list {prefix} on {self.url}", self.deadline_s):
+            return self.inner.list(prefix)
 
 
 class FolderRemote:

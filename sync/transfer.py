@@ -144,9 +144,10 @@ class BlobTransfer:
         (no second read of the file); any other algorithm the hub signed, by reading it."""
         size = path.stat().st_size
         if size != info.length:
-            raise tuf_errors.LengthOrHashMismatchError(f"{path.name}: {size} bytes, {info.length} signed")
+            raise tuf_errors.LengthOrHashMismatchError(f"{size} bytes arrived, {info.length} signed")
         if info.hashes.get("sha256") != digest.hexdigest():
-            raise tuf_errors.LengthOrHashMismatchError(f"{path.name}: sha256 is not the one signed")
+            raise tuf_errors.LengthOrHashMismatchError(f"its sha256 is {digest.hexdigest()}, "
+                                                       f"{info.hashes.get('sha256')} signed")
         if set(info.hashes) - {"sha256"}:
             with open(path, "rb") as f:
                 info.verify_length_and_hashes(f)

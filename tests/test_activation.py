@@ -177,7 +177,8 @@ def test_a_task_adapter_travels_like_a_model(tmp_path, device, capsys):
     hub.add_model(text, {f"{model_id}-a1.gguf": gguf})
     with start_daemon(data, TINY) as daemon, daemon.client() as client:
         assert main(["sync", "pull", "--hub", f"file://{hub.hub}", "--data-dir", str(data)]) == 0
-        assert "passed its smoke test" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert out.startswith(f"{model_id} a1: staged") and "passed its smoke test, active (first install)" in out
         reply = client.chat(ASK, task="clock", max_tokens=4)
         assert (reply["model"], reply["outpost"]["model_version"]) == (model_id, "a1")
         assert [w["model"] for w in client.status()["loaded"]] == [TINY]

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from botocore import handlers as boto_handlers
 
 from outpost.runtime.cli import main
 from outpost.runtime.logs import retention, schema
 from outpost.runtime.logs import store as logstore
 from outpost.runtime.logs.export import export, val_path_for
+from outpost.sync.deadline import SyncDeadline
 from outpost.sync.errors import SyncError
 from outpost.sync.push import LogPusher, pending, sync_watermark
 from outpost.sync.remotes import RemoteOptions, open_remote
-from outpost.tools.faultproxy import Fault, FaultProxy
+from outpost.tools.faultproxy import Fault, FaultProxy, random_cut
 from outpost.tools.fleet_collect import collect
 from outpost.tools.hubs import SeaweedS3
 
@@ -144,12 +146,81 @@ def test_an_answer_lost_on_the_way_back_is_confirmed_by_the_retry_not_duplicated
     port = int(seaweed.endpoint.rsplit(":", 1)[1])
     hub = f"s3://fleet/{tmp_path.name}"
     # The first PUT reaches the store, its answer never reaches the device (the cut falls
-    # after boto3's "100 Continue", 25 bytes, inside the final status line); then a 503.
-    with FaultProxy(port, [Fault("cut", after=30), Fault("status", status=503)]) as proxy:
+    # inside the status line); then a 503.
+    with FaultProxy(port, [Fault("cut", after=5), Fault("status", status=503)]) as proxy:
         p = pusher(tmp_path, hub, RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}"), rows=5)
         pushed = p.push()
     assert (pushed.batches, pushed.rows, pushed.watermark) == (3, 12, ids[-1])
     assert pushed.bytes < sum(len(b"".join(p.remote.read(n))) for n in p.remote.list("logs/"))  # one batch was there already
+    assert [r["request"]["id"] for r in on_hub(p.remote)] == ids
+
+
+def test_an_answer_cut_in_its_headers_is_one_line_in_the_log(tmp_path, logged, seaweed, credentials, caplog):
+    """The status line came (the hub stored the batch: the push is done), the headers
+    were cut: urllib3's warning about them comes without its traceback."""
+    ids = logged(3)
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, [Fault("cut", after=30)]) as proxy:
+        p = pusher(tmp_path, f"s3://fleet/{tmp_path.name}", RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}"))
+        pushed = p.push()
+    assert (pushed.rows, pushed.watermark) == (3, ids[-1]) and proxy.fired["cut"] == 1
+    [warning] = [r for r in caplog.records if r.name == "urllib3.connection"]
+    assert "Failed to parse headers" in warning.getMessage() and warning.exc_info is None
+    assert "Traceback" not in caplog.text
+
+
+def test_a_collect_over_a_crawling_link_ends_at_its_deadline_and_leaves_no_half_file(
+        tmp_path, logged, seaweed, credentials):
+    logged(4)
+    hub = f"s3://fleet/{tmp_path.name}"
+    pusher(tmp_path, hub, RemoteOptions(s3_endpoint=seaweed.endpoint)).push()
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=200) as proxy:  # a listing or a batch takes seconds; the deadline is 1 s
+        remote = open_remote(hub, RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", deadline_s=1,
+                                                min_rate=1 << 20))
+        with pytest.raises(SyncDeadline) as err:
+            collect(remote, tmp_path / "fleet.jsonl")
+    assert err.value.code == "sync_failed" and str(err.value).startswith("collect: ")
+    assert not list(tmp_path.glob("fleet.jsonl*"))
+    report = collect(open_remote(hub, RemoteOptions(s3_endpoint=seaweed.endpoint)), tmp_path / "fleet.jsonl")
+    assert report.examples == 4
+
+
+def expect_100(remote) -> None:
+    """Put back botocore's default that Outpost takes out: `Expect: 100-continue` on PUTs."""
+    remote.inner.client.meta.events.register("before-call.s3", boto_handlers.add_expect_header)
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["as-sent", "expect-100"])
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_a_link_dropped_inside_100_continue_ends_the_push_in_time_and_the_next_one_completes(
+        tmp_path, logged, seaweed, credentials, how, expect):
+    """Every PUT meets a link that answers its head with part of `100 Continue` (12-24 of
+    its 25 bytes: the status line is there, its blank line is not) and drops. As sent (no
+    Expect) each try fails at once and the push ends with sync_failed; with botocore's
+    Expect put back, a FIN left botocore reading the ended socket for ever, and the
+    deadline ends it. Either way the lock is free, and the next push sends every row once."""
+    ids = logged(6)
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    hub = f"s3://fleet/{tmp_path.name}"
+    after = random.Random(f"{how}{expect}").randint(12, 24)
+    with FaultProxy(port, default=Fault("interim", after=after, how=how)) as proxy:
+        options = RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=2, deadline_s=3)
+        p = pusher(tmp_path, hub, options, rows=4)
+        if expect:
+            expect_100(p.remote)
+        start = time.monotonic()
+        with pytest.raises(SyncError) as err:
+            p.push()
+        took = time.monotonic() - start
+        assert err.value.code == "sync_failed" and proxy.fired["interim"] >= 1
+        if expect and how == "fin":  # the spin: only the deadline ends it
+            assert isinstance(err.value, SyncDeadline) and err.value.data["deadline_s"] < 4, err.value
+            assert str(err.value).startswith(f"push: write logs/jetson-7/") and "took over 3 s" in str(err.value)
+        assert took < 60, f"the push took {took:.0f} s"  # (in the field: for ever)
+        proxy.default = None
+        pushed = p.push()  # the lock is free; the outbox batch goes as it was made
+    assert (pushed.rows, pushed.watermark) == (6, ids[-1])
     assert [r["request"]["id"] for r in on_hub(p.remote)] == ids
 
 
@@ -200,7 +271,8 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_thirty_pushes_cut_and_killed_leave_every_row_on_the_hub_exactly_once(tmp_path, logged, seaweed, credentials):
     """The acceptance run: rows arrive between pushes; each push goes through a link
-    that cuts connections at random bytes and fails with 503s, and half the pushers
+    that cuts connections at random bytes (of an answer, of a batch on its way up, of
+    an interim `100 Continue`; by FIN or RST) and fails with 503s, and half the pushers
     are SIGKILLed at a random moment. After each, every row at or below the watermark
     is on the hub; at the end every row is there exactly once, as it is in the log."""
     rng = random.Random(11)
@@ -212,17 +284,18 @@ def test_thirty_pushes_cut_and_killed_leave_every_row_on_the_hub_exactly_once(tm
     with FaultProxy(port) as proxy:
         env = {**os.environ, "OUTPOST_SYNC__S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}",
                "OUTPOST_SYNC__PUSH_BATCH_ROWS": "7", "OUTPOST_SYNC__STALL_TIMEOUT_S": "2",
-               "OUTPOST_SYNC__PUSH_DELAY_S": "0"}
+               "OUTPOST_SYNC__DEADLINE_S": "10", "OUTPOST_SYNC__PUSH_DELAY_S": "0"}
         reader = open_remote(hub, RemoteOptions(s3_endpoint=seaweed.endpoint))
         for round_ in range(30):
             ids += logged(rng.randint(5, 25), start=len(ids))
-            proxy.plan(*[rng.choice([Fault("cut", after=rng.randint(0, 1500)), Fault("status", status=503)])
+            # Cuts anywhere (an answer, a batch on its way up, inside a `100 Continue`), and 503s.
+            proxy.plan(*[rng.choice([random_cut(rng, 1500, 3000, exchanges=3), Fault("status", status=503)])
                          for _ in range(rng.randint(1, 4))])
             proc = subprocess.Popen([sys.executable, "-c", PUSHER, "sync", "push", "--hub", hub,
                                      "--device", "rover", "--data-dir", str(data)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if rng.random() < 0.5:
-                time.sleep(rng.uniform(0.5, 3.0))
+                time.sleep(rng.uniform(0.2, 1.5))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     killed += 1

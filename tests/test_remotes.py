@@ -13,13 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from botocore import handlers as boto_handlers
 
 from outpost.manifests.errors import ModelNotPulled
 from outpost.manifests.store import ModelStore
+from outpost.sync.deadline import SyncDeadline
 from outpost.sync.errors import SyncError
 from outpost.sync.pull import ModelPuller
 from outpost.sync.remotes import RemoteOptions, open_remote
-from outpost.tools.faultproxy import Fault, FaultProxy
+from outpost.tools.faultproxy import Fault, FaultProxy, random_cut
 from outpost.tools.fleet import FleetHub, provision
 from outpost.tools.hubs import NginxMirror, SeaweedS3, nginx_binary
 
@@ -139,6 +141,78 @@ def test_a_hub_that_stays_down_is_a_sync_error_and_keeps_what_arrived(tmp_path, 
     assert 0 < partial.stat().st_size < BLOB  # kept: the next pull resumes from there
 
 
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_a_pull_whose_answers_drop_inside_100_continue_fails_in_time_and_the_next_completes(
+        tmp_path, seaweed, fleet, s3_hub, blob, how):
+    """Every GET is answered with part of an unasked `100 Continue` (legal: a client must
+    take any 1xx) and dropped: the pull ends with sync_failed, its lock is free, and the
+    next pull installs the model."""
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, default=Fault("interim", after=random.Random(how).randint(12, 24), how=how)) as proxy:
+        options = RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=2, deadline_s=3)
+        puller, store = device(tmp_path, fleet, s3_hub, options)
+        with pytest.raises(SyncError) as err:
+            puller.pull()
+        assert err.value.code == "sync_failed" and proxy.fired["interim"] >= 1
+        proxy.default = None
+        [pulled] = puller.pull()
+    assert pulled.installed
+    assert_installed(store, blob)
+
+
+def test_a_trickling_link_is_ended_by_the_deadline_and_the_next_pull_resumes(tmp_path, seaweed, fleet, s3_hub,
+                                                                             blob):
+    """A link slower than the floor rate, though never silent for a stall timeout,
+    would hold a pull for as long as it likes; the deadline (5 s, plus the bytes that
+    arrived at a floor of 1 MiB/s) ends it, naming the blob's read, and the next pull
+    resumes from what arrived."""
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=100_000) as proxy:  # the 3 MiB blob would take 31 s
+        options = RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=30, deadline_s=5,
+                                min_rate=1 << 20)
+        puller, store = device(tmp_path, fleet, s3_hub, options)
+        with pytest.raises(SyncDeadline) as err:
+            puller.pull()
+        assert err.value.code == "sync_failed"
+        assert str(err.value).startswith(f"pull: read targets/blobs/") and "s3://fleet/hub took over" in str(err.value)
+        [partial] = (store.tmp / "resume").glob("*.partial")
+        kept = partial.stat().st_size
+        proxy.rate = None
+        [pulled] = puller.pull()
+    assert pulled.installed and pulled.transferred == BLOB - kept and kept > 0
+    assert_installed(store, blob)
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["as-sent", "expect-100"])
+@pytest.mark.parametrize("how", ["fin", "rst"])
+def test_a_publish_dropped_inside_100_continue_ends_in_time_and_the_next_completes(
+        tmp_path, seaweed, fleet, blob, operator_credentials, how, expect):
+    """The operator's publish meets the drop on its first PUT (after its two listings on
+    the same connection): it ends with sync_failed (with botocore's Expect put back, by
+    the deadline), and the next publish sends the hub whole: a device pulls it."""
+    port = int(seaweed.endpoint.rsplit(":", 1)[1])
+    hub = f"s3://fleet/{tmp_path.name}"
+    after = random.Random(f"{how}{expect}").randint(12, 24)
+    with FaultProxy(port, [Fault("interim", after=after, how=how, exchange=2)]) as proxy:
+        remote = open_remote(hub, RemoteOptions(s3_endpoint=f"http://127.0.0.1:{proxy.port}", stall_timeout_s=2,
+                                                deadline_s=3, min_rate=10 << 20))  # 3.3 s for the blob
+        if expect:
+            remote.inner.client.meta.events.register("before-call.s3", boto_handlers.add_expect_header)
+        with pytest.raises(SyncError) as err:
+            fleet.publish_to(remote)
+        assert err.value.code == "sync_failed" and proxy.fired["interim"] == 1
+        if expect and how == "fin":
+            assert isinstance(err.value, SyncDeadline) and str(err.value).startswith("publish: write ")
+            assert err.value.data["deadline_s"] < 4
+        sent = fleet.publish_to(remote)
+    names = open_remote(hub, RemoteOptions(s3_endpoint=seaweed.endpoint)).list("")
+    assert len(names) == sent and len(set(names)) == len(names)
+    puller, store = device(tmp_path, fleet, hub, RemoteOptions(s3_endpoint=seaweed.endpoint))
+    [pulled] = puller.pull()
+    assert pulled.installed
+    assert_installed(store, blob)
+
+
 @pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed (.ci/run installs it)")
 def test_a_device_pulls_from_an_https_mirror_through_a_cutting_link(tmp_path, fleet, blob):
     with NginxMirror(fleet.hub, tmp_path / "nginx") as mirror, FaultProxy(mirror.port) as proxy:
@@ -192,7 +266,8 @@ def test_a_hundred_interrupted_pulls_install_the_model_or_leave_the_previous_one
     at a random moment, both, or neither. After every run the device has either the new
     version, verified, or the previous one exactly as it was; each time a version lands
     the operator publishes the next, and the bytes the link carried for it are counted.
-    The pulls stage (`--no-activate`): the payload is random bytes, which no smoke test
+    Cuts fall anywhere: in an answer, in a request, inside an interim `100 Continue`
+    the link adds to any of a connection's requests, by FIN or RST. The pulls stage (`--no-activate`): the payload is random bytes, which no smoke test
     would pass; activation has its own tests."""
     rng = random.Random(20261129)
     size = 4 << 20
@@ -229,8 +304,8 @@ def test_a_hundred_interrupted_pulls_install_the_model_or_leave_the_previous_one
         cycle_start = 0
         for run in range(100):
             cut, kill = rng.random() < 0.5, rng.random() < 0.5
-            if cut:
-                proxy.plan(Fault("cut", after=rng.randint(0, size)))
+            if cut:  # in an answer (the blob's, mostly), a request, or an interim answer
+                proxy.plan(random_cut(rng, size, 400, exchanges=8))
             proc = subprocess.Popen([sys.executable, "-c", PULLER, "sync", "pull", "--hub", hub,
                                      "--no-activate", "--data-dir", str(data)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -85,6 +85,17 @@ def test_a_wrong_download_never_becomes_a_model(tmp_path):
         store.weights_path(manifest)
 
 
+def test_a_file_without_a_source_is_pulled_from_a_hub_or_refused_by_name(tmp_path):
+    part = tmp_path / "part"
+    part.write_bytes(b"hello")
+    _, text = manifest_for([part])
+    text = text.split("[[files.sources]]")[0]  # as `fleet add` takes it: the hub has the bytes
+    manifest = Manifest.from_toml(text)
+    with pytest.raises(FetchError) as info:
+        ModelStore(tmp_path / "store").pull(manifest, text)
+    assert "m.bin names no source" in info.value.message and info.value.data["file"] == "m.bin"
+
+
 def test_rm_keeps_blobs_another_manifest_uses(tmp_path):
     part = tmp_path / "part"
     part.write_bytes(b"shared bytes")

@@ -83,6 +83,10 @@ def test_a_tampered_blob_is_refused_and_nothing_is_installed(tmp_path, fleet):
     with pytest.raises(SyncUntrusted) as err:
         puller.pull()
     assert err.value.code == "sync_untrusted" and store.pulled_manifest(TINY) is None
+    # Named as the operator knows it: the model, its version, the hub's object (not a partial file).
+    message = str(err.value)
+    assert message.startswith(f"{TINY} 1: tiny.gguf from file://{fleet.hub}/targets/blobs/") and ".partial" not in message
+    assert err.value.data["hub_object"].endswith(blob.name) and err.value.data["version"] == "1"
     assert not (store.root / "blobs").exists() or not any((store.root / "blobs").iterdir())
 
 
@@ -235,7 +239,8 @@ def test_a_killed_puller_resumes_and_transfers_under_1_2x_the_blob(tmp_path, fle
 def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsys):
 
     hub, keys, data = tmp_path / "usb" / "hub", tmp_path / "keys", tmp_path / "device"
-    (tmp_path / "tiny.toml").write_text(tiny_manifest_toml(tiny_gguf))
+    # A manifest for the hub names no source: `--file` gives the bytes, devices get them from the hub.
+    (tmp_path / "tiny.toml").write_text(tiny_manifest_toml(tiny_gguf).split("[[files.sources]]")[0])
     assert main(["fleet", "init", "--hub", str(hub), "--keys", str(keys)]) == 0
     assert main(["fleet", "add", str(tmp_path / "tiny.toml"), "--file", f"tiny.gguf={tiny_gguf}",
                  "--hub", str(hub), "--keys", str(keys)]) == 0
@@ -258,6 +263,9 @@ def test_the_commands_round_trip_through_a_folder_hub(tmp_path, tiny_gguf, capsy
     assert f"{TINY} 1: up to date" in capsys.readouterr().out
     assert ModelStore(data / "models").pulled_manifest(TINY) is not None
     assert main(["fleet", "renew", "--hub", str(hub), "--keys", str(keys)]) == 0
+    assert main(["fleet", "rotate", "snapshot", "--hub", str(hub), "--keys", str(keys)]) == 0
+    executable = [str(p) for p in hub.rglob("*") if p.is_file() and p.stat().st_mode & 0o111]
+    assert not executable  # metadata is data, like the targets
     assert main(["sync"]) == 2  # the group's help
 
 

@@ -34,6 +34,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from outpost.manifests.errors import ConfigError
 from outpost.manifests.schema import Manifest
+from outpost.sync.deadline import as_sync_error
 from outpost.sync.pull import blob_target, index_target, manifest_target
 from outpost.sync.remotes import Remote
 
@@ -142,6 +143,10 @@ class FleetHub:
         """Copy the hub to a remote (an S3 bucket, a mirror's folder); returns files sent.
         Targets and versioned metadata first, never overwritten (they are immutable), and
         timestamp.json last: a device reading mid-publish still sees the previous set."""
+        with as_sync_error("publish"):
+            return self._publish_to(remote, progress)
+
+    def _publish_to(self, remote: Remote, progress: Callable[[int], None] | None) -> int:
         have = set(remote.list("metadata/")) | set(remote.list("targets/"))
         files = sorted(p for p in self.targets_dir.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
         # Versioned metadata in version order, roots first (a device walks roots upward).
@@ -179,8 +184,7 @@ class FleetHub:
         if role == Root.type:
             md.sign(new, append=True)  # and the new root key signs its own root
         path = self._file(Root.type, root.version)
-        tmp = path.with_name(path.name + ".tmp")
-        md.to_file(str(tmp), JSONSerializer(compact=False))
+        tmp = _write_metadata(md, path)
         key = self.keys / f"{role}.pem"
         retired = key.with_name(f"{role}.pem.{root.version - 1}.retired")
         os.replace(key, retired)
@@ -231,9 +235,15 @@ class FleetHub:
         md.signatures.clear()
         md.sign(self.signers[md.signed.type])
         path = self._file(md.signed.type, md.signed.version)
-        tmp = path.with_name(path.name + ".tmp")
-        md.to_file(str(tmp), JSONSerializer(compact=False))
-        os.replace(tmp, path)
+        os.replace(_write_metadata(md, path), path)
+
+
+def _write_metadata(md: Metadata, path: Path) -> Path:
+    """`md` in a temp file beside `path` (returned, for the caller to rename), with the
+    mode a plain file gets (`to_file` would make it executable: 0o777 less the umask)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(md.to_bytes(JSONSerializer(compact=False)))
+    return tmp
 
 
 def provision(fleet_root_json: Path, trust_dir: Path) -> None:

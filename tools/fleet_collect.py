@@ -24,6 +24,7 @@ import zstandard
 
 from outpost.manifests.errors import BadRequest
 from outpost.runtime.logs.export import FORMATS, choose_target, example
+from outpost.sync.deadline import as_sync_error
 from outpost.sync.errors import SyncError
 from outpost.sync.remotes import Remote
 
@@ -69,6 +70,12 @@ def collect(remote: Remote, out: Path, fmt: str = "openai", min_confidence: floa
             prefix: str = "logs", progress: Callable[[int], None] | None = None) -> Collected:
     if fmt not in FORMATS:
         raise BadRequest(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", field="format")
+    with as_sync_error("collect"):
+        return _collect(remote, out, fmt, min_confidence, prefix, progress)
+
+
+def _collect(remote: Remote, out: Path, fmt: str, min_confidence: float, prefix: str,
+             progress: Callable[[int], None] | None) -> Collected:
     report, seen = Collected(), set()
     tmp = out.with_name(out.name + ".part")
     try:
@@ -105,8 +112,10 @@ def collect(remote: Remote, out: Path, fmt: str = "openai", min_confidence: floa
                 if progress is not None:
                     progress(1)
         tmp.replace(out)
-    except OSError as exc:
+    except BaseException as exc:  # whatever ended it (the disk, the hub, a deadline): no half file stays
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not isinstance(exc, OSError):
+            raise
         raise BadRequest(f"cannot write {out}: {exc.strerror or exc}", field="out", path=str(out)) from None
     return report

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -34,7 +33,7 @@ from outpost.manifests.schema import Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import Generation
 from outpost.models.schemas import check_tools
-from outpost.runtime import VERSION
+from outpost.runtime import VERSION, sync_state
 from outpost.runtime.escalation.attempts import attempts, cloud_attempt
 from outpost.runtime.escalation.cloud import CloudClient
 from outpost.runtime.escalation.flow import Escalator, Outcome, Turn
@@ -256,13 +255,10 @@ class Daemon:
         return self.guard.view() if self.guard is not None else {"curve": False}
 
     def _sync_status(self) -> dict[str, Any] | None:
-        """The last field sync's outcome, as `outpost sync` recorded it (a JSON file the
-        daemon reads; the daemon never imports the sync layer). None on a device that
+        """The last field sync's outcome, as `outpost sync` (or the schedule) recorded it
+        (a JSON file; the daemon never imports the sync layer). None on a device that
         has never synced."""
-        try:
-            return json.loads((self.settings.data_dir / "sync" / "state.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return sync_state.read(self.settings.data_dir / "sync") or None
 
     def _escalation_status(self) -> dict[str, Any]:
         cloud = self.cloud

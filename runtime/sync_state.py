@@ -4,6 +4,9 @@ status` and by `outpost status` (which reads the JSON file; runtime never import
     {"pull": {"attempt_at", "ok_at", "error": {"code", "message"} | null, "models": {...}},
      "push": {"attempt_at", "ok_at", "error", "rows", "batches", "bytes", "watermark"}}
 
+It lives in runtime because both sides write it: the sync commands after each run, and
+the daemon's schedule (sync_schedule.py) for a child it had to end.
+
 `ok_at` of a pull is when the device last verified the hub's metadata: while refreshes
 fail (offline past expiry, a wrong clock, a hub under attack) the device keeps serving
 what it verified then, and `error` says why it could not refresh.
@@ -44,6 +47,18 @@ def record(trust_dir: Path, kind: str, detail: dict[str, Any] | None = None,
         entry.update(detail or {})
     else:
         entry["error"] = {"code": error.code, "message": str(error)}
+    _write(trust_dir, state)
+
+
+def record_failure(trust_dir: Path, kind: str, code: str, message: str) -> None:
+    """Note a failed pull or push by its error's code (for a run that could not say it
+    itself: the schedule ended it)."""
+    state = read(trust_dir)
+    state.setdefault(kind, {}).update(attempt_at=time.time(), error={"code": code, "message": message})
+    _write(trust_dir, state)
+
+
+def _write(trust_dir: Path, state: dict[str, Any]) -> None:
     trust_dir.mkdir(parents=True, exist_ok=True)
     tmp = trust_dir / f".{FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
