@@ -90,11 +90,15 @@ class SyncSchedule:
             _, err = child.communicate(timeout=self.run_timeout_s)
         except subprocess.TimeoutExpired:
             child.kill()  # SIGKILL to its pid: a stuck child may not heed SIGTERM; a pull resumes
-            child.communicate()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # dead; a pipe left open is not waited for
+                child.communicate(timeout=10)
             self._child = None
             message = (f"sync {action} ran past its {self.run_timeout_s:g} s limit ([sync] run_timeout_s) "
                        f"and was ended (pid {child.pid})")
-            sync_state.record_failure(self.trust_dir, action, "sync_failed", message)
+            try:
+                sync_state.record_failure(self.trust_dir, action, "sync_failed", message)
+            except OSError as exc:  # a full or read-only disk must not end the schedule
+                log.warning("cannot record the sync state in %s: %s", self.trust_dir, exc)
             log.warning("%s; next try in about %.0f s", message,
                         self.interval_s * min(2 ** (self.failures + 1), MAX_BACKOFF))
             return False

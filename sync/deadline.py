@@ -11,8 +11,8 @@ EINTR into it.
 The handler raises `DeadlineExceeded`, a BaseException, so that no `except Exception` in
 boto3, urllib3 or python-tuf on the way up turns it into a retryable download error.
 The entry points (`ModelPuller.pull`, `LogPusher.push`, `FleetHub.publish_to`,
-`collect`) turn it into `SyncDeadline`, a `sync_failed` naming the step, after their
-`with` blocks have released their locks.
+`collect`) turn it into `SyncDeadline`, a `sync_failed` naming the step; the lock each
+holds is released as the error leaves its `with` block.
 
 Several deadlines may be open at once (a read's stream stays open while its consumer
 works), in any order: one timer is armed for the earliest. A raise that something
@@ -20,7 +20,9 @@ swallowed is raised again after `REPEAT_S`, for as long as the operation stays o
 
 Signals reach the main thread only, where the sync commands run; opened on another
 thread, a deadline is not enforced (the commands never do that; a library caller on a
-thread keeps the stall timeout alone) and says so once in the log.
+thread keeps the stall timeout alone) and says so once in the log. A call that no signal
+interrupts (an fsync to a dying USB stick) is beyond it; the schedule's run_timeout_s is
+the backstop there. While a deadline is open it owns ITIMER_REAL.
 
 What this module must not do: know about any remote, or retry.
 """
@@ -75,6 +77,7 @@ class Clock:
 _open: list[Clock] = []
 _previous: object = None
 _warned = False
+_changing = False
 
 
 @contextmanager
@@ -88,26 +91,48 @@ def deadline(step: str, seconds: float) -> Iterator[Clock]:
             log.warning("sync on a thread other than the main one: its transfers have no deadline")
         yield clock
         return
-    _enter(clock)
     try:
+        _enter(clock)
         yield clock
     finally:
         _leave(clock)
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No raise while the open clocks change: one in the middle would leave a clock open
+    (and the handler installed) for good. The handler finds `_changing` set and does
+    nothing; the timer is armed afresh on the way out, so an alarm it dropped comes
+    again at once. (Blocking the signal would not do: the kernel hands a process's
+    signal to any thread that does not block it, and Python then runs the handler on
+    the main thread wherever it is.)"""
+    global _changing
+    _changing = True
+    try:
+        yield
+    finally:
+        _changing = False
+        if _open:
+            _arm()
+
+
 def _enter(clock: Clock) -> None:
     global _previous
-    if not _open:
-        _previous = signal.signal(signal.SIGALRM, _on_alarm)
-    _open.append(clock)
-    _arm()
+    with _quiet():
+        if not _open:
+            _previous = signal.signal(signal.SIGALRM, _on_alarm)
+        _open.append(clock)
+        _arm()
 
 
-def _leave(clock: Clock) -> None:
-    _open.remove(clock)
-    _arm()
-    if not _open:
-        signal.signal(signal.SIGALRM, _previous if _previous is not None else signal.SIG_DFL)
+def _leave(*clocks: Clock) -> None:
+    with _quiet():
+        for clock in clocks:
+            if clock in _open:
+                _open.remove(clock)
+        _arm()
+        if not _open:
+            signal.signal(signal.SIGALRM, _previous if _previous is not None else signal.SIG_DFL)
 
 
 def _arm() -> None:
@@ -119,6 +144,8 @@ def _arm() -> None:
 
 
 def _on_alarm(signum: int, frame: object) -> None:
+    if _changing:
+        return  # _quiet re-arms on its way out
     now = time.monotonic()
     late = [c for c in _open if c.due <= now]
     if late:
@@ -131,8 +158,13 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 @contextmanager
 def as_sync_error(command: str) -> Iterator[None]:
-    """A deadline that passed inside the block, as the `sync_failed` error it is."""
+    """A deadline that passed inside the block, as the `sync_failed` error it is. The
+    clocks opened inside are closed on the way out, whatever still holds their streams."""
+    before = list(_open)
     try:
         yield
     except DeadlineExceeded as exc:
         raise SyncDeadline(command, exc) from None
+    finally:
+        if left := [c for c in _open if c not in before]:
+            _leave(*left)

@@ -106,3 +106,17 @@ def test_every_operation_of_a_remote_has_a_deadline(tmp_path):
     assert signal.getitimer(signal.ITIMER_REAL)[0] > 0  # a stream's clock runs while it is open
     stream.close()
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_failed_command_closes_the_clocks_it_left_open(tmp_path):
+    remote = open_remote(f"file://{tmp_path}/hub")
+    remote.write("a/x", b"x" * 1000, exclusive=True)
+    held = []
+    with pytest.raises(SyncDeadline), as_sync_error("pull"):
+        stream = remote.read("a/x")
+        next(stream)
+        held.append(stream)  # something keeps the stream (a traceback's frame, say)
+        with deadline("a slow step", 0.1):
+            time.sleep(5)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and not dl._open
+    held[0].close()

@@ -216,7 +216,7 @@ def test_a_link_dropped_inside_100_continue_ends_the_push_in_time_and_the_next_o
         assert err.value.code == "sync_failed" and proxy.fired["interim"] >= 1
         if expect and how == "fin":  # the spin: only the deadline ends it
             assert isinstance(err.value, SyncDeadline) and err.value.data["deadline_s"] < 4, err.value
-            assert str(err.value).startswith(f"push: write logs/jetson-7/") and "took over 3 s" in str(err.value)
+            assert str(err.value).startswith("push: write logs/jetson-7/") and "took over 3 s" in str(err.value)
         assert took < 60, f"the push took {took:.0f} s"  # (in the field: for ever)
         proxy.default = None
         pushed = p.push()  # the lock is free; the outbox batch goes as it was made

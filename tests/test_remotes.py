@@ -174,7 +174,7 @@ def test_a_trickling_link_is_ended_by_the_deadline_and_the_next_pull_resumes(tmp
         with pytest.raises(SyncDeadline) as err:
             puller.pull()
         assert err.value.code == "sync_failed"
-        assert str(err.value).startswith(f"pull: read targets/blobs/") and "s3://fleet/hub took over" in str(err.value)
+        assert str(err.value).startswith("pull: read targets/blobs/") and "s3://fleet/hub took over" in str(err.value)
         [partial] = (store.tmp / "resume").glob("*.partial")
         kept = partial.stat().st_size
         proxy.rate = None

@@ -227,7 +227,9 @@ class FaultProxy:
 
 class _Turn:
     """Whose turn it is on one connection: a request starts when the client sends after
-    the server did (HTTP/1.1 without pipelining, as every client here)."""
+    the server did (HTTP/1.1 without pipelining, as every client here). Bytes are not
+    parsed, so a server's own `100 Continue` ends a turn too: with a client that sends
+    `Expect`, a request's body is an exchange of its own."""
 
     answered = True  # the first bytes from the client start exchange 0
 
