@@ -15,18 +15,19 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from outpost.manifests.errors import BadRequest, InternalError, OutpostError
+from outpost.manifests.errors import OutpostError
 from outpost.manifests.schema import Manifest
 
 from .backend import AdapterRef, Generation, GenerationRequest
-from .decision import Decision, Evidence, Rule
+from .deciding import Deciding, PendingDecision
+from .decision import Decision
 from .errors import AdapterLoadFailed, ContextOverflow
 from .grammar import GrammarCache, TokenMask, Vocabulary
 from .schemas import check_tools
@@ -36,12 +37,14 @@ from .decoding import (LOOP_CLOSE_TOKENS, Run, TextStream, call_stats, cut_quali
                        logsumexp, repeats_a_call, sample)
 
 
-class Decoder(ABC):
+class Decoder(Deciding, ABC):
     """A loaded model that generates: the backend-independent half. Not thread-safe:
     one generation at a time.
 
     A subclass sets `manifest`, `n_ctx`, `n_vocab` (the logits' width) and `template`,
-    calls `_init_decoder`, and provides the hooks below.
+    calls `_init_decoder`, and provides the hooks below. Its `_eval`/`_eval_many` also
+    keep the logits of one marked prompt position per slot, for the decision
+    (deciding.py: `_marked` says where in a pass it falls, `_keep` stores the row).
     """
 
     manifest: Manifest
@@ -54,9 +57,7 @@ class Decoder(ABC):
         self._vocab_cache = vocab_cache
         self._grammar_timeout_s = grammar_timeout_s
         self._grammars: GrammarCache | None = None
-        self._turn_tail: int | None = None  # prompt tokens after the agent's turn's last one
-        self._marks: dict[int, int] = {}  # slot -> the cache position whose logits to keep
-        self._kept: dict[int, np.ndarray] = {}  # slot -> those logits, once evaluated
+        self._init_deciding()
         # What closing an open call can cost at most in tokens, beyond the values:
         # a string, an array and two objects, then the closing tag.
         self._close_cost = len(self.tokenize(b'"]}}\n' + TOOL_CALL_CLOSE.encode(), prompt=False))
@@ -99,19 +100,6 @@ class Decoder(ABC):
     def _share(self, src: int, dst: int, n: int) -> bool:
         """Make slot `dst` hold slot `src`'s first `n` positions; False if this cache cannot."""
         return False
-
-    # A backend's `_eval`/`_eval_many` also keeps the logits of one marked prompt position
-    # per slot (the decision reads the agent's turn's end): `_marked` says where in a
-    # pass's tokens it falls, `_keep` stores the row.
-    def _marked(self, slot: int, start: int, n: int) -> int | None:
-        """The index, among `n` tokens evaluated from cache position `start` on the slot,
-        of the position whose logits are wanted, if it is one of them."""
-        at = self._marks.get(slot)
-        return at - start if at is not None and start <= at < start + n else None
-
-    def _keep(self, slot: int, row: np.ndarray) -> None:
-        self._kept[slot] = np.array(row, dtype=np.float32)
-        del self._marks[slot]
 
     @abstractmethod
     def _is_eog(self, tok: int) -> bool:
@@ -193,73 +181,12 @@ class Decoder(ABC):
         prompt = self.tokenize(prompt_text.encode("utf-8"), prompt=True)
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), self.n_ctx)
-        pending = None
-        if compiled is not None and request.tool_choice == "auto":
-            rule = request.decision or Rule()
-            if (misfit := rule.misfit(self.n_vocab)) is not None:
-                raise InternalError(misfit)
-            pending = PendingDecision(rule=rule, call=TokenMask(compiled, self.n_vocab),
-                                      answer=TokenMask(self.grammars.answer(), self.n_vocab),
-                                      turn_end=self._turn_end(prompt) if rule.reads_turn_end else None)
+        pending = self._pending(request, prompt, compiled)
         seq = Sequence(request=request, prompt=prompt, prompt_text=prompt_text,
                        mask=TokenMask(compiled, self.n_vocab) if compiled is not None and pending is None else None,
                        stream=TextStream(on_text) if on_text else None, pending=pending)
         seq.steps = self._steps(seq)
         return seq
-
-    def _turn_end(self, prompt: list[int]) -> int:
-        """The position in `prompt` just after the agent's turn's end-of-turn mark: the
-        `\\n` of ChatML's `<|im_end|>\\n<|im_start|>assistant\\n`, the last position
-        that reads the agent's turn before the assistant's header begins."""
-        if self._turn_tail is None:
-            self._turn_tail = self._tail_tokens()
-        return len(prompt) - self._turn_tail
-
-    def _tail_tokens(self) -> int:
-        """How many prompt tokens follow the end-of-turn mark of the last turn: counted
-        once, on a one-turn chat, in the model's own tokens."""
-        mark = self.template.turn_end()
-        text = self.template.render([{"role": "user", "content": "q"}], None)
-        if not mark or mark not in text:
-            raise InternalError(f"{self.manifest.id}: its chat template marks no end of turn, which "
-                                f"a decision rule that reads the turn's end needs")
-        cut = text.rindex(mark) + len(mark)
-        full = self.tokenize(text.encode("utf-8"), prompt=True)
-        head = self.tokenize(text[:cut].encode("utf-8"), prompt=True)
-        if full[:len(head)] != head or len(full) == len(head):
-            raise InternalError(f"{self.manifest.id}: its prompt does not tokenize the same cut at "
-                                f"its end-of-turn mark {mark!r}, or nothing follows the mark")
-        return len(full) - len(head)
-
-    def evidence(self, request: GenerationRequest, rule: Rule) -> Evidence:
-        """What `request`'s prompt says about calling, as `rule` reads it, without
-        generating: the prompt evaluated alone on slot 0 (`outpost models calibrate`
-        reads every labelled turn through this, so a fit sees what serving sees)."""
-        if not request.tools or not request.constrained:
-            raise BadRequest("the decision's evidence needs tools and the grammar (constrained)")
-        self.use_adapter(request.adapter)
-        seq = self.start(replace(request, tool_choice="auto", decision=rule))
-        assert seq.pending is not None
-        seq.slot = 0
-        for tokens in self._prompt_steps(seq.prompt, 0, seq.pending.turn_end):
-            self._eval(tokens, 0)
-        return self._read_evidence(seq)
-
-    def _read_evidence(self, seq: Sequence) -> Evidence:
-        pending = seq.pending
-        assert pending is not None
-        turn_end = self._kept.pop(seq.slot, None) if pending.turn_end is not None else None
-        return Evidence.read(self._logits(seq.slot), pending.call.allowed(), turn_end)
-
-    def _decide(self, seq: Sequence) -> tuple[Decision, TokenMask]:
-        """Call or answer, from the prompt's evidence, before any token is chosen; the
-        mask of the side chosen decodes the answer."""
-        pending = seq.pending
-        assert pending is not None
-        t0 = time.perf_counter()
-        decision = pending.rule.decide(self._read_evidence(seq))
-        decision = replace(decision, ms=round((time.perf_counter() - t0) * 1e3, 3))
-        return decision, pending.call if decision.choice == "call" else pending.answer
 
     def _steps(self, seq: Sequence) -> Iterator[list[int]]:
         """The generation of `seq` as a series of forward passes: each `yield` hands
@@ -476,10 +403,7 @@ class Decoder(ABC):
         if keep == 0 or not self._truncate(keep, slot):
             keep = 0  # this cache cannot drop a suffix (e.g. recurrent state): start over
             self._truncate(0, slot)
-        self._kept.pop(slot, None)
-        self._marks.pop(slot, None)  # a cancelled sequence's, never evaluated
-        if mark is not None:
-            self._marks[slot] = mark
+        self._mark(slot, mark)
         yield prompt[keep:]
 
 
@@ -503,18 +427,6 @@ class Sequence:
     error: OutpostError | None = None  # why it left a batch without a result
     passes: int = 0
     batched: int = 0
-
-
-@dataclass(eq=False)
-class PendingDecision:
-    """Under tool_choice auto, what the decision needs: the rule, the grammar of each side
-    (the call grammar's first mask is also the evidence of what opens a call), and the
-    prompt position whose logits the rule reads (None: it reads none)."""
-
-    rule: Rule
-    call: TokenMask
-    answer: TokenMask
-    turn_end: int | None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from outpost.manifests.catalog import Catalog
+from outpost.manifests.errors import BadRequest
 from outpost.manifests.schema import DecisionRule, Manifest
 from outpost.manifests.store import ModelStore
 from outpost.models.backend import GenerationRequest
@@ -169,6 +170,22 @@ def test_labelled_turns_from_a_file_are_checked_line_by_line(tmp_path):
 
 
 # -- through the daemon ----------------------------------------------------------------------
+def test_evidence_needs_tools_and_the_grammar(tiny_gguf):
+    """`models calibrate` reads evidence through the decoder; a turn without tools, or
+    with free decoding, has no call grammar to read it by: a typed error, not a guess."""
+    from outpost.models.llama import LlamaModel  # noqa: PLC0415
+
+    model = LlamaModel(Manifest.from_toml(tiny_manifest_toml(tiny_gguf)), tiny_gguf, n_threads=1)
+    try:
+        for request in (GenerationRequest(messages=ASK), GenerationRequest(messages=ASK, tools=WEATHER, constrained=False)):
+            with pytest.raises(BadRequest, match="needs tools and the grammar"):
+                model.evidence(request, Rule())
+        evidence = model.evidence(GenerationRequest(messages=ASK, tools=WEATHER), Rule())
+        assert math.isfinite(evidence.open_logodds)
+    finally:
+        model.close()
+
+
 def test_auto_decides_first_and_says_why(chat, daemon):
     reply = chat.chat(ASK, tools=WEATHER, tool_choice="auto", max_tokens=24)
     d = reply["outpost"]["decision"]
