@@ -61,7 +61,10 @@ class SyncSettings(BaseModel):
     # seconds plus its bytes at `min_rate`, whatever the link or the hub does; one that
     # does not is ended with `sync_failed`, and the next run resumes or retries it.
     deadline_s: Annotated[float, Field(gt=0)] = 300.0
-    min_rate: Annotated[float, Field(gt=0)] = 64 * 1024  # bytes a second; capped by max_rate
+    # Bytes a second each transfer is allowed time for, besides deadline_s (capped by
+    # max_rate). Low on purpose: the deadline ends hangs, it does not grade links (a 2G
+    # modem, a satellite one).
+    min_rate: Annotated[float, Field(gt=0)] = 8 * 1024
     # An S3-compatible store's endpoint (MinIO, SeaweedFS, R2); None: AWS, or AWS_ENDPOINT_URL.
     s3_endpoint: str | None = None
     # A CA bundle for an HTTPS mirror with its own certificate authority.

@@ -64,7 +64,7 @@ class RemoteOptions:
     # Every operation's wall-clock deadline (deadline.py): this many seconds, plus its
     # bytes at `min_rate` (a write's size; a read earns it per byte as they arrive).
     deadline_s: float = 300.0
-    min_rate: float = 64 * 1024
+    min_rate: float = 8 * 1024
 
     @classmethod
     def from_settings(cls, sync: SyncSettings) -> RemoteOptions:
