@@ -18,6 +18,11 @@ def test_the_halves_are_disjoint_stable_and_every_scored_question_is_out_of_the_
     fit = bench_auto.questions(categories, "calibration", None, 10)
     scored = bench_auto.questions(categories, "scored", 5, 3)
     assert not {q.item.id for q in fit} & {q.item.id for q in scored}
+    both = bench_auto.questions(categories, "calibration", None, 10, ("bfcl", "plain"))
+    assert [q.id for q in both] == [q.id for q in fit] + [q.id + "~plain" for q in fit]
+    plain = both[len(fit):]
+    assert all(m["role"] != "system" for q in plain for m in q.messages)
+    assert [q.messages for q in plain] == [q.messages[1:] for q in fit]  # the same turns, no system prompt
     assert [q.id for q in bench_auto.questions(categories, "scored", 5, 3)] == [q.id for q in scored]
     assert [q.category for q in scored].count("simple_python") == 5 and len(scored) == 5 + 5 + 3
     follow = [q for q in scored if q.category == bench_auto.FOLLOW_UP]
@@ -54,10 +59,12 @@ def test_the_benchmark_runs_end_to_end_in_miniature(tmp_path, model_cache, capsy
                             "--store", str(model_cache.root), "--out", str(tmp_path)])
     assert code == 0
     doc = json.loads((tmp_path / "bench_auto.json").read_text())
-    assert doc["calibration"]["turns"] == 8 + 8 + 3
+    assert doc["calibration"]["turns"] == 2 * (8 + 8 + 3)  # asked with BFCL's system prompt and plain
     results = doc["results"]
-    assert set(results) == {"outpost-uncalibrated", "outpost-auto", "outpost-required", "llama-cpp-python"}
-    for system in ("outpost-uncalibrated", "outpost-auto", "llama-cpp-python"):
+    assert set(results) == {"outpost-uncalibrated", "outpost-auto", "outpost-required", "llama-cpp-python",
+                            "outpost-auto/plain", "llama-cpp-python/plain"}
+    for system in ("outpost-uncalibrated", "outpost-auto", "llama-cpp-python", "outpost-auto/plain",
+                   "llama-cpp-python/plain"):
         assert {c: s["n"] for c, s in results[system]["categories"].items()} == {
             "simple_python": 2, "irrelevance": 2, "follow_up": 2}
     assert set(results["outpost-required"]["categories"]) == {"simple_python"}

@@ -293,6 +293,14 @@ def test_calibrate_applies_a_new_version_and_rollback_restores_the_rule(tmp_path
         assert c.chat(ASK, tools=WEATHER, max_tokens=8)["outpost"]["decision"]["rule"] == "uncalibrated"
     # Refitting numbers the next version after the last one.
     assert calibrate.next_version(store, store.pulled_manifest(TINY)) == "1+cal2"
+    # A refit reads the turns it has read before from the cache, and fits the same rule.
+    assert report["evidence_cached"] == 0
+    again = outpost(data, "models", "calibrate", TINY, "--data", str(turns), "--json")
+    assert again.returncode == 0, again.stderr
+    refit = json.loads(again.stdout)
+    assert refit["evidence_cached"] == 12 and refit["auroc"] == report["auroc"]
+    same = ("bias", "open_weight", "threshold", "probe_stride", "probe_weights")
+    assert {k: refit["rule"][k] for k in same} == {k: report["rule"][k] for k in same}
 
 
 def test_a_rule_that_cannot_read_the_model_fails_the_smoke_test(tmp_path, tiny_gguf):

@@ -3,7 +3,8 @@ calling and answering, and are the calls it makes right? Outpost before and afte
 calibration, beside the peers on the same GGUF and questions, in one run, one table.
 
     python -m outpost.tools.bench_auto [--limit N] [--calibration-limit M] [--follow-ups K]
-                                       [--peers [PEER ...]] [--out DIR] [--threads T]
+                                       [--prompts bfcl plain] [--peers [PEER ...]] [--out DIR]
+                                       [--threads T]
 
 Questions: BFCL v4 categories where a call is expected (simple_python, multiple,
 live_simple, live_multiple) and where none is (irrelevance, live_irrelevance), each
@@ -24,7 +25,10 @@ functions as `tools`, greedy, 256 tokens at most):
   llama-cpp-python      its OpenAI server, --chat_format chatml-function-calling
   llama-server          llama.cpp's server (--jinja), built from the source llama-cpp-python
                         vendors (once, a few minutes; as tools/bench_batching.py does)
-The peers run on the same GGUF file, context (2048) and threads.
+The peers run on the same GGUF file, context (2048) and threads. With `--prompts ...
+plain` (the default) the calibration half is asked both ways, and outpost-auto and the
+peers answer the scored half a second time without the system prompt, as agents on
+the OpenAI SDK and its frameworks ask: the rows `<system>/plain`.
 
 Columns, per system and category: `decision` a call made where one is expected, none
 where none is; `AST` BFCL's checker accepts the answer (no call, where none is
@@ -89,13 +93,17 @@ def half(item_id: str) -> str:
     return "calibration" if int(hashlib.sha256(item_id.encode()).hexdigest(), 16) % 2 == 0 else "scored"
 
 
+PROMPTS = ("bfcl", "plain")  # BFCL's system prompt first; or none, as agents on the SDKs send
+
+
 @dataclass(frozen=True)
 class Question:
-    id: str
+    id: str  # BFCL's (a plain variant: with "~plain")
     category: str  # a BFCL category, or follow_up
     item: bfcl.Item  # BFCL's question, functions and answers (a follow-up: its call question's)
-    messages: list[dict[str, Any]]  # as every system is asked: BFCL's system prompt first
+    messages: list[dict[str, Any]]  # as every system is asked
     tools: list[dict[str, Any]]
+    prompt: str = "bfcl"  # bfcl: BFCL's system prompt first; plain: no system prompt
 
     @property
     def expects_call(self) -> bool:
@@ -112,25 +120,32 @@ def reference_call(item: bfcl.Item) -> dict[str, Any] | None:
     return {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
 
 
-def questions(categories: list[str], which: str, limit: int | None, follow_ups: int) -> list[Question]:
+def questions(categories: list[str], which: str, limit: int | None, follow_ups: int,
+              prompts: tuple[str, ...] = ("bfcl",)) -> list[Question]:
     """One half of each category, the first `limit` by hash order (None: all), and the
-    follow-ups of the first `follow_ups` call questions among them."""
+    follow-ups of the first `follow_ups` call questions among them; asked with each of
+    `prompts` (a plain question is the same turn without BFCL's system prompt)."""
     out: list[Question] = []
-    follow: list[Question] = []
-    for category in categories:
-        # A question offering no function has nothing to decide (a few in live_irrelevance).
-        items = sorted((i for i in bfcl.load(category) if half(i.id) == which and i.functions),
-                       key=lambda i: hashlib.sha256(i.id.encode()).hexdigest())[:limit]
-        for item in items:
-            messages = [{"role": "system", "content": bfcl.system_prompt()}, *item.messages]
-            q = Question(item.id, category, item, messages, bfcl.to_tools(item.functions))
-            out.append(q)
-            call = reference_call(item) if q.expects_call else None
-            if call is not None:
-                follow.append(Question(f"{item.id}+result", FOLLOW_UP, item, [
-                    *messages, {"role": "assistant", "content": None, "tool_calls": [call]},
-                    {"role": "tool", "tool_call_id": "call_1", "content": TOOL_RESULT}], q.tools))
-    return out + follow[:follow_ups]
+    for prompt in prompts:
+        asked: list[Question] = []
+        follow: list[Question] = []
+        tag = "" if prompt == "bfcl" else f"~{prompt}"
+        for category in categories:
+            # A question offering no function has nothing to decide (a few in live_irrelevance).
+            items = sorted((i for i in bfcl.load(category) if half(i.id) == which and i.functions),
+                           key=lambda i: hashlib.sha256(i.id.encode()).hexdigest())[:limit]
+            for item in items:
+                system = [{"role": "system", "content": bfcl.system_prompt()}] if prompt == "bfcl" else []
+                messages = [*system, *item.messages]
+                q = Question(item.id + tag, category, item, messages, bfcl.to_tools(item.functions), prompt)
+                asked.append(q)
+                call = reference_call(item) if q.expects_call else None
+                if call is not None:
+                    follow.append(Question(f"{item.id}+result{tag}", FOLLOW_UP, item, [
+                        *messages, {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_1", "content": TOOL_RESULT}], q.tools, prompt))
+        out += asked + follow[:follow_ups]
+    return out
 
 
 def labelled_line(q: Question) -> str:
@@ -332,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--follow-ups", type=int, default=100,
                     help="follow-up turns in each half (default 100)")
     ap.add_argument("--categories", nargs="+", default=[*CALLS, *NO_CALLS], choices=[*CALLS, *NO_CALLS])
+    ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=PROMPTS,
+                    help="how questions are asked: bfcl (BFCL's system prompt first) and plain (no system "
+                         "prompt, as agents on the SDKs ask); the fit sees each, and the scored half asked "
+                         "plain is a row of its own for outpost-auto and the peers (default both)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="llama.cpp threads, every system")
     ap.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS, metavar="PEER",
                     help=f"the peers to ask beside Outpost: {' '.join(PEERS)} (default both; none: Outpost only)")
@@ -346,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     store = ModelStore(data / "models")
     link_model(store, ModelStore(args.store), MODEL)
     entry_text = (store.manifests / f"{MODEL}.toml").read_text()
-    calibration = questions(args.categories, "calibration", args.calibration_limit, args.follow_ups)
+    prompts = tuple(p for p in PROMPTS if p in args.prompts)
+    calibration = questions(args.categories, "calibration", args.calibration_limit, args.follow_ups, prompts)
     scored = questions(args.categories, "scored", args.limit, args.follow_ups)
-    print(f"calibration half: {len(calibration)} turns; scored half: {len(scored)} questions", flush=True)
+    plain = questions(args.categories, "scored", args.limit, args.follow_ups, ("plain",)) if "plain" in prompts else []
+    print(f"calibration half: {len(calibration)} turns; scored half: {len(scored)} questions"
+          + (f", {len(plain)} asked plain too" if plain else ""), flush=True)
     report = fit(data, [labelled_line(q) for q in calibration], out, args.threads)
     print(f"rule fitted on the calibration half: AUROC {report['auroc']:.3f} held out, threshold "
           f"{report['operating_point']['threshold']:.3f}", flush=True)
@@ -359,10 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     answers: dict[str, list[Answer]] = {}
     config = (f'default_model = "{MODEL}"\npreload = []\n[llama]\nn_threads = {args.threads}\n'
               f'[server]\nrequest_timeout_s = 600\n')
+    # The calibrated answers are kept by the fit that made their rule: a new fit asks again.
+    fitted = report["data_sha256"][:12]
     with ServeProcess(data, config, "bench-auto", start_timeout_s=300) as d, d.client(timeout_s=600) as client:
-        for model_id in (UNCALIBRATED, CALIBRATED):
-            answers[f"outpost-{'uncalibrated' if model_id == UNCALIBRATED else 'auto'}"] = run_system(
-                model_id, ask_outpost(client, model_id, "auto"), scored, out / f"outcomes-{model_id}.jsonl", check)
+        answers["outpost-uncalibrated"] = run_system(
+            UNCALIBRATED, ask_outpost(client, UNCALIBRATED, "auto"), scored,
+            out / f"outcomes-{UNCALIBRATED}.jsonl", check)
+        answers["outpost-auto"] = run_system(
+            CALIBRATED, ask_outpost(client, CALIBRATED, "auto"), scored,
+            out / f"outcomes-{CALIBRATED}-{fitted}.jsonl", check)
+        if plain:
+            answers["outpost-auto/plain"] = run_system(
+                f"{CALIBRATED}/plain", ask_outpost(client, CALIBRATED, "auto"), plain,
+                out / f"outcomes-{CALIBRATED}-{fitted}-plain.jsonl", check)
         answers["outpost-required"] = run_system(
             "required", ask_outpost(client, CALIBRATED, "required"),
             [q for q in scored if q.category in CALLS], out / "outcomes-required.jsonl", check)
@@ -373,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
                          "/v1/models", "llama_cpp.server") as url:
             answers["llama-cpp-python"] = run_system("llama-cpp-python", ask_http(url, "llama-cpp-python"), scored,
                                                      out / "outcomes-llama-cpp-python.jsonl", check)
+            if plain:
+                answers["llama-cpp-python/plain"] = run_system(
+                    "llama-cpp-python/plain", ask_http(url, "llama-cpp-python"), plain,
+                    out / "outcomes-llama-cpp-python-plain.jsonl", check)
     if "llama-server" in args.peers:
         bin_dir = build_llama_cpp()
         with http_server([str(bin_dir / "llama-server"), "-m", gguf, "--host", "127.0.0.1", "-t", str(args.threads),
@@ -380,15 +415,20 @@ def main(argv: list[str] | None = None) -> int:
                           "--no-webui"], "/health", "llama-server") as url:
             answers["llama-server"] = run_system("llama-server", ask_http(url, "llama-server"), scored,
                                                  out / "outcomes-llama-server.jsonl", check)
+            if plain:
+                answers["llama-server/plain"] = run_system(
+                    "llama-server/plain", ask_http(url, "llama-server"), plain,
+                    out / "outcomes-llama-server-plain.jsonl", check)
 
     results = {}
     for system, mine in answers.items():
         cats = {c: summarize(rows) for c in [*args.categories, FOLLOW_UP] if (rows := [a for a in mine if a.category == c])}
         results[system] = {"categories": cats, "summary": system_summary(mine)}
     doc = {"machine": f"{platform.machine()}, {psutil.cpu_count(logical=False)} cores, threads {args.threads}",
-           "scored_per_category": args.limit, "calibration": {k: report[k] for k in
-                                                             ("turns", "calls", "auroc", "auroc_open_only",
-                                                              "operating_point", "left_out")},
+           "scored_per_category": args.limit, "prompts": list(prompts),
+           "calibration": {k: report.get(k) for k in ("turns", "calls", "auroc", "auroc_open_only",
+                                                      "operating_point", "left_out", "evidence_s",
+                                                      "evidence_cached")},
            "results": results}
     (out / "bench_auto.json").write_text(json.dumps(doc, indent=2))
     print(table(results))
