@@ -241,6 +241,17 @@ def test_a_mirror_is_read_only(tmp_path):
         remote.write("logs/x", b"", exclusive=True)
 
 
+def test_two_test_hubs_run_at_once_and_neither_reports_outside(tmp_path, seaweed):
+    """SeaweedFS's Iceberg and Lance catalogs listen on fixed ports (8181, 9101), so a
+    second hub failed to start; they are off, as is its telemetry to an outside host."""
+    with SeaweedS3(tmp_path / "second") as second:
+        second.create_bucket("other")
+        second.client().put_object(Bucket="other", Key="x", Body=b"both up")
+        assert second.client().get_object(Bucket="other", Key="x")["Body"].read() == b"both up"
+    assert "-master.telemetry=false" in seaweed.process.args
+    assert {"-s3.port.iceberg=0", "-s3.port.lance=0"} <= set(seaweed.process.args)
+
+
 def test_an_unknown_scheme_is_a_typed_error():
     with pytest.raises(SyncError):
         open_remote("ftp://example/hub")
